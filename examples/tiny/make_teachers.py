@@ -1,0 +1,17 @@
+"""Build the two tiny teachers this example's config names, so `mdkd cache-logits` has something to run.
+
+A real run points the config at hub ids or checkpoint folders instead; these teachers have random weights and
+exist only to exercise the pipeline: a German WordPiece BERT and a multilingual Unigram XLM-R.
+"""
+
+from pathlib import Path
+
+from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer
+
+here = Path(__file__).resolve().parent
+texts = {language: (here / "corpus" / f"{language}.txt").read_text(encoding="utf-8").splitlines() for language in ("en", "de", "ru")}
+teachers = here / "teachers"
+build_masked_lm("bert", train_tokenizer("wordpiece", texts["de"], 400, teachers / "de_bert"), teachers / "de_bert")
+every_text = [line for lines in texts.values() for line in lines]
+build_masked_lm("xlm-roberta", train_tokenizer("unigram", every_text, 600, teachers / "multi_xlmr"), teachers / "multi_xlmr")
+print(f"teachers written to {teachers}")

@@ -1,0 +1,105 @@
+"""The `mdkd` command line: a click group with one command per stage."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mdkd import __version__
+from mdkd.pipeline.config import ConfigError
+from mdkd.pipeline.distributed import Ranks
+from mdkd.pipeline.errors import UserError
+
+
+class MdkdGroup(click.Group):
+    """Turns a UserError into one line on stderr and exit status 2, and Ctrl-C into a hint to resume."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            if Ranks.from_env().is_main:
+                click.echo(f"error: {error}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+            ctx.exit(130)
+
+
+existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@click.group(cls=MdkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mdkd")
+def cli() -> None:
+    """Merge several masked language models into one student by knowledge distillation (MergeDistill)."""
+
+
+@cli.command("cache-logits")
+@click.option("--config", "config_path", type=existing_file, required=True, help="YAML config (see docs/configuration.md).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache in --out that was built from a different config.")
+def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
+    """Run every teacher once over the corpus and cache its top-k predictions at masked positions.
+
+    Resumable: rerun the same command after a crash. Shardable: launch under torchrun or deepspeed.
+    """
+    from mdkd.stages import cache_logits as stage
+
+    stage.run(config_path, out_dir, overwrite=overwrite)
+
+
+@cli.command("validate")
+@click.argument("config_path", type=existing_file)
+def validate(config_path: Path) -> None:
+    """Check a config file without loading any model; list every problem."""
+    from mdkd.stages import validate as stage
+
+    try:
+        config = stage.run(config_path)
+    except ConfigError as error:
+        click.echo(f"error: {config_path} has {len(error.problems)} problem(s):", err=True)
+        for problem in error.problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(2)
+    click.echo(f"{config_path}: {stage.describe(config)}")
+
+
+@cli.group("cache")
+def cache() -> None:
+    """Look into and check a cache written by `mdkd cache-logits`."""
+
+
+@cache.command("inspect")
+@click.argument("cache_dir", type=existing_dir)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+def cache_inspect(cache_dir: Path, as_json: bool) -> None:
+    """Per teacher and language: rows, masked positions, bytes per position, top-1 probability, entropy."""
+    import json
+
+    from mdkd.stages import cache_inspect as stage
+
+    rows = stage.collect(cache_dir)
+    click.echo("\n".join(json.dumps(row) for row in rows) if as_json else stage.render(rows))
+
+
+@cache.command("verify")
+@click.argument("cache_dir", type=existing_dir)
+def cache_verify(cache_dir: Path) -> None:
+    """Check every shard against the manifest (size, sha256, rows, list shapes); exit 1 on any problem."""
+    from mdkd.stages import cache_verify as stage
+
+    problems = stage.verify(cache_dir)
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        click.echo(f"cache {cache_dir} failed verification: {len(problems)} problem(s)", err=True)
+        sys.exit(1)
+    click.echo(f"cache {cache_dir} verified: every shard matches the manifest")
+
+
+def main() -> None:
+    cli(prog_name="mdkd")

@@ -1,0 +1,1 @@
+"""Reusable machinery behind the `mdkd` stages: config, corpus, masking, teachers, shards, manifest."""

@@ -1,0 +1,88 @@
+"""Overlapping work with the teacher's forward pass: prefetching inputs and writing outputs in threads.
+
+Tokenisation (Rust) and Parquet writing (C++) release the GIL, and so does the model's forward pass, so one
+thread on each side keeps the accelerator busy while the next unit is prepared and the previous one written.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Iterate `items` in a background thread, keeping up to `depth` items ready; errors surface in the caller."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((_DONE, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it with its traceback
+            ready.put((_DONE, exc))
+
+    thread = threading.Thread(target=produce, daemon=True, name="mdkd-prefetch")
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+class BackgroundJobs:
+    """Runs submitted jobs one after another in a single thread; `submit` blocks when `depth` jobs wait.
+
+    A job's exception is raised from the next `submit` or from `close`, so a failed write stops the run.
+    """
+
+    def __init__(self, depth: int = 2):
+        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, daemon=True, name="mdkd-writer")
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _DONE:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:
+                    self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise_pending()
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Wait for every submitted job; raise the first error any of them hit."""
+        self._jobs.put(_DONE)
+        self._thread.join()
+        self._raise_pending()

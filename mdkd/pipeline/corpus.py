@@ -1,0 +1,168 @@
+"""Streaming corpus reading: `.txt`, `.jsonl`, `.parquet`, folders of them, and `datasets` specs.
+
+Documents are yielded one at a time, so memory does not grow with the corpus. Every document gets a stable
+`doc_id` built from its language, its file (relative to the source) and its line or row, so every teacher and
+every rank names a document the same way. Lines that are not valid UTF-8 are skipped and counted, not fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from mdkd.pipeline.config import CORPUS_SUFFIXES, CorpusSource
+from mdkd.pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+
+
+@dataclass
+class SourceCounts:
+    """What reading one source found; filled in while its documents are streamed."""
+
+    documents: int = 0
+    skipped_blank: int = 0
+    skipped_invalid_utf8: int = 0
+    fingerprint: str = ""
+    _hash: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
+
+
+def _files_of(source: CorpusSource) -> list[tuple[Path, str]]:
+    """(file, name relative to the source) pairs in a stable order."""
+    root = Path(source.path)
+    if root.is_file():
+        return [(root, root.name)]
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES)
+    if not files:
+        raise UserError(f"corpus folder {root} holds no {', '.join(CORPUS_SUFFIXES)} files (point 'path' at the data)")
+    return [(p, p.relative_to(root).as_posix()) for p in files]
+
+
+def _text_lines(path: Path, counts: SourceCounts) -> Iterator[tuple[int, str | None]]:
+    """(1-based line number, decoded line or None when it is not UTF-8), hashing the bytes as they go by."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            counts._hash.update(raw)
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                counts.skipped_invalid_utf8 += 1
+                yield number, None
+
+
+def _read_txt(path: Path, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
+    for number, line in _text_lines(path, counts):
+        if line is not None:
+            yield f"{name}:{number}", line
+
+
+def _read_jsonl(path: Path, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
+    for number, line in _text_lines(path, counts):
+        if line is None or not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        text = record.get(source.text_field) if isinstance(record, dict) else None
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{path}:{number}: field '{source.text_field}' is not a string (set text_field)")
+        if text is None:
+            raise UserError(f"{path}:{number} has no field '{source.text_field}' (set text_field in the corpus entry)")
+        yield f"{name}:{number}", text
+
+
+def _read_parquet(path: Path, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            counts._hash.update(block)
+    parquet = pq.ParquetFile(path)
+    if source.text_field not in parquet.schema_arrow.names:
+        raise UserError(f"{path} has no column '{source.text_field}' (set text_field in the corpus entry)")
+    row = 0
+    for batch in parquet.iter_batches(columns=[source.text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            yield f"{name}:{row}", text or ""
+            row += 1
+
+
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+def _read_dataset(source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
+    import datasets
+
+    spec = dict(source.dataset or {})
+    try:
+        dataset = datasets.load_dataset(**spec)
+    except Exception as exc:  # datasets raises many types; the user needs the message, not the class
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot load dataset {json.dumps(spec, sort_keys=True)}: {message}") from None
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise UserError(f"dataset {spec['path']} has several splits {list(dataset)}: add 'split' to the dataset spec")
+    columns = dataset.column_names or []
+    if columns and source.text_field not in columns:
+        raise UserError(f"dataset {spec['path']} has no column '{source.text_field}' (columns: {', '.join(columns)})")
+    # A map-style dataset carries a content fingerprint; a streamed one only its spec.
+    counts._hash.update(str(getattr(dataset, "_fingerprint", "")).encode())
+    counts._hash.update(json.dumps(spec, sort_keys=True).encode())
+    prefix = ":".join(str(spec[k]) for k in ("path", "name", "split") if spec.get(k))
+    for row, record in enumerate(dataset):
+        yield f"{prefix}:{row}", record.get(source.text_field) or ""
+
+
+def read_source(source: CorpusSource, counts: SourceCounts | None = None) -> Iterator[Document]:
+    """Stream the non-blank documents of one source; `counts` is complete once the stream is exhausted."""
+    counts = counts if counts is not None else SourceCounts()
+    if source.dataset is not None:
+        records = _read_dataset(source, counts)
+    else:
+        records = (
+            record
+            for path, name in _files_of(source)
+            for record in _READERS[path.suffix](_checked(path), name, source, counts)
+        )
+    for local_id, text in records:
+        if not text.strip():
+            counts.skipped_blank += 1
+            continue
+        counts.documents += 1
+        yield Document(doc_id=f"{source.language}:{local_id}", text=text)
+    counts.fingerprint = "sha256:" + counts._hash.hexdigest()
+
+
+def _checked(path: Path) -> Path:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot read corpus file {path}: {exc.strerror or exc} (check the path and permissions)") from None
+    return path
+
+
+def scan_source(source: CorpusSource) -> SourceCounts:
+    """Read a source once to fingerprint it and count its documents; an empty source is an error."""
+    counts = SourceCounts()
+    for _ in read_source(source, counts):
+        pass
+    if counts.documents == 0:
+        raise UserError(
+            f"corpus source {source.description} ({source.language}) has no documents after skipping "
+            f"{counts.skipped_blank} blank and {counts.skipped_invalid_utf8} non-UTF-8 lines (give it some text)"
+        )
+    return counts
+
+
+def read_language(sources: list[CorpusSource]) -> Iterator[Document]:
+    """All documents of one language, its sources in config order."""
+    for source in sources:
+        yield from read_source(source)

@@ -1,0 +1,66 @@
+"""Rank bookkeeping for runs launched under `torchrun` or the `deepspeed` launcher (or neither).
+
+Both launchers set RANK, WORLD_SIZE and LOCAL_RANK. A plain `mdkd ...` is rank 0 of 1 and never touches
+torch.distributed. Console output (progress bars, summaries) comes from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import click
+import torch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def echo(self, message: str, err: bool = False) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            click.echo(message, err=err)
+
+    def progress_enabled(self) -> bool:
+        return self.is_main and sys.stderr is not None
+
+
+def start_process_group(ranks: Ranks, backend: str = "gloo", timeout_hours: float = 48) -> None:
+    """Join the launcher's process group when there is more than one rank.
+
+    The long timeout is deliberate: ranks meet at a barrier at the end of the teacher pass, and one rank may
+    finish hours before the slowest one on an uneven corpus.
+    """
+    if ranks.world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend, timeout=timedelta(hours=timeout_hours))
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def pick_device(requested: str, ranks: Ranks) -> torch.device:
+    """auto: this rank's GPU when there is one, otherwise the CPU."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(requested)

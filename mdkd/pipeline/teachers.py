@@ -1,0 +1,201 @@
+"""Teacher masked LMs: checks before loading, loading, and top-k scoring at masked positions only.
+
+Scoring runs the encoder on the whole batch but applies the MLM head (the vocabulary projection, by far the
+largest matrix product for a 120k-token vocabulary) only to the hidden states at masked positions. Known
+architectures get an adapter that says where the encoder and the head are; any other masked LM falls back to
+the full forward, which gives the same numbers at a higher cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mdkd.pipeline.config import TeacherSpec
+from mdkd.pipeline.errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+@dataclass(frozen=True)
+class MaskedLMAdapter:
+    """Where the encoder lives in a `*ForMaskedLM` model, and how to apply its head to [N, hidden] states."""
+
+    encoder: str
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _deberta_v2_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    if getattr(model, "legacy", True):
+        return model.cls(hidden)
+    return model.lm_predictions(hidden, model.deberta.embeddings.word_embeddings)
+
+
+def _distilbert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    hidden = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+    return model.vocab_projector(hidden)
+
+
+ADAPTERS: dict[str, MaskedLMAdapter] = {
+    "bert": MaskedLMAdapter("bert", lambda m, h: m.cls(h)),
+    "roberta": MaskedLMAdapter("roberta", lambda m, h: m.lm_head(h)),
+    "xlm-roberta": MaskedLMAdapter("roberta", lambda m, h: m.lm_head(h)),
+    "camembert": MaskedLMAdapter("roberta", lambda m, h: m.lm_head(h)),
+    "albert": MaskedLMAdapter("albert", lambda m, h: m.predictions(h)),
+    "distilbert": MaskedLMAdapter("distilbert", _distilbert_head),
+    "deberta-v2": MaskedLMAdapter("deberta", _deberta_v2_head),
+    "modernbert": MaskedLMAdapter("model", lambda m, h: m.decoder(m.head(h))),
+}
+
+
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of `paths`, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def hash_folder(folder: Path) -> str:
+    return hash_files(sorted(p for p in folder.iterdir() if p.is_file()))
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The tokenizer's named special tokens (cls, sep, pad, mask, unk, bos, eos) and their ids."""
+    ids = {}
+    for role in ("cls", "sep", "pad", "mask", "unk", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            ids[role] = int(token_id)
+    return ids
+
+
+@dataclass
+class TeacherInfo:
+    """What was learnt about a teacher before loading its weights; goes into the manifest."""
+
+    spec: TeacherSpec
+    tokenizer: object
+    model_type: str
+    architecture: str
+    model_vocab_size: int
+    weights: str  # sha256 of the local weight files, or the hub revision asked for
+
+    def manifest_entry(self, tokenizer_dir: str, tokenizer_hash: str) -> dict:
+        return {
+            "model": self.spec.model,
+            "tokenizer_source": self.spec.tokenizer_ref,
+            "revision": self.spec.revision,
+            "weights": self.weights,
+            "model_type": self.model_type,
+            "architecture": self.architecture,
+            "vocab_size": len(self.tokenizer),
+            "model_vocab_size": self.model_vocab_size,
+            "special_token_ids": special_token_ids(self.tokenizer),
+            "languages": list(self.spec.languages),
+            "tokenizer_dir": tokenizer_dir,
+            "tokenizer_hash": tokenizer_hash,
+        }
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def inspect_teacher(spec: TeacherSpec, top_k: int) -> tuple[TeacherInfo | None, list[str]]:
+    """Load a teacher's config and tokenizer (not its weights) and check they can be used; return the problems."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    where = f"teacher {spec.name}"
+    try:
+        config = AutoConfig.from_pretrained(spec.model, revision=spec.revision)
+    except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
+        return None, [f"{where}: cannot load a model config from {spec.model}: {_one_line(exc)}"]
+    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return None, [f"{where}: {spec.model} is a '{config.model_type}' model, not a masked LM (use a *ForMaskedLM)"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_ref, revision=spec.revision if not spec.tokenizer else None)
+    except Exception as exc:
+        return None, [f"{where}: cannot load a tokenizer from {spec.tokenizer_ref}: {_one_line(exc)}"]
+    problems = []
+    if not getattr(tokenizer, "is_fast", False):
+        problems.append(f"{where}: tokenizer {spec.tokenizer_ref} has no fast (Rust) version, which mdkd needs")
+    if tokenizer.mask_token_id is None:
+        problems.append(f"{where}: tokenizer {spec.tokenizer_ref} has no mask token (a masked LM tokenizer needs one)")
+    if len(tokenizer) > config.vocab_size:
+        problems.append(
+            f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size} "
+            "(give the tokenizer that was trained with this model)"
+        )
+    if top_k > config.vocab_size:
+        problems.append(f"{where}: top_k {top_k} is larger than its vocabulary of {config.vocab_size} (lower top_k)")
+    local = Path(spec.model)
+    if local.is_dir():
+        weight_files = sorted(p for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if not weight_files:
+            problems.append(f"{where}: {spec.model} holds no weight files (*.safetensors or *.bin)")
+        weights = hash_files(weight_files)
+    else:
+        weights = f"hub:{spec.model}@{spec.revision or 'main'}"
+    architecture = (config.architectures or [MODEL_FOR_MASKED_LM_MAPPING_NAMES[config.model_type]])[0]
+    info = TeacherInfo(spec, tokenizer, config.model_type, architecture, config.vocab_size, weights)
+    return info, problems
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, otherwise fp32."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+
+
+class Teacher:
+    """A loaded teacher in eval mode that returns top-k log-probabilities at masked positions."""
+
+    def __init__(self, info: TeacherInfo, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoModelForMaskedLM
+
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(info.spec.model, revision=info.spec.revision, dtype=dtype)
+        except Exception as exc:
+            raise UserError(f"teacher {info.spec.name}: cannot load {info.spec.model}: {_one_line(exc)}") from None
+        self.model = model.to(device).eval()
+        self.device = device
+        self.adapter = ADAPTERS.get(info.model_type)
+        pad = info.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (model.config.pad_token_id or 0))
+        # Models often pad their embedding matrix past the tokenizer (to a multiple of 8 or 128); those rows
+        # are not tokens, so predictions are taken over the tokenizer's ids only.
+        self.vocab_limit = len(info.tokenizer)
+
+    @torch.inference_mode()
+    def top_k(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int):
+        """Top-k (log-probabilities, ids) at positions (rows[i], cols[i]) of a padded batch.
+
+        Log-softmax is taken in fp32 whatever the model's dtype, so low-precision teachers still give
+        normalised log-probabilities; it runs over the tokenizer's ids (padding rows of the embedding excluded).
+        """
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        attention_mask = attention_mask.to(self.device, non_blocking=True)
+        rows, cols = rows.to(self.device), cols.to(self.device)
+        if self.adapter is not None:
+            encoder = getattr(self.model, self.adapter.encoder)
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+            logits = self.adapter.head(self.model, hidden[rows, cols])
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
+        logprobs = torch.log_softmax(logits[:, : self.vocab_limit].float(), dim=-1)
+        values, ids = logprobs.topk(k, dim=-1)
+        return values.cpu(), ids.to(torch.int32).cpu()

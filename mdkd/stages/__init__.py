@@ -1,0 +1,1 @@
+"""One module per CLI verb; each is a short recipe: set up, run, save."""

@@ -1,0 +1,261 @@
+"""`mdkd cache-logits`: run every teacher once over the corpus and cache its top-k predictions at masked positions.
+
+Recipe: check everything that can be checked without weights (config, corpus, teacher configs and tokenizers),
+claim the output folder, then for each teacher run the units (teacher, language, part) that belong to this rank
+and are not done yet, and finally merge the per-unit markers into a complete manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from mdkd import __version__
+from mdkd.pipeline import manifest as mf
+from mdkd.pipeline.background import BackgroundJobs, prefetch
+from mdkd.pipeline.config import CacheConfig, dump_config, load_cache_config
+from mdkd.pipeline.corpus import SourceCounts, read_language, scan_source
+from mdkd.pipeline.distributed import Ranks, barrier, pick_device, start_process_group
+from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.masking import Masker
+from mdkd.pipeline.shards import write_shard
+from mdkd.pipeline.teachers import Teacher, TeacherInfo, hash_folder, inspect_teacher, pick_dtype
+from mdkd.pipeline.windows import build_table, prepare_unit, score_unit
+
+
+def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> dict:
+    """Build (or finish) the cache in `out_dir`; return the complete manifest."""
+    ranks = Ranks.from_env()
+    config = load_cache_config(config_path)
+    start_process_group(ranks)
+
+    # Setup. Everything here is cheap next to the teacher pass and fails before any weights are loaded.
+    corpus = _scan_corpus(config, ranks)
+    teachers = _inspect_teachers(config)
+    identity = _identity(config, corpus, teachers)
+    existing = _check_out_dir(out_dir, identity, overwrite)
+    if existing is not None:
+        ranks.echo(f"cache {out_dir} is already complete; nothing to do")
+        return existing
+    if ranks.is_main:
+        _claim_out_dir(out_dir, config, corpus, teachers, identity, overwrite)
+    barrier(ranks)
+
+    # Run. Units are dealt round-robin over ranks by part number, so each rank's share is fixed by the
+    # corpus alone and a rerun (with any number of ranks) recomputes only what has no marker.
+    parts = {language: -(-sum(c.documents for _, c in corpus[language]) // config.shard_documents) for language in corpus}
+    device = pick_device(config.device, ranks)
+    dtype = pick_dtype(config.dtype, device)
+    writer = BackgroundJobs()
+    for name, info in teachers.items():
+        todo = [
+            (language, part)
+            for language in info.spec.languages
+            for part in range(ranks.rank, parts[language], ranks.world_size)
+            if mf.read_marker(out_dir, name, language, part) is None
+        ]
+        if todo:
+            _run_teacher(config, out_dir, info, Teacher(info, device, dtype), todo, writer, ranks)
+    writer.close()
+    barrier(ranks)
+
+    # Save. Rank 0 merges the markers; the manifest says complete only once every unit's shard exists.
+    manifest = _finish_manifest(out_dir, parts) if ranks.is_main else {}
+    barrier(ranks)
+    if ranks.is_main:
+        ranks.echo(_summary(manifest, out_dir))
+    return manifest
+
+
+def _scan_corpus(config: CacheConfig, ranks: Ranks) -> dict[str, list[tuple[object, SourceCounts]]]:
+    """Fingerprint and count every source once (a missing, unreadable or empty one is an error)."""
+    corpus = {}
+    for language in config.languages():
+        corpus[language] = []
+        for source in config.sources_for(language):
+            if ranks.is_main:
+                tqdm.write(f"reading {source.description} ({language})")
+            corpus[language].append((source, scan_source(source)))
+    return corpus
+
+
+def _inspect_teachers(config: CacheConfig) -> dict[str, TeacherInfo]:
+    teachers, problems = {}, []
+    for spec in config.teachers:
+        info, found = inspect_teacher(spec, config.top_k)
+        problems.extend(found)
+        if info is not None:
+            teachers[spec.name] = info
+    if problems:
+        raise UserError("; ".join(problems))
+    return teachers
+
+
+def _tokenizer_hash(info: TeacherInfo) -> str:
+    """Hash of the tokenizer exactly as the cache stores it (a save_pretrained copy)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        info.tokenizer.save_pretrained(scratch)
+        return hash_folder(Path(scratch))
+
+
+def _identity(config: CacheConfig, corpus: dict, teachers: dict[str, TeacherInfo]) -> dict:
+    """Everything that decides the cache's content; a rerun into the folder must match it."""
+    return {
+        "config_hash": config.content_hash(),
+        "corpus": {lang: [counts.fingerprint for _, counts in sources] for lang, sources in corpus.items()},
+        "teachers": {name: {"weights": t.weights, "tokenizer": _tokenizer_hash(t)} for name, t in teachers.items()},
+    }
+
+
+def _check_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
+    """The existing manifest when the cache is complete and identical; None when there is work to do."""
+    manifest_file = out_dir / mf.MANIFEST_NAME
+    if manifest_file.exists():
+        manifest = mf.load_manifest(out_dir, require_complete=False)
+        if manifest.get("identity") == identity:
+            return manifest if manifest.get("complete") else None
+        if not overwrite:
+            raise UserError(
+                f"{out_dir} holds a cache built from a different config, corpus or teacher "
+                "(choose another --out, or pass --overwrite to replace it)"
+            )
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} is not empty and is not an mdkd cache (choose an empty or new --out folder)")
+    return None
+
+
+def _claim_out_dir(out_dir: Path, config, corpus, teachers: dict[str, TeacherInfo], identity, overwrite) -> None:
+    """Write the incomplete manifest, the resolved config and the tokenizer copies; clear torn temporary files."""
+    if overwrite and (out_dir / mf.MANIFEST_NAME).exists():
+        manifest = mf.load_manifest(out_dir, require_complete=False)
+        if manifest.get("identity") != identity:
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.rglob(".*.tmp"):
+        leftover.unlink()
+    teacher_entries = {}
+    for name, info in teachers.items():
+        tokenizer_dir = out_dir / "tokenizers" / name
+        info.tokenizer.save_pretrained(tokenizer_dir)
+        teacher_entries[name] = info.manifest_entry(f"tokenizers/{name}", hash_folder(tokenizer_dir))
+    resolved = config.model_dump(mode="json")
+    (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    manifest = {
+        "schema_version": mf.SCHEMA_VERSION,
+        "mdkd_version": __version__,
+        "complete": False,
+        "config": resolved,
+        "config_hash": hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest(),
+        "identity": identity,
+        "masking": resolved["masking"],
+        "top_k": config.top_k,
+        "max_length": config.max_length,
+        "logprobs_dtype": config.logprobs_dtype,
+        "shard_documents": config.shard_documents,
+        "corpus": [
+            {
+                "language": language,
+                "source": source.description,
+                "fingerprint": counts.fingerprint,
+                "documents": counts.documents,
+                "skipped_blank_lines": counts.skipped_blank,
+                "skipped_invalid_utf8_lines": counts.skipped_invalid_utf8,
+            }
+            for language, sources in corpus.items()
+            for source, counts in sources
+        ],
+        "teachers": teacher_entries,
+        "shards": [],
+    }
+    mf.write_json_atomic(out_dir / mf.MANIFEST_NAME, manifest)
+
+
+def _run_teacher(config: CacheConfig, out_dir: Path, info: TeacherInfo, teacher: Teacher, todo, writer, ranks) -> None:
+    """Compute this rank's pending units for one (loaded once) teacher."""
+    name, tokenizer = info.spec.name, info.tokenizer
+    masker = Masker(config.masking, tokenizer.mask_token_id, set(tokenizer.all_special_ids), len(tokenizer))
+    wanted = set(todo)
+
+    def pending_units():
+        # Streams each language once; blocks of other ranks or already done are read past, not tokenised.
+        for language in dict.fromkeys(language for language, _ in todo):
+            documents = read_language(config.sources_for(language))
+            for part in itertools.count():
+                block = list(itertools.islice(documents, config.shard_documents))
+                if not block:
+                    break
+                if (language, part) in wanted:
+                    unit = prepare_unit(block, tokenizer, masker, config.max_length, config.masking.copies)
+                    yield language, part, len(block), unit
+
+    progress = tqdm(total=len(todo), desc=name, unit="shard", disable=not ranks.progress_enabled())
+    log_path = out_dir / "logs" / f"cache-logits.rank{ranks.rank}.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for language, part, documents, unit in prefetch(pending_units()):
+        started = time.perf_counter()
+        logprobs, ids = score_unit(teacher, unit, config.top_k, config.batch_tokens, config.batch_size)
+        table = build_table(unit.examples, logprobs, ids, language, config.logprobs_dtype)
+        seconds = time.perf_counter() - started
+        record = {
+            "teacher": name,
+            "language": language,
+            "part": part,
+            "documents": documents,
+            "windows_without_tokens": unit.windows_without_tokens,
+        }
+        writer.submit(_write_unit_job(out_dir, table, record, log_path, seconds, unit.tokens))
+        progress.set_postfix(language=language, tokens_per_s=f"{unit.tokens / max(seconds, 1e-9):.0f}")
+        progress.update(1)
+    progress.close()
+
+
+def _write_unit_job(out_dir: Path, table, record: dict, log_path: Path, seconds: float, tokens: int):
+    """The writer thread's job for one unit: shard first, then its marker (the unit's completion record)."""
+
+    def job() -> None:
+        stats = write_shard(out_dir, mf.shard_path(record["teacher"], record["language"], record["part"]), table)
+        done = {**record, **stats.to_dict()}
+        mf.write_json_atomic(mf.marker_path(out_dir, record["teacher"], record["language"], record["part"]), done)
+        event = {**done, "seconds": round(seconds, 4), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(json.dumps(event) + "\n")
+
+    return job
+
+
+def _finish_manifest(out_dir: Path, parts: dict[str, int]) -> dict:
+    manifest = mf.load_manifest(out_dir, require_complete=False)
+    shards, missing = [], []
+    for name, teacher in manifest["teachers"].items():
+        for language in teacher["languages"]:
+            for part in range(parts[language]):
+                record = mf.read_marker(out_dir, name, language, part)
+                if record is None:
+                    missing.append(mf.shard_path(name, language, part))
+                else:
+                    shards.append(record)
+    if missing:
+        raise RuntimeError(f"{len(missing)} units have no shard after every rank finished, e.g. {missing[0]}")
+    manifest["shards"] = shards
+    manifest["totals"] = {
+        key: sum(shard[key] for shard in shards) for key in ("rows", "masked_positions", "bytes", "documents")
+    }
+    manifest["complete"] = True
+    mf.write_json_atomic(out_dir / mf.MANIFEST_NAME, manifest)
+    shutil.rmtree(out_dir / mf.PROGRESS_DIR, ignore_errors=True)
+    return manifest
+
+
+def _summary(manifest: dict, out_dir: Path) -> str:
+    totals = manifest["totals"]
+    return (
+        f"cache complete: {out_dir} — {len(manifest['teachers'])} teachers, {len(manifest['shards'])} shards, "
+        f"{totals['rows']} rows, {totals['masked_positions']} masked positions, {totals['bytes'] / 1e6:.1f} MB"
+    )

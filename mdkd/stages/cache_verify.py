@@ -1,0 +1,82 @@
+"""`mdkd cache verify DIR`: check every shard against the manifest before trusting a cache.
+
+Catches truncated or corrupted files (size, sha256), shards that no longer parse, and rows whose lists do not
+line up (positions, labels and top-k of different lengths, positions outside the window, ids outside the
+teacher's vocabulary). Returns the list of problems; the CLI exits non-zero when there is any.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from mdkd.pipeline.manifest import load_manifest
+from mdkd.pipeline.shards import COLUMNS, read_shard, sha256_file
+
+
+def _check_rows(table, top_k: int, vocab_size: int) -> list[str]:
+    problems = []
+    window_lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
+    counts = pc.list_value_length(table.column("positions")).to_numpy()
+    if not np.array_equal(pc.list_value_length(table.column("labels")).to_numpy(), counts):
+        problems.append("labels and positions differ in length")
+    for column in ("topk_ids", "topk_logprobs"):
+        if not np.array_equal(pc.list_value_length(table.column(column)).to_numpy(), counts):
+            problems.append(f"{column} and positions differ in length")
+        inner = pc.list_value_length(pc.list_flatten(table.column(column))).to_numpy()
+        if inner.size and (inner != top_k).any():
+            problems.append(f"{column} has lists that are not {top_k} long")
+    positions = pc.list_flatten(table.column("positions")).to_numpy()
+    owners = np.repeat(np.arange(len(counts)), counts)
+    if positions.size and ((positions < 0) | (positions >= window_lengths[owners])).any():
+        problems.append("a masked position lies outside its window")
+    ids = pc.list_flatten(pc.list_flatten(table.column("topk_ids"))).to_numpy()
+    if ids.size and ((ids < 0) | (ids >= vocab_size)).any():
+        problems.append("a top-k id lies outside the teacher's vocabulary")
+    return problems
+
+
+def verify(cache_dir: Path) -> list[str]:
+    """Every problem found, as `path: what is wrong` lines; empty when the cache is sound."""
+    manifest = load_manifest(cache_dir)
+    problems = []
+    for name, teacher in manifest["teachers"].items():
+        if not (cache_dir / teacher["tokenizer_dir"]).is_dir():
+            problems.append(f"{teacher['tokenizer_dir']}: tokenizer copy of teacher {name} is missing")
+    for shard in tqdm(manifest["shards"], desc="verifying", unit="shard", leave=False):
+        path = cache_dir / shard["path"]
+        where = shard["path"]
+        if not path.is_file():
+            problems.append(f"{where}: missing")
+            continue
+        if path.stat().st_size != shard["bytes"]:
+            problems.append(f"{where}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
+            continue
+        if sha256_file(path) != shard["sha256"]:
+            problems.append(f"{where}: sha256 differs from the manifest (the file is corrupted)")
+            continue
+        try:
+            table = read_shard(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            problems.append(f"{where}: cannot be read as Parquet ({exc})")
+            continue
+        if tuple(table.column_names) != COLUMNS:
+            problems.append(f"{where}: columns {table.column_names} differ from the cache format")
+            continue
+        masked = int(pc.sum(pc.list_value_length(table.column("positions"))).as_py() or 0)
+        if table.num_rows != shard["rows"] or masked != shard["masked_positions"]:
+            problems.append(
+                f"{where}: {table.num_rows} rows / {masked} positions, manifest says "
+                f"{shard['rows']} / {shard['masked_positions']}"
+            )
+        vocab_size = manifest["teachers"][shard["teacher"]]["vocab_size"]
+        problems.extend(f"{where}: {p}" for p in _check_rows(table, manifest["top_k"], vocab_size))
+    listed = {shard["path"] for shard in manifest["shards"]}
+    for stray in sorted(cache_dir.rglob("*.parquet")):
+        relative = stray.relative_to(cache_dir).as_posix()
+        if relative not in listed:
+            problems.append(f"{relative}: not listed in the manifest")
+    return problems
