@@ -85,7 +85,10 @@ def _read_parquet(path: Path, name: str, source: CorpusSource, counts: SourceCou
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             counts._hash.update(block)
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...: all mean the file cannot be used
+        raise UserError(f"cannot read corpus file {path}: not a readable Parquet file ({exc})") from None
     if source.text_field not in parquet.schema_arrow.names:
         raise UserError(f"{path} has no column '{source.text_field}' (set text_field in the corpus entry)")
     row = 0

@@ -1,0 +1,73 @@
+"""Shared fixtures: a small multilingual corpus and tiny teachers built in-test (no hub, no network)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_CORPUS = REPO / "examples" / "tiny" / "corpus"
+
+
+def sentences(language: str) -> list[str]:
+    return [line for line in (EXAMPLE_CORPUS / f"{language}.txt").read_text(encoding="utf-8").splitlines() if line]
+
+
+def make_documents(language: str, count: int, seed: int = 0) -> list[str]:
+    """`count` documents of 1 to 6 sentences each, so some span several windows."""
+    rng = random.Random(f"{language}{seed}")
+    pool = sentences(language)
+    return [" ".join(rng.choice(pool) for _ in range(rng.randint(1, 6))) for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def teachers_dir(tmp_path_factory) -> Path:
+    """A German WordPiece BERT and a multilingual Unigram XLM-R, saved like hub checkpoints."""
+    root = tmp_path_factory.mktemp("teachers")
+    german = sentences("de")
+    everything = german + sentences("en") + sentences("ru")
+    build_masked_lm("bert", train_tokenizer("wordpiece", german, 300, root / "de_bert"), root / "de_bert", seed=1)
+    build_masked_lm("xlm-roberta", train_tokenizer("unigram", everything, 400, root / "multi_xlmr"), root / "multi_xlmr", seed=2)
+    return root
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    """de and ru text files with blank lines, plus one line that is not UTF-8 in the German file."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    german = make_documents("de", 24)
+    german.insert(5, "")
+    (folder / "de.txt").write_bytes(("\n".join(german[:10]) + "\n").encode() + b"\xff\xfe broken line\n" + ("\n".join(german[10:]) + "\n").encode())
+    (folder / "ru.txt").write_text("\n".join(make_documents("ru", 16)) + "\n\n", encoding="utf-8")
+    return folder
+
+
+def cache_config(teachers_dir: Path, corpus_dir: Path, **overrides) -> dict:
+    config = {
+        "corpus": [
+            {"language": "de", "path": str(corpus_dir / "de.txt")},
+            {"language": "ru", "path": str(corpus_dir / "ru.txt")},
+        ],
+        "teachers": [
+            {"name": "de_bert", "model": str(teachers_dir / "de_bert"), "languages": ["de"]},
+            {"name": "multi_xlmr", "model": str(teachers_dir / "multi_xlmr"), "languages": ["de", "ru"]},
+        ],
+        "masking": {"probability": 0.15, "mask": 0.8, "random": 0.1, "keep": 0.1, "seed": 0, "copies": 2},
+        "max_length": 32,
+        "top_k": 5,
+        "batch_tokens": 512,
+        "shard_documents": 6,
+    }
+    config.update(overrides)
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

@@ -1,0 +1,109 @@
+"""Every bad input: one line on stderr naming the problem, exit status 2, no traceback, no complete manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import cache_config, write_config
+from mdkd.cli import cli
+from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer
+
+
+def assert_one_line_error(result, out: Path, fragment: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    manifest = out / "manifest.json"
+    assert not manifest.exists() or not json.loads(manifest.read_text())["complete"]
+
+
+def run(tmp_path: Path, config: dict):
+    path = write_config(tmp_path / "c.yaml", config)
+    return CliRunner().invoke(cli, ["cache-logits", "--config", str(path), "--out", str(tmp_path / "out")])
+
+
+def test_missing_corpus_file(tmp_path, teachers_dir, corpus_dir):
+    config = cache_config(teachers_dir, corpus_dir)
+    config["corpus"][1]["path"] = str(tmp_path / "nowhere" / "ru.txt")
+    assert_one_line_error(run(tmp_path, config), tmp_path / "out", "corpus file not found")
+
+
+def test_unreadable_corpus_file(tmp_path, teachers_dir, corpus_dir):
+    (corpus_dir / "ru.parquet").write_bytes(b"this is not parquet at all")
+    config = cache_config(teachers_dir, corpus_dir)
+    config["corpus"][1]["path"] = str(corpus_dir / "ru.parquet")
+    assert_one_line_error(run(tmp_path, config), tmp_path / "out", "not a readable Parquet file")
+
+
+def test_corpus_empty_after_blank_lines(tmp_path, teachers_dir, corpus_dir):
+    (corpus_dir / "ru.txt").write_text("\n   \n\t\n", encoding="utf-8")
+    assert_one_line_error(run(tmp_path, cache_config(teachers_dir, corpus_dir)), tmp_path / "out", "has no documents")
+
+
+def test_teacher_path_that_does_not_exist(tmp_path, teachers_dir, corpus_dir):
+    config = cache_config(teachers_dir, corpus_dir)
+    config["teachers"][0]["model"] = str(tmp_path / "no_teacher_here")
+    assert_one_line_error(run(tmp_path, config), tmp_path / "out", "folder not found")
+
+
+def test_teacher_that_is_not_a_masked_lm(tmp_path, teachers_dir, corpus_dir):
+    gpt = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt)
+    config = cache_config(teachers_dir, corpus_dir)
+    config["teachers"][0]["model"] = str(gpt)
+    config["teachers"][0]["tokenizer"] = str(teachers_dir / "de_bert")
+    assert_one_line_error(run(tmp_path, config), tmp_path / "out", "not a masked LM")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, teachers_dir, corpus_dir):
+    small = train_tokenizer("wordpiece", ["ab cd ef"] * 5, 40, tmp_path / "small_tok")
+    build_masked_lm("bert", small, tmp_path / "small_bert")
+    config = cache_config(teachers_dir, corpus_dir)
+    config["teachers"][0]["model"] = str(tmp_path / "small_bert")
+    config["teachers"][0]["tokenizer"] = str(teachers_dir / "de_bert")
+    assert_one_line_error(run(tmp_path, config), tmp_path / "out", "but the model's vocabulary has")
+
+
+def test_top_k_larger_than_a_vocabulary(tmp_path, teachers_dir, corpus_dir):
+    assert_one_line_error(run(tmp_path, cache_config(teachers_dir, corpus_dir, top_k=100000)), tmp_path / "out", "top_k 100000 is larger")
+
+
+def test_invalid_config(tmp_path, teachers_dir, corpus_dir):
+    result = run(tmp_path, cache_config(teachers_dir, corpus_dir, batch_tokens="lots", typo_key=3))
+    assert_one_line_error(result, tmp_path / "out", "typo_key: unknown key")
+    assert "batch_tokens" in result.stderr
+
+
+def test_out_folder_that_is_not_a_cache(tmp_path, teachers_dir, corpus_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    assert_one_line_error(run(tmp_path, cache_config(teachers_dir, corpus_dir)), tmp_path / "out", "not an mdkd cache")
+    assert (tmp_path / "out" / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("verb", [["cache", "verify"], ["cache", "inspect"]])
+def test_cache_tools_on_a_folder_that_is_not_a_cache(tmp_path, verb):
+    result = CliRunner().invoke(cli, verb + [str(tmp_path)])
+    assert_one_line_error(result, tmp_path, "is not an mdkd cache")
+
+
+def test_real_process_prints_no_traceback(tmp_path, teachers_dir, corpus_dir):
+    config = cache_config(teachers_dir, corpus_dir)
+    config["corpus"][0]["path"] = str(tmp_path / "gone.txt")
+    path = write_config(tmp_path / "c.yaml", config)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "mdkd", "cache-logits", "--config", str(path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: invalid config")
+    assert not (tmp_path / "o").exists()

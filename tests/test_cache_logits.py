@@ -1,0 +1,223 @@
+"""Stage one end to end: what the cache holds, and how it behaves on reruns, crashes and several ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from conftest import cache_config, make_documents, write_config
+from mdkd.cli import cli
+from mdkd.stages import cache_logits
+
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def shard_hashes(cache: Path) -> dict[str, str]:
+    manifest = json.loads((cache / "manifest.json").read_text())
+    return {s["path"]: s["sha256"] for s in manifest["shards"]}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, teachers_dir):
+    """One complete cache of both teachers, shared by the read-only tests below."""
+    root = tmp_path_factory.mktemp("built")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    german = make_documents("de", 20)
+    (corpus / "de.txt").write_bytes(("\n".join(german[:8]) + "\n\n").encode() + b"\xc3\x28 bad\n" + ("\n".join(german[8:]) + "\n").encode())
+    (corpus / "ru.txt").write_text("\n".join(make_documents("ru", 10)) + "\n", encoding="utf-8")
+    config = write_config(root / "cache.yaml", cache_config(teachers_dir, corpus))
+    result = run_cli("cache-logits", "--config", str(config), "--out", str(root / "cache"))
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_manifest_records_sources_teachers_and_shards(built):
+    cache = built / "cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["schema_version"] == 1 and manifest["top_k"] == 5
+    de = next(c for c in manifest["corpus"] if c["language"] == "de")
+    assert (de["documents"], de["skipped_invalid_utf8_lines"], de["skipped_blank_lines"]) == (20, 1, 1)
+    assert de["fingerprint"].startswith("sha256:")
+    teacher = manifest["teachers"]["de_bert"]
+    assert teacher["special_token_ids"]["mask"] == AutoTokenizer.from_pretrained(cache / "tokenizers" / "de_bert").mask_token_id
+    assert teacher["weights"].startswith("sha256:") and teacher["languages"] == ["de"]
+    # 20 German documents in parts of 6: 4 parts for each teacher serving German, 2 Russian parts.
+    assert sorted(s["path"] for s in manifest["shards"]) == sorted(
+        [f"de_bert/de/part-{p:05d}.parquet" for p in range(4)]
+        + [f"multi_xlmr/de/part-{p:05d}.parquet" for p in range(4)]
+        + [f"multi_xlmr/ru/part-{p:05d}.parquet" for p in range(2)]
+    )
+    for shard in manifest["shards"]:
+        table = pq.read_table(cache / shard["path"])
+        assert table.num_rows == shard["rows"] and (cache / shard["path"]).stat().st_size == shard["bytes"]
+        assert sum(len(p) for p in table.column("positions").to_pylist()) == shard["masked_positions"]
+    assert manifest["totals"]["documents"] == 20 * 2 + 10
+    assert not (cache / ".progress").exists()
+
+
+def test_cached_topk_equals_recomputation_from_full_logits(built, teachers_dir):
+    cache = built / "cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for name in ("de_bert", "multi_xlmr"):
+        model = AutoModelForMaskedLM.from_pretrained(teachers_dir / name).eval()
+        for shard in (s for s in manifest["shards"] if s["teacher"] == name):
+            for row in pq.read_table(cache / shard["path"]).to_pylist():
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, row["positions"]]
+                expected = torch.log_softmax(logits, dim=-1).topk(5, dim=-1)
+                assert row["topk_ids"] == expected.indices.tolist()
+                np.testing.assert_allclose(row["topk_logprobs"], expected.values.numpy(), atol=1e-5)
+
+
+def test_labels_are_the_original_tokens_of_each_window(built):
+    cache = built / "cache"
+    tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizers" / "de_bert")
+    lines = (built / "corpus" / "de.txt").read_bytes().split(b"\n")
+    rows = [r for p in sorted((cache / "de_bert" / "de").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert {r["copy"] for r in rows} == {0, 1}
+    for row in rows:
+        line_number = int(row["doc_id"].rsplit(":", 1)[1])
+        text = lines[line_number - 1].decode()
+        windows = tokenizer(text, max_length=32, truncation=True, return_overflowing_tokens=True, stride=0)["input_ids"]
+        original = windows[row["window"]]
+        assert row["labels"] == [original[p] for p in row["positions"]]
+        unmasked = list(row["input_ids"])
+        for position, label in zip(row["positions"], row["labels"]):
+            unmasked[position] = label
+        assert unmasked == original
+
+
+def test_same_config_gives_the_same_bytes(built, tmp_path):
+    result = run_cli("cache-logits", "--config", str(built / "cache.yaml"), "--out", str(tmp_path / "again"))
+    assert result.exit_code == 0, result.output
+    assert shard_hashes(tmp_path / "again") == shard_hashes(built / "cache")
+
+
+def test_rerun_on_complete_cache_does_nothing(built):
+    manifest = built / "cache" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    result = run_cli("cache-logits", "--config", str(built / "cache.yaml"), "--out", str(built / "cache"))
+    assert result.exit_code == 0 and "nothing to do" in result.output
+    assert manifest.stat().st_mtime_ns == before
+
+
+def test_other_config_is_refused_unless_overwrite(built, tmp_path, teachers_dir):
+    out = tmp_path / "cache"
+    first = write_config(tmp_path / "a.yaml", cache_config(teachers_dir, built / "corpus"))
+    assert run_cli("cache-logits", "--config", str(first), "--out", str(out)).exit_code == 0
+    other = write_config(tmp_path / "b.yaml", cache_config(teachers_dir, built / "corpus", top_k=3))
+    refused = run_cli("cache-logits", "--config", str(other), "--out", str(out))
+    assert refused.exit_code == 2 and "different config" in refused.stderr
+    replaced = run_cli("cache-logits", "--config", str(other), "--out", str(out), "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "manifest.json").read_text())["top_k"] == 3
+
+
+def test_verify_passes_then_catches_a_corrupted_shard(built, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(built / "cache", cache)
+    assert run_cli("cache", "verify", str(cache)).exit_code == 0
+    shard = cache / "multi_xlmr" / "ru" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = run_cli("cache", "verify", str(cache))
+    assert result.exit_code == 1 and "multi_xlmr/ru/part-00001.parquet: sha256 differs" in result.stderr
+    shard.unlink()
+    assert "part-00001.parquet: missing" in run_cli("cache", "verify", str(cache)).stderr
+
+
+def test_inspect_reports_every_teacher_and_language(built):
+    result = run_cli("cache", "inspect", str(built / "cache"), "--json")
+    assert result.exit_code == 0
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["teacher"], r["language"]) for r in rows] == [("de_bert", "de"), ("multi_xlmr", "de"), ("multi_xlmr", "ru")]
+    for row in rows:
+        assert 0 < row["mean_top1_probability"] <= row["mean_topk_mass"] <= 1
+        assert 0 <= row["mean_topk_entropy"] <= np.log(5) + 1e-6
+        assert row["bytes_per_position"] > 0
+
+
+def test_float16_logprobs_halve_that_column(built, tmp_path, teachers_dir):
+    config = write_config(tmp_path / "c.yaml", cache_config(teachers_dir, built / "corpus", logprobs_dtype="float16"))
+    assert run_cli("cache-logits", "--config", str(config), "--out", str(tmp_path / "c")).exit_code == 0
+    table = pq.read_table(tmp_path / "c" / "de_bert" / "de" / "part-00000.parquet")
+    assert str(table.schema.field("topk_logprobs").type) == "list<element: list<element: halffloat>>"
+    reference = pq.read_table(built / "cache" / "de_bert" / "de" / "part-00000.parquet")
+    np.testing.assert_allclose(
+        np.concatenate([np.array(x, dtype=np.float32) for x in table.column("topk_logprobs").to_pylist()]),
+        np.concatenate([np.array(x) for x in reference.column("topk_logprobs").to_pylist()]),
+        rtol=2e-3,
+    )
+
+
+def _big_config(tmp_path: Path, teachers_dir: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "de.txt").write_text("\n".join(make_documents("de", 300, seed=1)) + "\n", encoding="utf-8")
+    (corpus / "ru.txt").write_text("\n".join(make_documents("ru", 200, seed=1)) + "\n", encoding="utf-8")
+    return write_config(tmp_path / "big.yaml", cache_config(teachers_dir, corpus, shard_documents=3))
+
+
+def test_kill_minus_nine_then_rerun_equals_an_uninterrupted_run(tmp_path, teachers_dir):
+    config = _big_config(tmp_path, teachers_dir)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    command = [sys.executable, "-m", "mdkd", "cache-logits", "--config", str(config), "--out"]
+    subprocess.run(command + [str(reference)], check=True, env=ENV, capture_output=True)
+    for kill_after_markers in (3, 60):
+        process = subprocess.Popen(command + [str(resumed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if len(list((resumed / ".progress").rglob("*.json"))) >= kill_after_markers:
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not json.loads((resumed / "manifest.json").read_text())["complete"], "the kill must land mid-run"
+    finished = subprocess.run(command + [str(resumed)], env=ENV, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert shard_hashes(resumed) == shard_hashes(reference)
+    for path in shard_hashes(reference):
+        assert (resumed / path).read_bytes() == (reference / path).read_bytes()
+    assert not list(resumed.rglob("*.tmp"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_write_one_manifest_equal_to_one_rank(tmp_path, teachers_dir):
+    config = _big_config(tmp_path, teachers_dir)
+    single, double = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(single)], check=True, env=ENV, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    run = subprocess.run(torchrun + ["-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(double)], env=ENV, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert shard_hashes(double) == shard_hashes(single)
+    assert run.stdout.count("cache complete") == 1, "console output comes from rank 0 only"
+    logs = sorted(p.name for p in (double / "logs").iterdir())
+    assert logs == ["cache-logits.rank0.jsonl", "cache-logits.rank1.jsonl"]
+    parts = {json.loads(line)["part"] % 2 for line in (double / "logs" / "cache-logits.rank1.jsonl").read_text().splitlines()}
+    assert parts == {1}, "rank 1 takes the odd parts"
