@@ -5,23 +5,27 @@ What it measures, on a BERT-shaped teacher with random weights and a generated, 
 1. End-to-end: the real stage, `mdkd.stages.cache_logits.run(config, out)`, timed as a whole and with its
    one-off costs (corpus scan and fingerprint, teacher checks, model load, manifest writing) timed apart, so
    throughput is reported both with and without them. Tokens are counted from the shards it wrote
-   (sum of len(input_ids) over all rows).
-2. Bare forward: the same batches rebuilt with the pipeline's own functions (prepare_unit, length_batches,
-   collate, Masker), timing only `Teacher.top_k` calls. End-to-end time / bare time is the pipeline's
-   overhead; the goal is <= 1.15.
+   (sum of len(input_ids) over all rows; one masked copy per window).
+2. Bare forward: the same batches rebuilt with the pipeline's own functions (Masker, prepare_unit,
+   length_batches, collate), timing only `Teacher.top_k` calls. End-to-end time / bare time is the
+   pipeline's overhead; the goal is <= 1.15.
 3. Masked-only head: `Teacher.top_k` with the architecture adapter (encoder on the whole batch, MLM head only
    at masked positions) against the full `*ForMaskedLM` forward (adapter set to None), same batches.
 4. Bytes per cached position: total shard bytes / masked positions, for float32 log-probabilities (what the
    run wrote) and float16 (the same shards rewritten with the stage's own shard writer).
 5. Peak RSS of the whole stage at N and 4N documents, each in a fresh process so the peaks do not mix; the
-   corpus is streamed in blocks of `shard_documents`, so it should barely grow.
+   corpus is streamed in blocks of `shard_documents`, so it should grow little.
+
+Timings 1-3 are interleaved (end-to-end, masked-only, full; repeated --repeats times) and the fastest of each
+counts, so a change in machine load during the benchmark hits every figure alike; all repeats are in the JSON.
 
 Run it from the repository root:
 
-    python bench/cache_logits.py                                          # small teacher on the CPU, ~2 min
-    python bench/cache_logits.py --preset base --device cuda --dtype bf16 # BERT-base, 120k vocabulary
+    python bench/cache_logits.py                                           # small teacher on the CPU
+    python bench/cache_logits.py --preset base --device cuda --dtype bf16  # BERT-base, 120k vocabulary
 
-The last line of the output is one JSON object holding every figure.
+Progress bars and the stage's own messages go to stderr; the figures go to stdout, and the last line of stdout
+is one JSON object holding all of them.
 """
 
 from __future__ import annotations
@@ -44,11 +48,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import yaml
 
-from mdkd.pipeline import manifest as mf
 from mdkd.pipeline.config import load_cache_config
 from mdkd.pipeline.corpus import read_language
 from mdkd.pipeline.distributed import Ranks, pick_device
@@ -62,11 +64,11 @@ from mdkd.stages import cache_logits as stage
 OVERHEAD_GOAL = 1.15
 LANGUAGE = "xx"
 
-# `word_types` is the size of the generated word list the tokenizer is trained on. For `base` it must exceed
-# the 120k target so WordPiece really learns 120k tokens: the tokenizer then has 120k entries, the model's
-# vocabulary matches it, and Teacher.vocab_limit (= len(tokenizer)) covers the whole head. That keeps the
-# head-cost figure honest (log-softmax and top-k over all 120k ids, as with a real multilingual BERT) without
-# patching vocab_limit behind the stage's back. Training it takes ~5 s.
+# `word_types` is the size of the generated word list the tokenizer is trained on. For `base` it exceeds the
+# 120k target so that WordPiece really learns 120k tokens (~5 s): the tokenizer then has 120k entries, the
+# model's vocabulary matches it, and Teacher.vocab_limit (= len(tokenizer)) spans the whole head. The head-cost
+# figure is then honest (projection, log-softmax and top-k over all 120k ids, as with a multilingual BERT)
+# without patching vocab_limit behind the stage's back, which a model padded past a small tokenizer would need.
 PRESETS = {
     "small": dict(hidden=128, layers=2, heads=2, vocab=8_000, word_types=20_000, documents=512),
     "base": dict(hidden=768, layers=12, heads=12, vocab=120_000, word_types=200_000, documents=4096),
@@ -82,11 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--documents", type=int, default=None, help="corpus size N (default: the preset's)")
     parser.add_argument("--shard-documents", type=int, default=128,
                         help="documents per shard; small enough that N documents make several shards, so the "
-                             "prefetch and writer threads overlap with the teacher as in a long run")
+                             "prefetch and writer threads overlap with the teacher as they do in a long run")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--batch-tokens", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=2, help="bare-forward passes per mode; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved timing rounds; the fastest counts")
     parser.add_argument("--rss-factor", type=int, default=4, help="the second peak-RSS run uses this many x N")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -108,22 +110,14 @@ def make_words(count: int, seed: int) -> list[str]:
 
 
 def write_corpus(path: Path, words: list[str], documents: int, seed: int) -> None:
-    """One document per line. Words follow a Zipf law (like real text, so the tokenizer's frequent pieces are
-    frequent); lengths are log-normal (median ~60 words, a tail of long documents that need several windows)."""
+    """One document per line. Words follow a Zipf law (as in real text, so frequent pieces are frequent);
+    lengths are log-normal (median ~60 words, a tail of long documents that need several windows)."""
     rng = random.Random(seed)
-    cumulative = list(_cumsum(1.0 / (rank + 1) for rank in range(len(words))))
+    cumulative = list(itertools.accumulate(1.0 / rank for rank in range(1, len(words) + 1)))
     with path.open("w", encoding="utf-8") as handle:
         for _ in range(documents):
             length = min(1500, max(3, int(rng.lognormvariate(math.log(60), 0.9))))
-            sentence = rng.choices(words, cum_weights=cumulative, k=length)
-            handle.write(" ".join(sentence).capitalize() + ".\n")
-
-
-def _cumsum(values):
-    total = 0.0
-    for value in values:
-        total += value
-        yield total
+            handle.write(" ".join(rng.choices(words, cum_weights=cumulative, k=length)).capitalize() + ".\n")
 
 
 def build_teacher(preset: dict, words: list[str], folder: Path) -> tuple[int, int]:
@@ -135,7 +129,7 @@ def build_teacher(preset: dict, words: list[str], folder: Path) -> tuple[int, in
     return len(tokenizer), sum(p.numel() for p in model.parameters())
 
 
-def write_config(path: Path, corpus: Path, teacher: Path, args, logprobs_dtype: str = "float32") -> Path:
+def write_config(path: Path, corpus: Path, teacher: Path, args) -> Path:
     config = {
         "corpus": [{"language": LANGUAGE, "path": str(corpus)}],
         "teachers": [{"name": "bert", "model": str(teacher), "languages": [LANGUAGE]}],
@@ -145,7 +139,7 @@ def write_config(path: Path, corpus: Path, teacher: Path, args, logprobs_dtype: 
         "batch_tokens": args.batch_tokens,
         "dtype": args.dtype,
         "device": args.device_name,
-        "logprobs_dtype": logprobs_dtype,
+        "logprobs_dtype": "float32",
         "shard_documents": args.shard_documents,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -154,16 +148,19 @@ def write_config(path: Path, corpus: Path, teacher: Path, args, logprobs_dtype: 
 
 # ---------------------------------------------------------------- 1. end-to-end run of the real stage
 
-# Stage functions whose time does not grow with the corpus's teacher work: done once per run (the corpus scan
-# reads the corpus once but is I/O and hashing, not teacher work). Wrapped at runtime, never edited.
+# Stage steps paid once per run whatever the corpus's teacher work ('Teacher' is the model load; the corpus
+# scan reads the corpus once, but it is I/O and hashing, not teacher work).
 ONE_OFFS = ("_scan_corpus", "_inspect_teachers", "_identity", "_check_out_dir", "_claim_out_dir", "Teacher",
             "_finish_manifest")
+# Per-unit steps on the stage's main thread, timed to show where the time beyond the forward goes.
+PER_UNIT = ("score_unit", "build_table")
 
 
 @contextlib.contextmanager
 def instrumented_stage(seconds: dict[str, float]):
-    """Time the stage's one-off steps and its in-run teacher calls by wrapping module attributes; restore after."""
-    originals = {name: getattr(stage, name) for name in ONE_OFFS}
+    """Time stage steps and the run's teacher.top_k calls by wrapping module attributes (never editing the
+    stage); the originals are put back on exit."""
+    originals = {name: getattr(stage, name) for name in ONE_OFFS + PER_UNIT}
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
@@ -176,11 +173,11 @@ def instrumented_stage(seconds: dict[str, float]):
 
     def load_teacher(*args, **kwargs):
         teacher = timed("Teacher", originals["Teacher"])(*args, **kwargs)
-        teacher.top_k = timed("in_run_top_k", teacher.top_k)  # instance attribute: only this run's teacher
+        teacher.top_k = timed("top_k", teacher.top_k)  # an instance attribute: this run's teacher only
         return teacher
 
-    for name in ONE_OFFS:
-        setattr(stage, name, load_teacher if name == "Teacher" else timed(name, originals[name]))
+    for name, function in originals.items():
+        setattr(stage, name, load_teacher if name == "Teacher" else timed(name, function))
     try:
         yield
     finally:
@@ -196,11 +193,11 @@ def run_stage(config: Path, out: Path) -> dict:
         total = time.perf_counter() - started
     one_off = sum(seconds.get(name, 0.0) for name in ONE_OFFS)
     return {"manifest": manifest, "total_s": total, "one_off_s": one_off, "steady_s": total - one_off,
-            "parts_s": seconds}
+            "parts_s": {name: seconds.get(name, 0.0) for name in ONE_OFFS + PER_UNIT + ("top_k",)}}
 
 
 def shard_counts(out: Path, manifest: dict) -> dict:
-    """Tokens, rows, masked positions and bytes, read from the shards themselves (tokens) and the manifest."""
+    """Tokens read from the shards themselves; rows, masked positions and bytes from the manifest."""
     tokens = 0
     for shard in manifest["shards"]:
         lengths = pc.list_value_length(read_shard(out / shard["path"], ["input_ids"]).column("input_ids"))
@@ -238,34 +235,29 @@ def rebuild_batches(config_path: Path, teacher: Teacher, tokenizer) -> list[tupl
     return batches
 
 
-def time_top_k(teacher: Teacher, batches: list[tuple], k: int, repeats: int) -> tuple[float, list]:
-    """Fastest of `repeats` passes over all batches, timing only teacher.top_k; a warm-up call comes first so
-    one-off kernel selection and allocator growth are not counted (the stage pays them once per run)."""
-    teacher.top_k(*batches[0], k=k)
-    best, outputs = math.inf, []
-    for _ in range(repeats):
-        outputs = []
-        started = time.perf_counter()
-        for batch in batches:
-            outputs.append(teacher.top_k(*batch, k=k))
-        best = min(best, time.perf_counter() - started)
-    return best, outputs
-
-
-def compare_heads(teacher: Teacher, batches: list[tuple], k: int, repeats: int) -> dict:
-    """Masked-only head (the adapter) vs the full forward (adapter None forces the fallback), same batches."""
+def forward_pass(teacher: Teacher, batches: list[tuple], k: int, masked_only: bool) -> tuple[float, list]:
+    """Seconds spent in teacher.top_k over all batches (nothing else timed) and its outputs. masked_only=False
+    sets the adapter to None, which makes Teacher.top_k take its full-forward fallback."""
     adapter = teacher.adapter
-    assert adapter is ADAPTERS["bert"], "the benchmark teacher should use the BERT adapter"
-    masked_s, masked_out = time_top_k(teacher, batches, k, repeats)
-    teacher.adapter = None
+    teacher.adapter = adapter if masked_only else None
     try:
-        full_s, full_out = time_top_k(teacher, batches, k, repeats)
+        started = time.perf_counter()
+        outputs = [teacher.top_k(*batch, k=k) for batch in batches]  # top_k returns CPU tensors: synchronised
+        return time.perf_counter() - started, outputs
     finally:
         teacher.adapter = adapter
-    # Same numbers either way is the adapter's contract; report the largest difference as a sanity check.
-    difference = max(float((a[0] - b[0]).abs().max()) for a, b in zip(masked_out, full_out))
-    return {"masked_only_s": masked_s, "full_forward_s": full_s, "full_over_masked": full_s / masked_s,
-            "max_abs_logprob_difference": difference, "positions": sum(len(v) for v, _ in masked_out)}
+
+
+def warm_up(teacher: Teacher, batches: list[tuple], k: int) -> None:
+    """One call per path before timing, so one-off kernel selection and allocator growth are not counted
+    (the stage pays them once per run, inside its first unit)."""
+    for masked_only in (True, False):
+        forward_pass(teacher, batches[:1], k, masked_only)
+
+
+def largest_difference(masked: list, full: list) -> float:
+    """Both paths must give the same log-probabilities (the adapter's contract): a sanity check, reported."""
+    return max(float((a[0] - b[0]).abs().max()) for a, b in zip(masked, full))
 
 
 # ---------------------------------------------------------------- 4. bytes per cached position
@@ -273,8 +265,8 @@ def compare_heads(teacher: Teacher, batches: list[tuple], k: int, repeats: int) 
 
 def float16_bytes(out: Path, manifest: dict, scratch: Path) -> int:
     """Shard bytes had the run stored float16 log-probabilities: each shard's table with that one column cast
-    (what build_table does for logprobs_dtype float16), written by the stage's own writer and settings.
-    Cheaper than a second teacher pass and the same bytes up to float rounding."""
+    (as build_table does for logprobs_dtype float16), written by the stage's own writer and settings.
+    Cheaper than a second teacher pass, and the same bytes up to float rounding."""
     total = 0
     for shard in manifest["shards"]:
         table = read_shard(out / shard["path"])
@@ -289,14 +281,13 @@ def float16_bytes(out: Path, manifest: dict, scratch: Path) -> int:
 
 def rss_child(config: str, out: str) -> None:
     """Entry point of the subprocess: run the stage once and report this process's peak RSS."""
-    before = _max_rss_mb()
+    before = max_rss_mb()
     with contextlib.redirect_stdout(sys.stderr):
-        manifest = stage.run(Path(config), Path(out))
-    print(json.dumps({"rss_after_imports_mb": before, "peak_rss_mb": _max_rss_mb(),
-                      "documents": manifest["totals"]["documents"]}))
+        stage.run(Path(config), Path(out))
+    print(json.dumps({"rss_after_imports_mb": before, "peak_rss_mb": max_rss_mb()}))
 
 
-def _max_rss_mb() -> float:
+def max_rss_mb() -> float:
     """This process's peak resident set size in MB.
 
     VmHWM first: ru_maxrss survives fork and exec on Linux, so a child started from this (already large)
@@ -318,29 +309,7 @@ def peak_rss(config: Path, out: Path) -> dict:
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - started}
 
 
-# ---------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine(device: torch.device) -> dict:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": gpu, "torch": torch.__version__, "python": platform.python_version()}
-
-
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("--device cuda asked for, but torch sees no GPU here (use --device cpu)")
-    return requested
+# ---------------------------------------------------------------- the benchmark and its report
 
 
 def main(argv=None) -> None:
@@ -355,94 +324,139 @@ def main(argv=None) -> None:
         figures = benchmark(args, preset, scratch)
     finally:
         if args.keep:
-            print(f"scratch folder kept: {scratch}")
+            say(f"scratch folder kept: {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(figures, sort_keys=False))
+    print(json.dumps(figures))
 
 
-def benchmark(args, preset: dict, scratch: Path) -> dict:
-    device = torch.device(args.device_name)
-    figures = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(device)}
-    say(f"machine: {figures['machine']['cpu']}, {figures['machine']['cpu_count']} CPUs, torch threads "
-        f"{figures['machine']['torch_threads']}, GPU: {figures['machine']['gpu'] or 'none'}; device {device}, "
-        f"dtype {args.dtype}")
-
-    started = time.perf_counter()
-    words = make_words(preset["word_types"], args.seed)
-    vocab, parameters = build_teacher(preset, words, scratch / "teacher")
-    corpus = scratch / "corpus.txt"
-    write_corpus(corpus, words, args.documents, args.seed)
-    config = write_config(scratch / "cache.yaml", corpus, scratch / "teacher", args)
-    figures["setup"] = {"preset": args.preset, "hidden": preset["hidden"], "layers": preset["layers"],
-                        "heads": preset["heads"], "vocab": vocab, "parameters": parameters,
-                        "documents": args.documents, "shard_documents": args.shard_documents,
-                        "max_length": args.max_length, "top_k": args.top_k, "batch_tokens": args.batch_tokens,
-                        "dtype": args.dtype, "device": str(device), "seconds": time.perf_counter() - started}
-    say(f"teacher: random BERT, hidden {preset['hidden']}, {preset['layers']} layers, {preset['heads']} heads, "
-        f"vocab {vocab:,}, {parameters / 1e6:.1f}M parameters (built in {figures['setup']['seconds']:.1f} s, "
-        "not counted below)")
-    say(f"corpus: {args.documents} generated documents, shards of {args.shard_documents}, max_length "
-        f"{args.max_length}, top_k {args.top_k}, batch_tokens {args.batch_tokens}")
-
-    figures["end_to_end"] = end_to_end_section(config, scratch / "cache")
-    manifest = figures["end_to_end"].pop("manifest")
-    figures["bare_forward"] = bare_forward_section(config, args, figures["end_to_end"])
-    figures["bytes_per_position"] = bytes_section(scratch, manifest, figures["end_to_end"]["counts"])
-    if not args.skip_rss:
-        figures["peak_rss"] = rss_section(scratch, corpus, words, args)
-    return figures
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but torch sees no GPU here (use --device cpu)")
+    return requested
 
 
 def say(line: str) -> None:
     print(line, flush=True)
 
 
-def end_to_end_section(config: Path, out: Path) -> dict:
-    result = run_stage(config, out)
-    counts = result["counts"] = shard_counts(out, result["manifest"])
-    parts = result.pop("parts_s")
-    result["one_off_parts_s"] = {name: parts.get(name, 0.0) for name in ONE_OFFS}
-    result["in_run_top_k_s"] = parts.get("in_run_top_k", 0.0)
-    result["tokens_per_s"] = counts["tokens"] / result["total_s"]
-    result["tokens_per_s_without_one_offs"] = counts["tokens"] / result["steady_s"]
-    shown = ", ".join(f"{name.strip('_')} {seconds:.2f}" for name, seconds in result["one_off_parts_s"].items())
-    say(f"[1] end-to-end stage run(): {result['total_s']:.2f} s, of which one-off {result['one_off_s']:.2f} s "
-        f"({shown}; 'Teacher' is the model load)")
-    say(f"    {counts['tokens']:,} tokens in {counts['rows']:,} rows, {counts['masked_positions']:,} masked "
-        f"positions, {counts['shards']} shards (tokens counted from the shards)")
-    say(f"    throughput: {result['tokens_per_s']:,.0f} tokens/s including one-offs, "
+def benchmark(args, preset: dict, scratch: Path) -> dict:
+    figures = {"command": " ".join(["python", *sys.argv]), "machine": machine(torch.device(args.device_name))}
+    words = make_words(preset["word_types"], args.seed)
+    figures["setup"] = setup_section(args, preset, words, scratch)
+    config = scratch / "cache.yaml"
+    figures.update(timing_sections(config, scratch, args))
+    figures["bytes_per_position"] = bytes_section(scratch, figures.pop("manifest"), figures["end_to_end"]["counts"])
+    if not args.skip_rss:
+        figures["peak_rss"] = rss_section(scratch, words, args)
+    return figures
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    result = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__, "python": platform.python_version()}
+    say(f"machine: {cpu}, {result['cpu_count']} CPUs, torch {result['torch']} with {result['torch_threads']} "
+        f"threads, GPU: {result['gpu'] or 'none'}")
+    return result
+
+
+def setup_section(args, preset: dict, words: list[str], scratch: Path) -> dict:
+    started = time.perf_counter()
+    vocab, parameters = build_teacher(preset, words, scratch / "teacher")
+    write_corpus(scratch / "corpus.txt", words, args.documents, args.seed)
+    write_config(scratch / "cache.yaml", scratch / "corpus.txt", scratch / "teacher", args)
+    result = {"preset": args.preset, "hidden": preset["hidden"], "layers": preset["layers"],
+              "heads": preset["heads"], "vocab": vocab, "parameters": parameters, "documents": args.documents,
+              "shard_documents": args.shard_documents, "max_length": args.max_length, "top_k": args.top_k,
+              "batch_tokens": args.batch_tokens, "device": args.device_name, "dtype": args.dtype,
+              "repeats": args.repeats, "seconds": time.perf_counter() - started}
+    say(f"teacher: random BERT ({args.preset}), hidden {preset['hidden']}, {preset['layers']} layers, "
+        f"{preset['heads']} heads, vocab {vocab:,}, {parameters / 1e6:.1f}M parameters; device {args.device_name}, "
+        f"dtype {args.dtype} (built in {result['seconds']:.1f} s, not counted below)")
+    say(f"corpus: {args.documents} generated documents in shards of {args.shard_documents}; max_length "
+        f"{args.max_length}, top_k {args.top_k}, batch_tokens {args.batch_tokens}; fastest of {args.repeats} "
+        "interleaved rounds")
+    return result
+
+
+def timing_sections(config: Path, scratch: Path, args) -> dict:
+    """Sections 1-3. Each round runs the stage into a fresh folder, then the bare masked-only and full passes."""
+    teacher, tokenizer, load_s = load_teacher(config)
+    batches = rebuild_batches(config, teacher, tokenizer)
+    warm_up(teacher, batches, args.top_k)
+    runs, masked, full = [], [], []
+    for round_ in range(args.repeats):
+        runs.append(run_stage(config, scratch / f"cache-{round_}"))
+        masked.append(forward_pass(teacher, batches, args.top_k, masked_only=True))
+        full.append(forward_pass(teacher, batches, args.top_k, masked_only=False))
+    counts = shard_counts(scratch / "cache-0", runs[0]["manifest"])
+    identical = len({tuple(s["sha256"] for s in run["manifest"]["shards"]) for run in runs}) == 1
+    assert sum(len(values) for values, _ in masked[0][1]) == counts["masked_positions"], "batches differ from the run's"
+    end_to_end = end_to_end_section(runs, counts, identical)
+    bare = bare_section(end_to_end, [s for s, _ in masked], len(batches), load_s)
+    heads = head_section([s for s, _ in masked], [s for s, _ in full], largest_difference(masked[0][1], full[0][1]))
+    return {"manifest": runs[0]["manifest"], "end_to_end": end_to_end, "bare_forward": bare, "head": heads}
+
+
+def end_to_end_section(runs: list[dict], counts: dict, identical: bool) -> dict:
+    best = min(runs, key=lambda run: run["total_s"])
+    parts = best["parts_s"]
+    result = {"total_s": best["total_s"], "one_off_s": best["one_off_s"], "steady_s": best["steady_s"],
+              "all_total_s": [run["total_s"] for run in runs], "parts_s": parts, "counts": counts,
+              "tokens_per_s": counts["tokens"] / best["total_s"],
+              "tokens_per_s_without_one_offs": counts["tokens"] / best["steady_s"],
+              "shards_identical_across_rounds": identical}
+    one_offs = ", ".join(f"{name.strip('_')} {parts[name]:.2f}" for name in ONE_OFFS)
+    say(f"[1] end-to-end stage run(): {best['total_s']:.2f} s (rounds: {_seconds(result['all_total_s'])}), "
+        f"of which one-off {best['one_off_s']:.2f} s ({one_offs}; 'Teacher' = model load)")
+    say(f"    {counts['tokens']:,} tokens (counted in the shards) in {counts['rows']:,} rows, "
+        f"{counts['masked_positions']:,} masked positions, {counts['shards']} shards; shards byte-identical "
+        f"across rounds: {'yes' if identical else 'NO'}")
+    say(f"    throughput: {result['tokens_per_s']:,.0f} tokens/s with one-offs, "
         f"{result['tokens_per_s_without_one_offs']:,.0f} tokens/s without")
     return result
 
 
-def bare_forward_section(config: Path, args, end_to_end: dict) -> dict:
-    teacher, tokenizer, load_s = load_teacher(config)
-    batches = rebuild_batches(config, teacher, tokenizer)
-    heads = compare_heads(teacher, batches, args.top_k, args.repeats)
-    assert heads["positions"] == end_to_end["counts"]["masked_positions"], "rebuilt batches differ from the run's"
-    bare = heads["masked_only_s"]
-    result = {"batches": len(batches), "model_load_s": load_s, "seconds": bare, **heads,
+def bare_section(end_to_end: dict, masked_s: list[float], batches: int, load_s: float) -> dict:
+    bare = min(masked_s)
+    parts = end_to_end["parts_s"]
+    result = {"seconds": bare, "all_s": masked_s, "batches": batches, "model_load_s": load_s,
               "tokens_per_s": end_to_end["counts"]["tokens"] / bare,
               "overhead_ratio_with_one_offs": end_to_end["total_s"] / bare,
-              "overhead_ratio_without_one_offs": end_to_end["steady_s"] / bare,
-              "in_run_top_k_over_bare": end_to_end["in_run_top_k_s"] / bare, "goal": OVERHEAD_GOAL}
-    say(f"[2] bare teacher.top_k over the same {len(batches)} batches: {bare:.2f} s (fastest of {args.repeats}, "
-        f"after a warm-up call; model load {load_s:.2f} s not counted) = {result['tokens_per_s']:,.0f} tokens/s")
-    say(f"    overhead end-to-end / bare: {result['overhead_ratio_with_one_offs']:.2f} with one-offs, "
+              "overhead_ratio_without_one_offs": end_to_end["steady_s"] / bare, "goal": OVERHEAD_GOAL,
+              "in_run_top_k_s": parts["top_k"], "in_run_top_k_over_bare": parts["top_k"] / bare}
+    say(f"[2] bare teacher.top_k over the same {batches} batches: {bare:.2f} s (rounds: {_seconds(masked_s)}; "
+        f"warmed up, model load {load_s:.2f} s not counted) = {result['tokens_per_s']:,.0f} tokens/s")
+    say(f"    overhead, end-to-end / bare: {result['overhead_ratio_with_one_offs']:.2f} with one-offs, "
         f"{result['overhead_ratio_without_one_offs']:.2f} without (goal <= {OVERHEAD_GOAL})")
-    say(f"    time inside teacher.top_k during the run: {end_to_end['in_run_top_k_s']:.2f} s "
-        f"= {result['in_run_top_k_over_bare']:.2f} x bare (the rest of the run is collate, table building, "
-        "and waiting on the prefetch/writer threads)")
-    say(f"[3] head: masked-only {heads['masked_only_s']:.2f} s, full forward {heads['full_forward_s']:.2f} s, "
-        f"full / masked-only = {heads['full_over_masked']:.2f} (saves "
-        f"{1 - 1 / heads['full_over_masked']:.0%}); max |logprob difference| {heads['max_abs_logprob_difference']:.1e}")
+    other = end_to_end["steady_s"] - parts["score_unit"] - parts["build_table"]
+    say(f"    where the steady run's {end_to_end['steady_s']:.2f} s went: teacher.top_k {parts['top_k']:.2f} s "
+        f"({result['in_run_top_k_over_bare']:.2f} x bare), rest of score_unit {parts['score_unit'] - parts['top_k']:.2f} s, "
+        f"build_table {parts['build_table']:.2f} s, other {other:.2f} s (first unit's tokenising and masking, "
+        "last shard's write, thread hand-offs)")
+    return result
+
+
+def head_section(masked_s: list[float], full_s: list[float], difference: float) -> dict:
+    result = {"masked_only_s": min(masked_s), "full_forward_s": min(full_s), "all_full_forward_s": full_s,
+              "full_over_masked": min(full_s) / min(masked_s), "max_abs_logprob_difference": difference}
+    say(f"[3] head: masked-only {result['masked_only_s']:.2f} s, full forward {result['full_forward_s']:.2f} s "
+        f"(rounds: {_seconds(full_s)}); full / masked-only = {result['full_over_masked']:.2f}, i.e. the "
+        f"masked-only head saves {1 - 1 / result['full_over_masked']:.0%}; largest |log-prob difference| "
+        f"between the two {difference:.1e}")
     return result
 
 
 def bytes_section(scratch: Path, manifest: dict, counts: dict) -> dict:
     positions = counts["masked_positions"]
-    half = float16_bytes(scratch / "cache", manifest, scratch / "cache-float16")
+    half = float16_bytes(scratch / "cache-0", manifest, scratch / "cache-float16")
     result = {"float32": counts["bytes"] / positions, "float16": half / positions,
               "float32_total_bytes": counts["bytes"], "float16_total_bytes": half, "masked_positions": positions}
     say(f"[4] bytes per cached position: float32 {result['float32']:.1f} B, float16 {result['float16']:.1f} B "
@@ -450,21 +464,24 @@ def bytes_section(scratch: Path, manifest: dict, counts: dict) -> dict:
     return result
 
 
-def rss_section(scratch: Path, corpus: Path, words: list[str], args) -> dict:
+def rss_section(scratch: Path, words: list[str], args) -> dict:
     """Peak RSS at N documents (the corpus already made) and at rss_factor x N (a new one), fresh process each."""
-    big = scratch / "corpus-big.txt"
-    write_corpus(big, words, args.documents * args.rss_factor, args.seed + 1)
-    sizes = {args.documents: corpus, args.documents * args.rss_factor: big}
+    big = args.documents * args.rss_factor
+    write_corpus(scratch / "corpus-big.txt", words, big, args.seed + 1)
     runs = {}
-    for documents, path in sizes.items():
-        config = write_config(scratch / f"cache-{documents}.yaml", path, scratch / "teacher", args)
+    for documents, corpus in ((args.documents, scratch / "corpus.txt"), (big, scratch / "corpus-big.txt")):
+        config = write_config(scratch / f"cache-{documents}.yaml", corpus, scratch / "teacher", args)
         runs[str(documents)] = peak_rss(config, scratch / f"rss-{documents}")
-    small, large = runs[str(args.documents)], runs[str(args.documents * args.rss_factor)]
+    small, large = runs[str(args.documents)], runs[str(big)]
     growth = large["peak_rss_mb"] / small["peak_rss_mb"] - 1
-    say(f"[5] peak RSS (fresh process each, whole stage): {args.documents} documents {small['peak_rss_mb']:.0f} MB, "
-        f"{args.documents * args.rss_factor} documents {large['peak_rss_mb']:.0f} MB ({growth:+.1%}); "
-        f"after imports alone {small['rss_after_imports_mb']:.0f} MB")
+    say(f"[5] peak RSS of the whole stage (fresh process each): {args.documents} documents "
+        f"{small['peak_rss_mb']:.0f} MB, {big} documents {large['peak_rss_mb']:.0f} MB ({growth:+.0%}); "
+        f"imports alone {small['rss_after_imports_mb']:.0f} MB")
     return {"runs": runs, "growth": growth}
+
+
+def _seconds(values: list[float]) -> str:
+    return " ".join(f"{value:.2f}" for value in values)
 
 
 if __name__ == "__main__":

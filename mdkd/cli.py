@@ -52,6 +52,22 @@ def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
     stage.run(config_path, out_dir, overwrite=overwrite)
 
 
+@cli.command("train")
+@click.option("--config", "config_path", type=existing_file, required=True, help="YAML train config (see docs/configuration.md).")
+@click.option("--cache", "cache_dir", type=existing_dir, required=True, help="A complete cache from `mdkd cache-logits`.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--resume", default=None, metavar="auto|PATH", help="Continue from the latest checkpoint (auto) or a given one.")
+@click.option("--overwrite", is_flag=True, help="Replace a run in --out (a different config, or an unfinished one).")
+def train(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Build the merged vocabulary from the cache and train the student with DeepSpeed on the cached soft targets.
+
+    Runs in one process as is; launch under torchrun or deepspeed for several GPUs or nodes.
+    """
+    from mdkd.stages import train as stage
+
+    stage.run(config_path, cache_dir, out_dir, resume=resume, overwrite=overwrite)
+
+
 @cli.command("validate")
 @click.argument("config_path", type=existing_file)
 def validate(config_path: Path) -> None:

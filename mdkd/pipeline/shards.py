@@ -74,3 +74,15 @@ def write_shard(cache_dir: Path, relative_path: str, table: pa.Table) -> ShardSt
 
 def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
+
+
+def check_shard_file(cache_dir: Path, shard: dict) -> str | None:
+    """A one-line problem when the shard file is missing or differs from its manifest entry (size, sha256)."""
+    path = cache_dir / shard["path"]
+    if not path.is_file():
+        return f"{shard['path']}: missing"
+    if path.stat().st_size != shard["bytes"]:
+        return f"{shard['path']}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}"
+    if sha256_file(path) != shard["sha256"]:
+        return f"{shard['path']}: sha256 differs from the manifest (the file is corrupted)"
+    return None

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from mdkd.pipeline.manifest import load_manifest
-from mdkd.pipeline.shards import COLUMNS, read_shard, sha256_file
+from mdkd.pipeline.shards import COLUMNS, check_shard_file, read_shard
 
 
 def _check_rows(table, top_k: int, vocab_size: int) -> list[str]:
@@ -49,14 +49,9 @@ def verify(cache_dir: Path) -> list[str]:
     for shard in tqdm(manifest["shards"], desc="verifying", unit="shard", leave=False):
         path = cache_dir / shard["path"]
         where = shard["path"]
-        if not path.is_file():
-            problems.append(f"{where}: missing")
-            continue
-        if path.stat().st_size != shard["bytes"]:
-            problems.append(f"{where}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-            continue
-        if sha256_file(path) != shard["sha256"]:
-            problems.append(f"{where}: sha256 differs from the manifest (the file is corrupted)")
+        file_problem = check_shard_file(cache_dir, shard)
+        if file_problem:
+            problems.append(file_problem)
             continue
         try:
             table = read_shard(path)

@@ -1,0 +1,205 @@
+"""Training examples from the cache: which rows, in what order, mapped into the student vocabulary.
+
+- A (teacher, language) pair is a *stream* over that teacher's shards of that language. Each epoch visits the
+  shards in a seeded random order and the rows of a shard in a seeded random order, holding one shard in memory
+  at a time, so memory does not grow with the cache.
+- Documents whose `doc_id` hashes below `eval_fraction` are held out: no stream ever yields them.
+- Example g of the run draws its language (p(l) ∝ n_l^a) and, for a language with several teachers, its
+  teacher from a generator seeded by (seed, g) alone; then takes the next row of that stream. The sampler's
+  state is a few integers, saved in every checkpoint, so a resumed run continues with exactly the same data.
+- Every rank draws the same examples for a step and keeps its own slice, so the data a step sees does not depend
+  on how many ranks share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from mdkd.pipeline.shards import read_shard
+
+
+def held_out(doc_id: str, fraction: float) -> bool:
+    """Deterministic held-out split by document: the same for every teacher, rank and run."""
+    digest = hashlib.blake2b(doc_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def _flat(column) -> np.ndarray:
+    return pc.list_flatten(column).to_numpy()
+
+
+def _offsets(column) -> np.ndarray:
+    lengths = pc.list_value_length(column).to_numpy()
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+@dataclass
+class Example:
+    """One cached row, mapped into the student vocabulary; top-k truncated to k'."""
+
+    language: str
+    input_ids: np.ndarray  # [T] student ids
+    positions: np.ndarray  # [n]
+    labels: np.ndarray  # [n] student ids
+    topk_ids: np.ndarray  # [n, k'] student ids, -1 where the token was dropped by the vocabulary cap
+    topk_logprobs: np.ndarray  # [n, k'] teacher log-probabilities at temperature 1
+
+
+class ShardRows:
+    """A shard's columns as flat arrays plus offsets: slicing a row costs no Python object per token."""
+
+    def __init__(self, path: Path, top_k: int, top_k_cached: int):
+        table = read_shard(path, ["input_ids", "positions", "labels", "topk_ids", "topk_logprobs"])
+        self.input_ids, self.input_offsets = _flat(table.column("input_ids")), _offsets(table.column("input_ids"))
+        self.positions, self.position_offsets = _flat(table.column("positions")), _offsets(table.column("positions"))
+        self.labels = _flat(table.column("labels"))
+        self.topk_ids = _flat(pc.list_flatten(table.column("topk_ids"))).reshape(-1, top_k_cached)[:, :top_k]
+        logprobs = _flat(pc.list_flatten(table.column("topk_logprobs"))).reshape(-1, top_k_cached)[:, :top_k]
+        self.topk_logprobs = logprobs.astype(np.float32)
+
+    def row(self, index: int):
+        a, b = self.input_offsets[index], self.input_offsets[index + 1]
+        c, d = self.position_offsets[index], self.position_offsets[index + 1]
+        return self.input_ids[a:b], self.positions[c:d], self.labels[c:d], self.topk_ids[c:d], self.topk_logprobs[c:d]
+
+
+class Stream:
+    """The training rows of one (teacher, language), epoch after epoch, in a seeded order."""
+
+    def __init__(self, cache_dir: Path, teacher: str, language: str, shards: list[dict], seed: int, eval_fraction: float,
+                 top_k: int, top_k_cached: int, input_map: np.ndarray, target_map: np.ndarray):
+        self.cache_dir, self.teacher, self.language = cache_dir, teacher, language
+        self.shards, self.seed, self.eval_fraction = shards, seed, eval_fraction
+        self.top_k, self.top_k_cached = top_k, top_k_cached
+        self.input_map, self.target_map = input_map, target_map
+        self.epoch = self.shard_position = self.row_position = 0
+        self._training_rows: dict[int, np.ndarray] = {}
+        self._loaded: tuple[int, ShardRows] | None = None
+        self._permutation_cache: tuple[tuple[int, ...], np.ndarray] = ((), np.zeros(0, dtype=np.int64))
+
+    @property
+    def key(self) -> str:
+        return f"{self.teacher}/{self.language}"
+
+    def training_rows(self, shard_index: int) -> np.ndarray:
+        """Row indices of a shard whose documents are not held out (reads only the doc_id column)."""
+        if shard_index not in self._training_rows:
+            doc_ids = read_shard(self.cache_dir / self.shards[shard_index]["path"], ["doc_id"]).column("doc_id").to_pylist()
+            self._training_rows[shard_index] = np.array(
+                [i for i, doc_id in enumerate(doc_ids) if not held_out(doc_id, self.eval_fraction)], dtype=np.int64
+            )
+        return self._training_rows[shard_index]
+
+    def _rng(self, *parts: int) -> np.random.Generator:
+        tag = int.from_bytes(hashlib.blake2b(self.key.encode(), digest_size=4).digest(), "little")
+        return np.random.default_rng([self.seed, tag, *parts])
+
+    def _permutation(self, size: int, *parts: int) -> np.ndarray:
+        """The seeded permutation for (epoch) or (epoch, shard); the latest one is kept, as it is asked for again
+        for every row of the shard."""
+        if self._permutation_cache[0] != parts:
+            self._permutation_cache = (parts, self._rng(*parts).permutation(size))
+        return self._permutation_cache[1]
+
+    def next_row(self) -> tuple[int, int]:
+        """Advance to the next training row; returns (shard index, row index)."""
+        for _ in range(2 * len(self.shards) + 1):
+            if self.shard_position >= len(self.shards):
+                self.epoch, self.shard_position, self.row_position = self.epoch + 1, 0, 0
+                continue
+            shard = int(self._rng(self.epoch).permutation(len(self.shards))[self.shard_position])
+            rows = self.training_rows(shard)
+            if self.row_position >= len(rows):
+                self.shard_position, self.row_position = self.shard_position + 1, 0
+                continue
+            row = int(rows[self._permutation(len(rows), self.epoch, shard)[self.row_position]])
+            self.row_position += 1
+            return shard, row
+        raise RuntimeError(f"stream {self.key} has no training rows (all its documents are held out?)")
+
+    def example(self, shard: int, row: int) -> Example:
+        if self._loaded is None or self._loaded[0] != shard:
+            self._loaded = (shard, ShardRows(self.cache_dir / self.shards[shard]["path"], self.top_k, self.top_k_cached))
+        input_ids, positions, labels, topk_ids, topk_logprobs = self._loaded[1].row(row)
+        return Example(
+            language=self.language,
+            input_ids=self.input_map[input_ids],
+            positions=positions.astype(np.int64),
+            labels=self.input_map[labels],
+            topk_ids=self.target_map[topk_ids].astype(np.int64),
+            topk_logprobs=topk_logprobs,
+        )
+
+    def state(self) -> list[int]:
+        return [self.epoch, self.shard_position, self.row_position]
+
+    def restore(self, state: list[int]) -> None:
+        self.epoch, self.shard_position, self.row_position = state
+
+
+class Sampler:
+    """Draws the run's examples in a fixed order; its state is (next example index, every stream's cursor)."""
+
+    def __init__(self, streams: dict[str, Stream], language_probabilities: dict[str, float],
+                 teacher_weights: dict[str, dict[str, float]], seed: int):
+        self.streams, self.seed = streams, seed
+        self.languages = list(language_probabilities)
+        self.language_p = np.array([language_probabilities[l] for l in self.languages])
+        self.teachers = {l: list(teacher_weights[l]) for l in self.languages}
+        self.teacher_p = {l: np.array(list(w.values())) / sum(w.values()) for l, w in teacher_weights.items()}
+        self.next_example = 0
+
+    def draw(self, count: int) -> list[Example]:
+        examples = []
+        for index in range(self.next_example, self.next_example + count):
+            rng = np.random.default_rng([self.seed, index])
+            language = self.languages[rng.choice(len(self.languages), p=self.language_p)]
+            teacher = self.teachers[language][rng.choice(len(self.teachers[language]), p=self.teacher_p[language])]
+            stream = self.streams[f"{teacher}/{language}"]
+            examples.append(stream.example(*stream.next_row()))
+        self.next_example += count
+        return examples
+
+    def state(self) -> dict:
+        return {"next_example": self.next_example, "streams": {k: s.state() for k, s in self.streams.items()}}
+
+    def restore(self, state: dict) -> None:
+        self.next_example = state["next_example"]
+        for key, cursor in state["streams"].items():
+            self.streams[key].restore(cursor)
+
+
+def language_probabilities(sizes: dict[str, int], exponent: float) -> dict[str, float]:
+    """p(l) ∝ n_l^a: a = 1 samples by size, a = 0 uniformly; mBERT's 0.7 favours small languages."""
+    weights = {language: float(n) ** exponent for language, n in sizes.items()}
+    total = sum(weights.values())
+    return {language: w / total for language, w in weights.items()}
+
+
+def collate(examples: list[Example], languages: list[str], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """A padded student batch; everything about masked positions is flat over the batch ([N, ...])."""
+    longest = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example.input_ids)] = torch.from_numpy(example.input_ids)
+        attention_mask[row, : len(example.input_ids)] = 1
+    counts = [len(e.positions) for e in examples]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "rows": torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(counts)),
+        "cols": torch.from_numpy(np.concatenate([e.positions for e in examples])),
+        "labels": torch.from_numpy(np.concatenate([e.labels for e in examples])),
+        "topk_ids": torch.from_numpy(np.concatenate([e.topk_ids for e in examples])),
+        "topk_logprobs": torch.from_numpy(np.concatenate([e.topk_logprobs for e in examples])),
+        "language": torch.repeat_interleave(torch.tensor([languages.index(e.language) for e in examples]), torch.tensor(counts)),
+    }

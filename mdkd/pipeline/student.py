@@ -1,0 +1,79 @@
+"""The student: a BERT-style masked LM over the merged vocabulary, and its export as an ordinary HF folder.
+
+The forward pass runs the encoder on the whole batch and the vocabulary projection only at masked positions,
+so no [batch, sequence, vocabulary] tensor is ever built. The exported folder holds the model and a WordPiece
+tokenizer (`BertTokenizerFast`-compatible) over the merged vocabulary; `AutoModelForMaskedLM`,
+`AutoTokenizer` and the `fill-mask` pipeline load it offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mdkd.pipeline.train_config import StudentConfig
+from mdkd.pipeline.vocab import STUDENT_SPECIALS
+
+
+class MaskedLMStudent(nn.Module):
+    """Wraps a BertForMaskedLM so DeepSpeed sees one forward: (batch, masked positions) -> logits [N, V]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, rows, cols):
+        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return self.model.cls(hidden[rows, cols])
+
+
+def build_student(settings: StudentConfig, vocab_size: int, max_positions: int, seed: int) -> MaskedLMStudent:
+    """A freshly initialised student; the same seed gives the same weights."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    sizes = settings.sizes()
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=sizes["hidden_size"],
+        num_hidden_layers=sizes["num_layers"],
+        num_attention_heads=sizes["num_heads"],
+        intermediate_size=sizes["intermediate_size"],
+        hidden_dropout_prob=settings.dropout,
+        attention_probs_dropout_prob=settings.dropout,
+        max_position_embeddings=max(512, max_positions),
+        pad_token_id=STUDENT_SPECIALS.index("[PAD]"),
+    )
+    torch.manual_seed(seed)
+    return MaskedLMStudent(BertForMaskedLM(config))
+
+
+def student_tokenizer(tokens: list[str], lowercase: bool):
+    """A WordPiece tokenizer over the merged vocabulary, with BERT's normaliser, pre-tokenizer and templates."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(tokens)}
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=lowercase
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+        mask_token="[MASK]", do_lower_case=lowercase,
+    )
+
+
+def export_student(student: MaskedLMStudent, tokens: list[str], lowercase: bool, out_dir: Path) -> None:
+    """Save the model and its tokenizer as one HF folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student.model.save_pretrained(out_dir)
+    student_tokenizer(tokens, lowercase).save_pretrained(out_dir)

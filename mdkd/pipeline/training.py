@@ -1,0 +1,78 @@
+"""One optimizer step of distillation from cached soft targets, the same whatever the number of ranks.
+
+Every rank draws the step's examples (micro_batch × accumulation × world of them) and keeps its slices. The loss
+is a mean over every masked position of the step, on all ranks and micro-batches together: each micro-batch's
+sum is scaled by world × accumulation / (positions in the step), which DeepSpeed's averaging over ranks and
+accumulation turns back into that mean. So 2 ranks with micro-batch m take the same step as 1 rank with 2m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mdkd.pipeline.data import Example, collate
+from mdkd.pipeline.losses import kd_loss, mlm_loss
+from mdkd.pipeline.train_config import LossConfig
+
+
+def rank_micro_batches(examples: list[Example], rank: int, world: int, micro: int, accumulation: int) -> list[list[Example]]:
+    """This rank's `accumulation` micro-batches out of the step's examples (micro-batch j of rank r is the slice
+    (j * world + r) of size `micro`)."""
+    return [examples[(j * world + rank) * micro : (j * world + rank + 1) * micro] for j in range(accumulation)]
+
+
+@dataclass
+class StepTotals:
+    """Sums over a step's masked positions, per language: [languages, (loss, kd, mlm, positions)], and tokens."""
+
+    per_language: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def zeros(cls, languages: int) -> "StepTotals":
+        return cls(torch.zeros(languages, 4, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+
+    def all_reduce(self) -> None:
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            packed = torch.cat([self.per_language.flatten(), self.tokens.view(1)])
+            torch.distributed.all_reduce(packed)
+            self.per_language = packed[:-1].view_as(self.per_language)
+            self.tokens = packed[-1]
+
+    def metrics(self, languages: list[str]) -> dict:
+        totals = self.per_language.sum(dim=0)
+        positions = max(totals[3].item(), 1.0)
+        per_language = {
+            language: {
+                "loss": row[0].item() / max(row[3].item(), 1.0),
+                "kd_loss": row[1].item() / max(row[3].item(), 1.0),
+                "mlm_loss": row[2].item() / max(row[3].item(), 1.0),
+                "masked_positions": int(row[3].item()),
+            }
+            for language, row in zip(languages, self.per_language)
+            if row[3].item() > 0
+        }
+        return {
+            "loss": totals[0].item() / positions,
+            "kd_loss": totals[1].item() / positions,
+            "mlm_loss": totals[2].item() / positions,
+            "masked_positions": int(totals[3].item()),
+            "per_language": per_language,
+        }
+
+
+def micro_batch_backward(engine, examples: list[Example], languages: list[str], alpha: float, settings: LossConfig,
+                         scale: float, totals: StepTotals) -> None:
+    """Forward, both losses, backward for one micro-batch; adds its sums to `totals`."""
+    batch = {k: v.to(engine.device) for k, v in collate(examples, languages).items()}
+    logits = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
+    kd = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], settings.temperature, settings.missing_mass)
+    mlm = mlm_loss(logits, batch["labels"])
+    total = (1.0 - alpha) * mlm + alpha * kd
+    engine.backward(total.sum() * scale)
+    with torch.no_grad():
+        per_position = torch.stack([total, kd, mlm, torch.ones_like(total)], dim=1).double().cpu()
+        totals.per_language.index_add_(0, batch["language"].cpu(), per_position)
+        totals.tokens += batch["attention_mask"].sum().item()
