@@ -20,8 +20,9 @@ class MdkdGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as error:
-            if Ranks.from_env().is_main:
-                click.echo(f"error: {error}", err=True)
+            # Every rank reports its own error (one may fail alone); only rank 0 does so without a prefix.
+            ranks = Ranks.from_env()
+            click.echo(f"error: {error}" if ranks.is_main else f"error (rank {ranks.rank}): {error}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume where it stopped", err=True)
@@ -34,7 +35,8 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 
 @click.group(cls=MdkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mdkd")
-def cli() -> None:
+@click.option("--local_rank", "--local-rank", type=int, hidden=True, help="Set by the deepspeed launcher; LOCAL_RANK is read instead.")
+def cli(local_rank: int | None) -> None:
     """Merge several masked language models into one student by knowledge distillation (MergeDistill)."""
 
 
@@ -119,3 +121,7 @@ def cache_verify(cache_dir: Path) -> None:
 
 def main() -> None:
     cli(prog_name="mdkd")
+
+
+if __name__ == "__main__":
+    main()

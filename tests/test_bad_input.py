@@ -84,6 +84,22 @@ def test_invalid_config(tmp_path, teachers_dir, corpus_dir):
     assert "batch_tokens" in result.stderr
 
 
+def test_max_length_beyond_the_teachers_positions(tmp_path, teachers_dir, corpus_dir):
+    result = run(tmp_path, cache_config(teachers_dir, corpus_dir, max_length=4096))
+    assert_one_line_error(result, tmp_path / "out", "max_length 4096 is longer than the 512 positions")
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"device": "gpu"}, "device: String should match pattern"),
+        ({"teachers": [{"name": "t", "model": "org/x", "languages": ["de/../x"]}]}, "language names are folder names"),
+    ],
+)
+def test_config_values_that_would_fail_later(tmp_path, teachers_dir, corpus_dir, change, fragment):
+    assert_one_line_error(run(tmp_path, cache_config(teachers_dir, corpus_dir, **change)), tmp_path / "out", fragment)
+
+
 def test_out_folder_that_is_not_a_cache(tmp_path, teachers_dir, corpus_dir):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")

@@ -69,7 +69,9 @@ def test_manifest_records_sources_teachers_and_shards(built):
         table = pq.read_table(cache / shard["path"])
         assert table.num_rows == shard["rows"] and (cache / shard["path"]).stat().st_size == shard["bytes"]
         assert sum(len(p) for p in table.column("positions").to_pylist()) == shard["masked_positions"]
-    assert manifest["totals"]["documents"] == 20 * 2 + 10
+    assert sum(s["documents"] for s in manifest["shards"] if s["teacher"] == "multi_xlmr") == 20 + 10
+    assert manifest["totals"]["rows"] == sum(s["rows"] for s in manifest["shards"])
+    assert manifest["identity"]["dtype"] == "float32"
     assert not (cache / ".progress").exists()
 
 
@@ -131,6 +133,16 @@ def test_other_config_is_refused_unless_overwrite(built, tmp_path, teachers_dir)
     assert json.loads((out / "manifest.json").read_text())["top_k"] == 3
 
 
+def test_moved_corpus_and_teachers_still_resume_into_the_same_cache(built, tmp_path, teachers_dir):
+    import shutil
+
+    shutil.copytree(built / "corpus", tmp_path / "corpus")
+    shutil.copytree(teachers_dir, tmp_path / "teachers")
+    moved = write_config(tmp_path / "moved.yaml", cache_config(tmp_path / "teachers", tmp_path / "corpus"))
+    result = run_cli("cache-logits", "--config", str(moved), "--out", str(built / "cache"))
+    assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+
+
 def test_verify_passes_then_catches_a_corrupted_shard(built, tmp_path):
     import shutil
 
@@ -145,6 +157,44 @@ def test_verify_passes_then_catches_a_corrupted_shard(built, tmp_path):
     assert result.exit_code == 1 and "multi_xlmr/ru/part-00001.parquet: sha256 differs" in result.stderr
     shard.unlink()
     assert "part-00001.parquet: missing" in run_cli("cache", "verify", str(cache)).stderr
+
+
+def _damaged_copy(built: Path, tmp_path: Path, damage) -> Path:
+    """A copy of the cache whose first de_bert shard is rewritten with `damage(rows)` applied, and whose
+    manifest is updated to match the new file, so only the row checks can notice."""
+    import shutil
+
+    import pyarrow as pa
+
+    from mdkd.pipeline.shards import write_shard
+
+    cache = tmp_path / "cache"
+    shutil.copytree(built / "cache", cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["path"] == "de_bert/de/part-00000.parquet")
+    table = pq.read_table(cache / entry["path"])
+    rows = table.to_pylist()
+    damage(rows)
+    stats = write_shard(cache, entry["path"], pa.Table.from_pylist(rows, schema=table.schema))
+    entry.update(bytes=stats.bytes, sha256=stats.sha256)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return cache
+
+
+def test_verify_catches_rows_that_do_not_add_up(built, tmp_path):
+    def drop_a_label(rows):
+        rows[1]["labels"] = rows[1]["labels"][:-1]
+
+    result = run_cli("cache", "verify", str(_damaged_copy(built, tmp_path, drop_a_label)))
+    assert result.exit_code == 1 and "labels and positions differ in length" in result.stderr
+
+
+def test_verify_catches_log_probabilities_out_of_order(built, tmp_path):
+    def reverse_top_k(rows):
+        rows[0]["topk_logprobs"][0] = list(reversed(rows[0]["topk_logprobs"][0]))
+
+    result = run_cli("cache", "verify", str(_damaged_copy(built, tmp_path, reverse_top_k)))
+    assert result.exit_code == 1 and "descending order" in result.stderr
 
 
 def test_inspect_reports_every_teacher_and_language(built):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from conftest import REPO, cache_config, write_config
 from mdkd.cli import cli
 from mdkd.pipeline.config import ConfigError, load_cache_config
+from mdkd.stages import validate
 
 
 def test_valid_config_resolves_paths_and_defaults(tmp_path, teachers_dir, corpus_dir):
@@ -81,4 +82,19 @@ def test_every_example_config_validates(tmp_path, config_file: Path):
     shutil.copytree(config_file.parent, copy, ignore=shutil.ignore_patterns("teachers"))
     if (copy / "make_teachers.py").exists():
         runpy.run_path(str(copy / "make_teachers.py"))
-    load_cache_config(copy / config_file.name)
+    validate.run(copy / config_file.name)
+
+
+def test_jsonl_blank_and_null_texts_are_counted_not_fatal(tmp_path):
+    from mdkd.pipeline.config import CorpusSource
+    from mdkd.pipeline.corpus import read_source, scan_source
+
+    path = tmp_path / "de.jsonl"
+    path.write_text('{"text": "eins"}\n\n{"text": null}\n{"text": "zwei", "id": 3}\n', encoding="utf-8")
+    source = CorpusSource(language="de", path=str(path))
+    assert [d.doc_id for d in read_source(source)] == ["de:de.jsonl:1", "de:de.jsonl:4"]
+    summary = scan_source(source)
+    assert (summary.documents, summary.skipped_blank) == (2, 2)
+    path.write_text('{"text": 5}\n', encoding="utf-8")
+    with pytest.raises(Exception, match="holds int, not text"):
+        scan_source(source)

@@ -59,7 +59,7 @@ def resolve_local_or_hub(value: str, base_dir: Path) -> tuple[str, bool]:
 class CorpusSource(StrictModel):
     """One source of documents for one language: a local file or folder, or a `datasets` spec."""
 
-    language: str = Field(min_length=1)
+    language: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name in the cache
     path: str | None = None
     dataset: dict[str, Any] | None = None
     text_field: str = "text"
@@ -78,10 +78,13 @@ class CorpusSource(StrictModel):
 
     @field_validator("dataset")
     @classmethod
-    def _dataset_has_path(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and not isinstance(value.get("path"), str):
+    def _dataset_has_path(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value.get("path"), str):
             raise ValueError("a dataset spec needs a 'path' (a hub name or a local folder), as for datasets.load_dataset")
-        return value
+        local = (_base_dir(info) / Path(value["path"]).expanduser()).resolve()
+        return {**value, "path": str(local)} if local.exists() else value
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "CorpusSource":
@@ -104,6 +107,14 @@ class TeacherSpec(StrictModel):
     tokenizer: str | None = None
     revision: str | None = None
     languages: list[str] = Field(min_length=1)
+
+    @field_validator("languages")
+    @classmethod
+    def _language_names(cls, value: list[str]) -> list[str]:
+        bad = [language for language in value if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", language)]
+        if bad:
+            raise ValueError(f"language names are folder names: letters, digits, '_', '.', '-' (got {bad})")
+        return value
 
     @field_validator("model", "tokenizer")
     @classmethod
@@ -145,7 +156,7 @@ class CacheConfig(StrictModel):
     batch_tokens: int | None = Field(16384, ge=8)
     batch_size: int | None = Field(None, ge=1)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     logprobs_dtype: Literal["float32", "float16"] = "float32"
     shard_documents: int = Field(2048, ge=1)
 
@@ -157,12 +168,20 @@ class CacheConfig(StrictModel):
         return [source for source in self.corpus if source.language == language]
 
     def content_hash(self) -> str:
-        """Hash of every setting that changes what the cache holds.
+        """Hash of every setting that changes what the cache holds, but not where files are.
 
-        `device`, `batch_tokens` and `batch_size` are left out: they are how the work runs, and a user resuming
-        after running out of memory must be able to lower the batch without starting over.
+        Local paths are left out (the cache identity holds the corpus fingerprints and teacher hashes instead),
+        so a cache can be resumed after its data moved. `device`, `batch_tokens` and `batch_size` are left out
+        too: they are how the work runs, and a user resuming after running out of memory must be able to lower
+        the batch without starting over (the results then differ from an uninterrupted run in the last bits).
         """
         content = self.model_dump(mode="json", exclude={"device", "batch_tokens", "batch_size"})
+        for source in content["corpus"]:
+            source["path"] = Path(source["path"]).name if source["path"] else None
+        for teacher in content["teachers"]:
+            for key in ("model", "tokenizer"):
+                if teacher[key] and Path(teacher[key]).is_absolute():
+                    teacher[key] = "local"
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -67,18 +67,18 @@ def _read_txt(path: Path, name: str, source: CorpusSource, counts: SourceCounts)
 
 def _read_jsonl(path: Path, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
     for number, line in _text_lines(path, counts):
-        if line is None or not line.strip():
+        if line is None:
+            continue
+        if not line.strip():
+            yield f"{name}:{number}", ""  # counted as blank by read_source
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); fix or remove that line") from None
-        text = record.get(source.text_field) if isinstance(record, dict) else None
-        if text is not None and not isinstance(text, str):
-            raise UserError(f"{path}:{number}: field '{source.text_field}' is not a string (set text_field)")
-        if text is None:
+        if not isinstance(record, dict) or source.text_field not in record:
             raise UserError(f"{path}:{number} has no field '{source.text_field}' (set text_field in the corpus entry)")
-        yield f"{name}:{number}", text
+        yield f"{name}:{number}", _text(record[source.text_field], f"{path}:{number}", source)
 
 
 def _read_parquet(path: Path, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
@@ -94,8 +94,17 @@ def _read_parquet(path: Path, name: str, source: CorpusSource, counts: SourceCou
     row = 0
     for batch in parquet.iter_batches(columns=[source.text_field], batch_size=4096):
         for text in batch.column(0).to_pylist():
-            yield f"{name}:{row}", text or ""
+            yield f"{name}:{row}", _text(text, f"{path} row {row}", source)
             row += 1
+
+
+def _text(value, where: str, source: CorpusSource) -> str:
+    """A document's text: null counts as blank; anything but a string is an error."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: '{source.text_field}' holds {type(value).__name__}, not text (set text_field)")
+    return value
 
 
 _READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
@@ -120,7 +129,7 @@ def _read_dataset(source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[
     counts._hash.update(json.dumps(spec, sort_keys=True).encode())
     prefix = ":".join(str(spec[k]) for k in ("path", "name", "split") if spec.get(k))
     for row, record in enumerate(dataset):
-        yield f"{prefix}:{row}", record.get(source.text_field) or ""
+        yield f"{prefix}:{row}", _text(record.get(source.text_field), f"dataset {spec['path']} row {row}", source)
 
 
 def read_source(source: CorpusSource, counts: SourceCounts | None = None) -> Iterator[Document]:
@@ -152,7 +161,17 @@ def _checked(path: Path) -> Path:
     return path
 
 
-def scan_source(source: CorpusSource) -> SourceCounts:
+@dataclass(frozen=True)
+class SourceSummary:
+    """What a full read of one source found (picklable, so rank 0 can share it)."""
+
+    documents: int
+    skipped_blank: int
+    skipped_invalid_utf8: int
+    fingerprint: str
+
+
+def scan_source(source: CorpusSource) -> SourceSummary:
     """Read a source once to fingerprint it and count its documents; an empty source is an error."""
     counts = SourceCounts()
     for _ in read_source(source, counts):
@@ -162,7 +181,7 @@ def scan_source(source: CorpusSource) -> SourceCounts:
             f"corpus source {source.description} ({source.language}) has no documents after skipping "
             f"{counts.skipped_blank} blank and {counts.skipped_invalid_utf8} non-UTF-8 lines (give it some text)"
         )
-    return counts
+    return SourceSummary(counts.documents, counts.skipped_blank, counts.skipped_invalid_utf8, counts.fingerprint)
 
 
 def read_language(sources: list[CorpusSource]) -> Iterator[Document]:

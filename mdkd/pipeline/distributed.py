@@ -57,10 +57,22 @@ def barrier(ranks: Ranks) -> None:
         torch.distributed.barrier()
 
 
+def broadcast_from_main(ranks: Ranks, value):
+    """Rank 0's `value` on every rank (a picklable object); the value itself when there is one rank."""
+    if ranks.world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    box = [value if ranks.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def pick_device(requested: str, ranks: Ranks) -> torch.device:
-    """auto: this rank's GPU when there is one, otherwise the CPU."""
+    """auto: this rank's GPU when there is one, otherwise the CPU. A bare `cuda` also means this rank's GPU."""
     if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(requested)
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device

@@ -111,7 +111,18 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def inspect_teacher(spec: TeacherSpec, top_k: int) -> tuple[TeacherInfo | None, list[str]]:
+# Models whose learned absolute positions start after the padding index (position ids begin at pad + 1).
+_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+def position_limit(config) -> int | None:
+    """The longest input the model can take, or None when its positions are relative (no fixed limit)."""
+    if getattr(config, "position_biased_input", True) is False or not hasattr(config, "max_position_embeddings"):
+        return None
+    return config.max_position_embeddings - _POSITION_OFFSET.get(config.model_type, 0)
+
+
+def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[TeacherInfo | None, list[str]]:
     """Load a teacher's config and tokenizer (not its weights) and check they can be used; return the problems."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -139,6 +150,9 @@ def inspect_teacher(spec: TeacherSpec, top_k: int) -> tuple[TeacherInfo | None, 
         )
     if top_k > config.vocab_size:
         problems.append(f"{where}: top_k {top_k} is larger than its vocabulary of {config.vocab_size} (lower top_k)")
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        problems.append(f"{where}: max_length {max_length} is longer than the {limit} positions the model takes (lower max_length)")
     local = Path(spec.model)
     if local.is_dir():
         weight_files = sorted(p for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES)
@@ -146,7 +160,8 @@ def inspect_teacher(spec: TeacherSpec, top_k: int) -> tuple[TeacherInfo | None, 
             problems.append(f"{where}: {spec.model} holds no weight files (*.safetensors or *.bin)")
         weights = hash_files(weight_files)
     else:
-        weights = f"hub:{spec.model}@{spec.revision or 'main'}"
+        # The commit the hub resolved the revision to, so a later push to the repository is noticed on resume.
+        weights = f"hub:{spec.model}@{getattr(config, '_commit_hash', None) or spec.revision or 'main'}"
     architecture = (config.architectures or [MODEL_FOR_MASKED_LM_MAPPING_NAMES[config.model_type]])[0]
     info = TeacherInfo(spec, tokenizer, config.model_type, architecture, config.vocab_size, weights)
     return info, problems

@@ -1,8 +1,9 @@
 """From documents to masked, length-bucketed teacher batches, and from teacher outputs back to shard rows.
 
-A unit of work is a block of consecutive documents of one language for one teacher. Its rows are produced in
-(document, window, copy) order whatever order the batches ran in, so a unit's shard is the same bytes however
-it was batched across time, and a recomputed unit after a crash is identical to the lost one.
+A unit of work is a block of consecutive documents of one language for one teacher. Its rows are written in
+(document, window, copy) order whatever order the batches ran in, and its batches depend only on the unit and
+the batch settings; so with the same settings a recomputed unit after a crash is the same bytes as the lost
+one. (Other batch settings change the log-probabilities in the last bits, as padding changes the arithmetic.)
 """
 
 from __future__ import annotations

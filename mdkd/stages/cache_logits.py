@@ -21,8 +21,8 @@ from mdkd import __version__
 from mdkd.pipeline import manifest as mf
 from mdkd.pipeline.background import BackgroundJobs, prefetch
 from mdkd.pipeline.config import CacheConfig, dump_config, load_cache_config
-from mdkd.pipeline.corpus import SourceCounts, read_language, scan_source
-from mdkd.pipeline.distributed import Ranks, barrier, pick_device, start_process_group
+from mdkd.pipeline.corpus import SourceSummary, read_language, scan_source
+from mdkd.pipeline.distributed import Ranks, barrier, broadcast_from_main, pick_device, start_process_group
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.masking import Masker
 from mdkd.pipeline.shards import write_shard
@@ -41,10 +41,16 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> dict:
         transformers_logging.disable_progress_bar()  # rank-0-only console: no weight-loading bars from the others
 
     # Setup. Everything here is cheap next to the teacher pass and fails before any weights are loaded.
-    corpus = _scan_corpus(config, ranks)
+    # Rank 0 reads the corpus once and tells the others what it found.
+    summaries = broadcast_from_main(ranks, _scan_corpus(config) if ranks.is_main else None)
+    corpus = {language: list(zip(config.sources_for(language), found)) for language, found in summaries.items()}
     teachers = _inspect_teachers(config)
-    identity = _identity(config, corpus, teachers)
+    device = pick_device(config.device, ranks)
+    dtype = pick_dtype(config.dtype, device)
+    identity = _identity(config, corpus, teachers, dtype)
+    # Every rank reads the folder's state before rank 0 changes it, and nobody goes on until it has.
     existing = _check_out_dir(out_dir, identity, overwrite)
+    barrier(ranks)
     if existing is not None:
         ranks.echo(f"cache {out_dir} is already complete; nothing to do")
         return existing
@@ -52,19 +58,15 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> dict:
         _claim_out_dir(out_dir, config, corpus, teachers, identity, overwrite)
     barrier(ranks)
 
-    # Run. Units are dealt round-robin over ranks by part number, so each rank's share is fixed by the
-    # corpus alone and a rerun (with any number of ranks) recomputes only what has no marker.
+    # Run. Units (teacher, language, part) are dealt round-robin over ranks in one sequence, so each rank's
+    # share is fixed by the corpus alone, shares differ by at most one unit, and a rerun (with any number of
+    # ranks) recomputes only what has no marker.
     parts = {language: -(-sum(c.documents for _, c in corpus[language]) // config.shard_documents) for language in corpus}
-    device = pick_device(config.device, ranks)
-    dtype = pick_dtype(config.dtype, device)
+    units = [(name, language, part) for name, info in teachers.items() for language in info.spec.languages for part in range(parts[language])]
+    mine = units[ranks.rank :: ranks.world_size]
     writer = BackgroundJobs()
     for name, info in teachers.items():
-        todo = [
-            (language, part)
-            for language in info.spec.languages
-            for part in range(ranks.rank, parts[language], ranks.world_size)
-            if mf.read_marker(out_dir, name, language, part) is None
-        ]
+        todo = [(l, p) for t, l, p in mine if t == name and mf.read_marker(out_dir, t, l, p) is None]
         if todo:
             _run_teacher(config, out_dir, info, Teacher(info, device, dtype), todo, writer, ranks)
     writer.close()
@@ -78,22 +80,21 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> dict:
     return manifest
 
 
-def _scan_corpus(config: CacheConfig, ranks: Ranks) -> dict[str, list[tuple[object, SourceCounts]]]:
+def _scan_corpus(config: CacheConfig) -> dict[str, list[SourceSummary]]:
     """Fingerprint and count every source once (a missing, unreadable or empty one is an error)."""
-    corpus = {}
+    summaries = {}
     for language in config.languages():
-        corpus[language] = []
+        summaries[language] = []
         for source in config.sources_for(language):
-            if ranks.is_main:
-                tqdm.write(f"reading {source.description} ({language})")
-            corpus[language].append((source, scan_source(source)))
-    return corpus
+            tqdm.write(f"reading {source.description} ({language})")
+            summaries[language].append(scan_source(source))
+    return summaries
 
 
 def _inspect_teachers(config: CacheConfig) -> dict[str, TeacherInfo]:
     teachers, problems = {}, []
     for spec in config.teachers:
-        info, found = inspect_teacher(spec, config.top_k)
+        info, found = inspect_teacher(spec, config.top_k, config.max_length)
         problems.extend(found)
         if info is not None:
             teachers[spec.name] = info
@@ -109,10 +110,14 @@ def _tokenizer_hash(info: TeacherInfo) -> str:
         return hash_folder(Path(scratch))
 
 
-def _identity(config: CacheConfig, corpus: dict, teachers: dict[str, TeacherInfo]) -> dict:
-    """Everything that decides the cache's content; a rerun into the folder must match it."""
+def _identity(config: CacheConfig, corpus: dict, teachers: dict[str, TeacherInfo], dtype) -> dict:
+    """Everything that decides the cache's content; a rerun into the folder must match it.
+
+    The resolved dtype is part of it: a cache begun in bf16 on a GPU is not finished in fp32 on a CPU.
+    """
     return {
         "config_hash": config.content_hash(),
+        "dtype": str(dtype).removeprefix("torch."),
         "corpus": {lang: [counts.fingerprint for _, counts in sources] for lang, sources in corpus.items()},
         "teachers": {name: {"weights": t.weights, "tokenizer": _tokenizer_hash(t)} for name, t in teachers.items()},
     }
@@ -249,7 +254,7 @@ def _finish_manifest(out_dir: Path, parts: dict[str, int]) -> dict:
         raise RuntimeError(f"{len(missing)} units have no shard after every rank finished, e.g. {missing[0]}")
     manifest["shards"] = shards
     manifest["totals"] = {
-        key: sum(shard[key] for shard in shards) for key in ("rows", "masked_positions", "bytes", "documents")
+        key: sum(shard[key] for shard in shards) for key in ("rows", "masked_positions", "bytes")
     }
     manifest["complete"] = True
     mf.write_json_atomic(out_dir / mf.MANIFEST_NAME, manifest)

@@ -36,6 +36,14 @@ def _check_rows(table, top_k: int, vocab_size: int) -> list[str]:
     ids = pc.list_flatten(pc.list_flatten(table.column("topk_ids"))).to_numpy()
     if ids.size and ((ids < 0) | (ids >= vocab_size)).any():
         problems.append("a top-k id lies outside the teacher's vocabulary")
+    values = pc.list_flatten(pc.list_flatten(table.column("topk_logprobs"))).to_numpy().astype(np.float64)
+    if values.size and not problems:
+        values = values.reshape(-1, top_k)
+        # Monotone rounding keeps topk's order even in float16, so any increase means damaged data.
+        if not np.isfinite(values).all() or (values > 1e-3).any() or (np.diff(values, axis=1) > 0).any():
+            problems.append("top-k log-probabilities are not finite, non-positive and in descending order")
+        elif (np.exp(values).sum(axis=1) > 1.0 + 1e-2).any():
+            problems.append("top-k probabilities sum to more than 1")
     return problems
 
 
