@@ -71,3 +71,33 @@ def cache_config(teachers_dir: Path, corpus_dir: Path, **overrides) -> dict:
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def training_cache(tmp_path_factory, teachers_dir) -> Path:
+    """A complete cache for stage two: de served by both teachers, ru by the multilingual one; k = 8."""
+    from click.testing import CliRunner
+
+    from mdkd.cli import cli
+
+    root = tmp_path_factory.mktemp("training_cache")
+    (root / "de.txt").write_text("\n".join(make_documents("de", 60, seed=5)) + "\n", encoding="utf-8")
+    (root / "ru.txt").write_text("\n".join(make_documents("ru", 40, seed=5)) + "\n", encoding="utf-8")
+    config = cache_config(teachers_dir, root, top_k=8, shard_documents=16)
+    config["corpus"] = [{"language": "de", "path": str(root / "de.txt")}, {"language": "ru", "path": str(root / "ru.txt")}]
+    result = CliRunner().invoke(cli, ["cache-logits", "--config", str(write_config(root / "cache.yaml", config)), "--out", str(root / "cache")])
+    assert result.exit_code == 0, result.output
+    return root / "cache"
+
+
+def train_config(**overrides) -> dict:
+    """A small, fast train config; nested sections given in `overrides` replace the defaults' keys one by one."""
+    config = {
+        "student": {"preset": "tiny", "hidden_size": 64, "intermediate_size": 128, "dropout": 0.1},
+        "loss": {"temperature": 2.0, "top_k": 8, "alpha": {"schedule": "linear", "start": 1.0}},
+        "train": {"steps": 8, "micro_batch_size": 8, "lr": 2.0e-3, "warmup": 0.1, "checkpoint_every": 4, "eval_fraction": 0.1},
+        "precision": "fp32",
+    }
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+    return config

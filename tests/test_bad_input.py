@@ -123,3 +123,81 @@ def test_real_process_prints_no_traceback(tmp_path, teachers_dir, corpus_dir):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: invalid config")
     assert not (tmp_path / "o").exists()
+
+
+# Stage two: `mdkd train`.
+
+
+def run_train(tmp_path: Path, cache: Path, config: dict, *extra: str):
+    from conftest import write_config
+
+    path = write_config(tmp_path / "train.yaml", config)
+    return CliRunner().invoke(cli, ["train", "--config", str(path), "--cache", str(cache), "--out", str(tmp_path / "run"), *extra])
+
+
+def assert_train_error(result, tmp_path: Path, fragment: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    run_file = tmp_path / "run" / "run.json"
+    assert not run_file.exists() or not json.loads(run_file.read_text())["complete"]
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def _copy_cache(training_cache: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(training_cache, tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def test_train_on_an_incomplete_cache(tmp_path, training_cache):
+    from conftest import train_config
+
+    cache = _copy_cache(training_cache, tmp_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    assert_train_error(run_train(tmp_path, cache, train_config()), tmp_path, "is incomplete")
+
+
+def test_train_on_a_cache_that_fails_verification(tmp_path, training_cache):
+    from conftest import train_config
+
+    cache = _copy_cache(training_cache, tmp_path)
+    shard = next((cache / "multi_xlmr" / "ru").glob("*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x55
+    shard.write_bytes(bytes(data))
+    assert_train_error(run_train(tmp_path, cache, train_config()), tmp_path, "fails verification")
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"teachers": {"de": "fr_bert"}}, "teacher 'fr_bert' is not in the cache"),
+        ({"teachers": {"fr": "multi_xlmr"}}, "language 'fr' is not in the cache"),
+        ({"teachers": {"ru": "de_bert"}}, "teacher 'de_bert' did not cache language 'ru'"),
+        ({"loss": {"top_k": 9}}, "loss.top_k 9 is above the cached top_k 8"),
+        ({"loss": {"temperature": 0}}, "loss.temperature: Input should be greater than 0"),
+        ({"student": {"preset": None, "hidden_size": 30, "num_layers": 1, "num_heads": 4, "intermediate_size": 8}}, "not divisible"),
+        ({"train": {"steps": 10, "bogus": 1}}, "train.bogus: unknown key"),
+    ],
+)
+def test_train_config_mistakes(tmp_path, training_cache, overrides, fragment):
+    from conftest import train_config
+
+    assert_train_error(run_train(tmp_path, training_cache, train_config(**overrides)), tmp_path, fragment)
+
+
+def test_train_into_a_run_folder_of_another_config(tmp_path, training_cache):
+    from conftest import train_config
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"config_hash": "other", "cache_config_hash": "x", "complete": False}))
+    assert_train_error(run_train(tmp_path, training_cache, train_config()), tmp_path, "different config or cache")
+
+
+def test_resume_with_nothing_to_resume(tmp_path, training_cache):
+    from conftest import train_config
+
+    assert_train_error(run_train(tmp_path, training_cache, train_config(), "--resume", "auto"), tmp_path, "nothing to resume")

@@ -35,6 +35,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def deepspeed_config(config: TrainConfig, precision: str, device: torch.device) -> dict:
     loop = config.train
+    warmup_steps = int(round(loop.warmup * loop.steps))
     generated = {
         "train_micro_batch_size_per_gpu": loop.micro_batch_size,
         "gradient_accumulation_steps": loop.gradient_accumulation,
@@ -55,8 +56,9 @@ def deepspeed_config(config: TrainConfig, precision: str, device: torch.device) 
             "type": "WarmupDecayLR",
             "params": {
                 "total_num_steps": loop.steps,
-                "warmup_num_steps": int(round(loop.warmup * loop.steps)),
-                "warmup_min_lr": 0.0,
+                # WarmupDecayLR needs at least one warm-up step; "no warm-up" is one that starts at the full rate.
+                "warmup_num_steps": max(warmup_steps, 1),
+                "warmup_min_lr": 0.0 if warmup_steps else loop.lr,
                 "warmup_max_lr": loop.lr,
                 "warmup_type": "linear",
             },

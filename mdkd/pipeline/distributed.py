@@ -39,7 +39,9 @@ class Ranks:
             click.echo(message, err=err)
 
     def progress_enabled(self) -> bool:
-        return self.is_main and sys.stderr is not None
+        """Bars on rank 0, and only on a terminal: in a batch job's log (or after an error) bar frames are noise;
+        the JSON-lines logs carry the progress there."""
+        return self.is_main and sys.stderr is not None and sys.stderr.isatty()
 
 
 def start_process_group(ranks: Ranks, backend: str = "gloo", timeout_hours: float = 48) -> None:

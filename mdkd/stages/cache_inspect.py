@@ -23,7 +23,7 @@ def collect(cache_dir: Path) -> list[dict]:
     """One summary dict per (teacher, language), in manifest order."""
     manifest = load_manifest(cache_dir)
     sums: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for shard in tqdm(manifest["shards"], desc="reading shards", unit="shard", leave=False):
+    for shard in tqdm(manifest["shards"], desc="reading shards", unit="shard", leave=False, disable=None):
         key = (shard["teacher"], shard["language"])
         totals = sums[key]
         totals["rows"] += shard["rows"]

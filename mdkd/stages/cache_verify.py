@@ -54,7 +54,7 @@ def verify(cache_dir: Path) -> list[str]:
     for name, teacher in manifest["teachers"].items():
         if not (cache_dir / teacher["tokenizer_dir"]).is_dir():
             problems.append(f"{teacher['tokenizer_dir']}: tokenizer copy of teacher {name} is missing")
-    for shard in tqdm(manifest["shards"], desc="verifying", unit="shard", leave=False):
+    for shard in tqdm(manifest["shards"], desc="verifying", unit="shard", leave=False, disable=None):
         path = cache_dir / shard["path"]
         where = shard["path"]
         file_problem = check_shard_file(cache_dir, shard)

@@ -45,14 +45,18 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
               for l, weights in selection.items() for t in weights}
     _check_shards(cache_dir, [s for group in shards.values() for s in group], ranks)
     identity = {"config_hash": config.content_hash(), "cache_config_hash": manifest["config_hash"]}
-    status = _claim_run_dir(out_dir, identity, resume, overwrite)
-    if status.get("complete"):
-        ranks.echo(f"run {out_dir} is already complete; nothing to do")
-        return status
     device = pick_device("auto", ranks)
     precision = resolve_precision(config.precision, device)
     init_distributed(device)
+    # Every rank reads the run folder's state before rank 0 changes it (an --overwrite deletes it).
+    status = _run_status(out_dir, identity, resume, overwrite)
+    barrier(ranks)
+    if status.get("complete"):
+        ranks.echo(f"run {out_dir} is already complete; nothing to do")
+        return status
     if ranks.is_main:
+        if overwrite and (out_dir / RUN_FILE).exists() and not resume:
+            shutil.rmtree(out_dir)
         _write_run_files(out_dir, config, config_path, cache_dir, identity)
         _build_vocabulary(cache_dir, manifest, selection, shards, config, out_dir / "vocab")
         _record_held_out(cache_dir, shards, config.train.eval_fraction, out_dir / "heldout.json")
@@ -117,7 +121,7 @@ def _check_shards(cache_dir: Path, shards: list[dict], ranks: Ranks) -> None:
             raise UserError(f"cache {cache_dir} fails verification: {problem} (run `mdkd cache verify`, then rebuild)")
 
 
-def _claim_run_dir(out_dir: Path, identity: dict, resume: str | None, overwrite: bool) -> dict:
+def _run_status(out_dir: Path, identity: dict, resume: str | None, overwrite: bool) -> dict:
     """The run's status: complete, resumable, or new. Refuses a folder that holds another run or other files."""
     run_file = out_dir / RUN_FILE
     if run_file.exists():
@@ -133,8 +137,6 @@ def _claim_run_dir(out_dir: Path, identity: dict, resume: str | None, overwrite:
         raise UserError(f"nothing to resume in {out_dir}: it holds no run (drop --resume to start one)")
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} is not empty and is not an mdkd run (choose an empty or new --out folder)")
-    if overwrite and Ranks.from_env().is_main and out_dir.exists() and run_file.exists():
-        shutil.rmtree(out_dir)
     return {}
 
 
@@ -227,7 +229,7 @@ def _train(engine, sampler: Sampler, config: TrainConfig, out_dir: Path, ranks: 
         examples = sampler.draw(loop.micro_batch_size * loop.gradient_accumulation * world)
         positions = sum(len(e.positions) for e in examples)
         scale = world * loop.gradient_accumulation / max(positions, 1)
-        lr = engine.get_lr()[0]
+        lr = engine.optimizer.param_groups[0]["lr"]  # what this step applies
         totals = StepTotals.zeros(len(languages))
         for micro in rank_micro_batches(examples, ranks.rank, world, loop.micro_batch_size, loop.gradient_accumulation):
             micro_batch_backward(engine, micro, languages, alpha, config.loss, scale, totals)
