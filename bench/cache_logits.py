@@ -1,4 +1,5 @@
-"""Benchmark for stage one, `mdkd cache-logits`: prints figures, asserts nothing (it is not a test).
+"""Benchmark for stage one, `mdkd cache-logits`: it prints figures and is not a test (it checks only its own
+set-up: that its rebuilt batches are the run's, and it reports whether repeated runs wrote identical shards).
 
 What it measures, on a BERT-shaped teacher with random weights and a generated, seeded corpus:
 
@@ -16,8 +17,9 @@ What it measures, on a BERT-shaped teacher with random weights and a generated, 
 5. Peak RSS of the whole stage at N and 4N documents, each in a fresh process so the peaks do not mix; the
    corpus is streamed in blocks of `shard_documents`, so it should grow little.
 
-Timings 1-3 are interleaved (end-to-end, masked-only, full; repeated --repeats times) and the fastest of each
-counts, so a change in machine load during the benchmark hits every figure alike; all repeats are in the JSON.
+Timings 1-3 are interleaved in rounds (end-to-end, masked-only, and in the first --full-repeats rounds the full
+forward; --repeats rounds) and the fastest of each counts, so a change in machine load during the benchmark
+hits every figure alike; every round's figures are in the JSON.
 
 Run it from the repository root:
 
@@ -51,12 +53,13 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
+import mdkd
 from mdkd.pipeline.config import load_cache_config
 from mdkd.pipeline.corpus import read_language
 from mdkd.pipeline.distributed import Ranks, pick_device
 from mdkd.pipeline.masking import Masker
 from mdkd.pipeline.shards import read_shard, write_shard
-from mdkd.pipeline.teachers import ADAPTERS, Teacher, inspect_teacher, pick_dtype
+from mdkd.pipeline.teachers import Teacher, pick_dtype
 from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer
 from mdkd.pipeline.windows import collate, length_batches, prepare_unit
 from mdkd.stages import cache_logits as stage
@@ -77,7 +80,7 @@ SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["an", "en"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Benchmark for `mdkd cache-logits` (see the module docstring).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -88,7 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--batch-tokens", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved timing rounds; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds; the fastest counts")
+    parser.add_argument("--full-repeats", type=int, default=2,
+                        help="rounds that also time the full forward (the slowest pass; its lead is large)")
     parser.add_argument("--rss-factor", type=int, default=4, help="the second peak-RSS run uses this many x N")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -171,13 +176,13 @@ def instrumented_stage(seconds: dict[str, float]):
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
         return wrapper
 
-    def load_teacher(*args, **kwargs):
+    def timed_teacher(*args, **kwargs):
         teacher = timed("Teacher", originals["Teacher"])(*args, **kwargs)
         teacher.top_k = timed("top_k", teacher.top_k)  # an instance attribute: this run's teacher only
         return teacher
 
     for name, function in originals.items():
-        setattr(stage, name, load_teacher if name == "Teacher" else timed(name, function))
+        setattr(stage, name, timed_teacher if name == "Teacher" else timed(name, function))
     try:
         yield
     finally:
@@ -213,8 +218,7 @@ def shard_counts(out: Path, manifest: dict) -> dict:
 def load_teacher(config_path: Path) -> tuple[Teacher, object, float]:
     """The stage's teacher, loaded the way the stage loads it; return it, its tokenizer and the load time."""
     config = load_cache_config(config_path)
-    info, problems = inspect_teacher(config.teachers[0], config.top_k)
-    assert not problems, problems
+    info = stage._inspect_teachers(config)[config.teachers[0].name]  # the stage's own checks, same arguments
     started = time.perf_counter()
     device = pick_device(config.device, Ranks.from_env())
     teacher = Teacher(info, device, pick_dtype(config.dtype, device))
@@ -249,8 +253,9 @@ def forward_pass(teacher: Teacher, batches: list[tuple], k: int, masked_only: bo
 
 
 def warm_up(teacher: Teacher, batches: list[tuple], k: int) -> None:
-    """One call per path before timing, so one-off kernel selection and allocator growth are not counted
-    (the stage pays them once per run, inside its first unit)."""
+    """One call per path before timing, so process start-up costs (CUDA context, kernel selection, allocator
+    growth) are not counted in the bare figures. They are then warm for the end-to-end rounds too: 'with
+    one-offs' means the stage's own one-offs; the cold process is timed in the peak-RSS runs."""
     for masked_only in (True, False):
         forward_pass(teacher, batches[:1], k, masked_only)
 
@@ -284,7 +289,8 @@ def rss_child(config: str, out: str) -> None:
     before = max_rss_mb()
     with contextlib.redirect_stdout(sys.stderr):
         stage.run(Path(config), Path(out))
-    print(json.dumps({"rss_after_imports_mb": before, "peak_rss_mb": max_rss_mb()}))
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    print(json.dumps({"rss_after_imports_mb": before, "peak_rss_mb": max_rss_mb(), "peak_gpu_allocated_mb": gpu}))
 
 
 def max_rss_mb() -> float:
@@ -343,7 +349,9 @@ def say(line: str) -> None:
 
 
 def benchmark(args, preset: dict, scratch: Path) -> dict:
-    figures = {"command": " ".join(["python", *sys.argv]), "machine": machine(torch.device(args.device_name))}
+    figures = {"command": " ".join(["python", *sys.argv]), "machine": machine(torch.device(args.device_name)),
+               "mdkd": str(Path(mdkd.__file__).parent)}
+    say(f"mdkd measured: {figures['mdkd']}")
     words = make_words(preset["word_types"], args.seed)
     figures["setup"] = setup_section(args, preset, words, scratch)
     config = scratch / "cache.yaml"
@@ -376,31 +384,33 @@ def setup_section(args, preset: dict, words: list[str], scratch: Path) -> dict:
               "heads": preset["heads"], "vocab": vocab, "parameters": parameters, "documents": args.documents,
               "shard_documents": args.shard_documents, "max_length": args.max_length, "top_k": args.top_k,
               "batch_tokens": args.batch_tokens, "device": args.device_name, "dtype": args.dtype,
-              "repeats": args.repeats, "seconds": time.perf_counter() - started}
+              "repeats": args.repeats, "full_repeats": args.full_repeats, "seconds": time.perf_counter() - started}
     say(f"teacher: random BERT ({args.preset}), hidden {preset['hidden']}, {preset['layers']} layers, "
         f"{preset['heads']} heads, vocab {vocab:,}, {parameters / 1e6:.1f}M parameters; device {args.device_name}, "
         f"dtype {args.dtype} (built in {result['seconds']:.1f} s, not counted below)")
     say(f"corpus: {args.documents} generated documents in shards of {args.shard_documents}; max_length "
         f"{args.max_length}, top_k {args.top_k}, batch_tokens {args.batch_tokens}; fastest of {args.repeats} "
-        "interleaved rounds")
+        f"interleaved rounds ({args.full_repeats} for the full forward)")
     return result
 
 
 def timing_sections(config: Path, scratch: Path, args) -> dict:
     """Sections 1-3. Each round runs the stage into a fresh folder, then the bare masked-only and full passes."""
     teacher, tokenizer, load_s = load_teacher(config)
+    assert teacher.adapter is not None, "the benchmark teacher should have a masked-only head adapter"
     batches = rebuild_batches(config, teacher, tokenizer)
     warm_up(teacher, batches, args.top_k)
     runs, masked, full = [], [], []
-    for round_ in range(args.repeats):
+    for round_ in range(max(args.repeats, args.full_repeats, 1)):
         runs.append(run_stage(config, scratch / f"cache-{round_}"))
         masked.append(forward_pass(teacher, batches, args.top_k, masked_only=True))
-        full.append(forward_pass(teacher, batches, args.top_k, masked_only=False))
+        if round_ < max(args.full_repeats, 1):
+            full.append(forward_pass(teacher, batches, args.top_k, masked_only=False))
     counts = shard_counts(scratch / "cache-0", runs[0]["manifest"])
     identical = len({tuple(s["sha256"] for s in run["manifest"]["shards"]) for run in runs}) == 1
     assert sum(len(values) for values, _ in masked[0][1]) == counts["masked_positions"], "batches differ from the run's"
     end_to_end = end_to_end_section(runs, counts, identical)
-    bare = bare_section(end_to_end, [s for s, _ in masked], len(batches), load_s)
+    bare = bare_section(end_to_end, runs, [s for s, _ in masked], len(batches), load_s)
     heads = head_section([s for s, _ in masked], [s for s, _ in full], largest_difference(masked[0][1], full[0][1]))
     return {"manifest": runs[0]["manifest"], "end_to_end": end_to_end, "bare_forward": bare, "head": heads}
 
@@ -424,33 +434,40 @@ def end_to_end_section(runs: list[dict], counts: dict, identical: bool) -> dict:
     return result
 
 
-def bare_section(end_to_end: dict, masked_s: list[float], batches: int, load_s: float) -> dict:
+def bare_section(end_to_end: dict, runs: list[dict], masked_s: list[float], batches: int, load_s: float) -> dict:
     bare = min(masked_s)
     parts = end_to_end["parts_s"]
+    # The same ratio within each round (its two timings minutes apart at most): the spread shows machine noise.
+    per_round = [run["steady_s"] / seconds for run, seconds in zip(runs, masked_s)]
     result = {"seconds": bare, "all_s": masked_s, "batches": batches, "model_load_s": load_s,
               "tokens_per_s": end_to_end["counts"]["tokens"] / bare,
               "overhead_ratio_with_one_offs": end_to_end["total_s"] / bare,
               "overhead_ratio_without_one_offs": end_to_end["steady_s"] / bare, "goal": OVERHEAD_GOAL,
+              "overhead_ratio_without_one_offs_per_round": per_round,
               "in_run_top_k_s": parts["top_k"], "in_run_top_k_over_bare": parts["top_k"] / bare}
     say(f"[2] bare teacher.top_k over the same {batches} batches: {bare:.2f} s (rounds: {_seconds(masked_s)}; "
         f"warmed up, model load {load_s:.2f} s not counted) = {result['tokens_per_s']:,.0f} tokens/s")
     say(f"    overhead, end-to-end / bare: {result['overhead_ratio_with_one_offs']:.2f} with one-offs, "
-        f"{result['overhead_ratio_without_one_offs']:.2f} without (goal <= {OVERHEAD_GOAL})")
+        f"{result['overhead_ratio_without_one_offs']:.2f} without (goal <= {OVERHEAD_GOAL}); round by round, "
+        f"without one-offs: {_seconds(per_round)}")
     other = end_to_end["steady_s"] - parts["score_unit"] - parts["build_table"]
+    collate = parts["score_unit"] - parts["top_k"]
     say(f"    where the steady run's {end_to_end['steady_s']:.2f} s went: teacher.top_k {parts['top_k']:.2f} s "
-        f"({result['in_run_top_k_over_bare']:.2f} x bare), rest of score_unit {parts['score_unit'] - parts['top_k']:.2f} s, "
+        f"({result['in_run_top_k_over_bare']:.2f} x bare), rest of score_unit {collate:.2f} s, "
         f"build_table {parts['build_table']:.2f} s, other {other:.2f} s (first unit's tokenising and masking, "
         "last shard's write, thread hand-offs)")
     return result
 
 
 def head_section(masked_s: list[float], full_s: list[float], difference: float) -> dict:
+    per_round = [full / masked for full, masked in zip(full_s, masked_s)]  # back-to-back passes in one round
     result = {"masked_only_s": min(masked_s), "full_forward_s": min(full_s), "all_full_forward_s": full_s,
-              "full_over_masked": min(full_s) / min(masked_s), "max_abs_logprob_difference": difference}
+              "full_over_masked": min(full_s) / min(masked_s), "full_over_masked_per_round": per_round,
+              "max_abs_logprob_difference": difference}
     say(f"[3] head: masked-only {result['masked_only_s']:.2f} s, full forward {result['full_forward_s']:.2f} s "
-        f"(rounds: {_seconds(full_s)}); full / masked-only = {result['full_over_masked']:.2f}, i.e. the "
-        f"masked-only head saves {1 - 1 / result['full_over_masked']:.0%}; largest |log-prob difference| "
-        f"between the two {difference:.1e}")
+        f"(rounds: {_seconds(full_s)}); full / masked-only = {result['full_over_masked']:.2f} (round by round: "
+        f"{_seconds(per_round)}), i.e. the masked-only head saves {1 - 1 / result['full_over_masked']:.0%}; "
+        f"largest |log-prob difference| between the two {difference:.1e}")
     return result
 
 
@@ -477,6 +494,10 @@ def rss_section(scratch: Path, words: list[str], args) -> dict:
     say(f"[5] peak RSS of the whole stage (fresh process each): {args.documents} documents "
         f"{small['peak_rss_mb']:.0f} MB, {big} documents {large['peak_rss_mb']:.0f} MB ({growth:+.0%}); "
         f"imports alone {small['rss_after_imports_mb']:.0f} MB")
+    if small["peak_gpu_allocated_mb"] is not None:
+        say(f"    peak GPU memory allocated by torch: {small['peak_gpu_allocated_mb']:.0f} MB and "
+            f"{large['peak_gpu_allocated_mb']:.0f} MB")
+    say(f"    cold processes, start-up and imports included: {small['seconds']:.1f} s and {large['seconds']:.1f} s")
     return {"runs": runs, "growth": growth}
 
 
