@@ -70,6 +70,21 @@ def train(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None,
     stage.run(config_path, cache_dir, out_dir, resume=resume, overwrite=overwrite)
 
 
+@cli.command("eval")
+@click.argument("target", type=existing_dir)
+@click.option("--cache", "cache_dir", type=existing_dir, default=None, help="Cache to score on (default: the run's).")
+@click.option("--heldout", "heldout_run", type=existing_dir, default=None, help="Use this run's held-out documents.")
+@click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Or hold out by doc_id hash.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=2000, show_default=True, help="Held-out rows per teacher and language.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="eval.json path (default: RUN/eval.json).")
+def evaluate(target: Path, cache_dir, heldout_run, eval_fraction, max_rows: int, out_file) -> None:
+    """Score a run's student (or any HF masked LM folder) per language against the teachers, on held-out data."""
+    from mdkd.stages import evaluate as stage
+
+    report = stage.run(target, cache_dir, heldout_run, eval_fraction, max_rows, out_file)
+    click.echo(stage.render(report))
+
+
 @cli.command("validate")
 @click.argument("config_path", type=existing_file)
 def validate(config_path: Path) -> None:

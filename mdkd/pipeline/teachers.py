@@ -167,6 +167,18 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
     return info, problems
 
 
+def masked_logits(model: nn.Module, adapter: MaskedLMAdapter | None, input_ids, attention_mask, rows, cols, device) -> torch.Tensor:
+    """Vocabulary logits [N, V] at positions (rows[i], cols[i]) of a padded batch: the MLM head runs only there
+    when the architecture has an adapter, otherwise the full forward is gathered."""
+    input_ids = input_ids.to(device, non_blocking=True)
+    attention_mask = attention_mask.to(device, non_blocking=True)
+    rows, cols = rows.to(device), cols.to(device)
+    if adapter is not None:
+        hidden = getattr(model, adapter.encoder)(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return adapter.head(model, hidden[rows, cols])
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
+
+
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on a GPU that supports it, otherwise fp32."""
     if requested == "auto":
@@ -202,15 +214,7 @@ class Teacher:
         Log-softmax is taken in fp32 whatever the model's dtype, so low-precision teachers still give
         normalised log-probabilities; it runs over the tokenizer's ids (padding rows of the embedding excluded).
         """
-        input_ids = input_ids.to(self.device, non_blocking=True)
-        attention_mask = attention_mask.to(self.device, non_blocking=True)
-        rows, cols = rows.to(self.device), cols.to(self.device)
-        if self.adapter is not None:
-            encoder = getattr(self.model, self.adapter.encoder)
-            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-            logits = self.adapter.head(self.model, hidden[rows, cols])
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
+        logits = masked_logits(self.model, self.adapter, input_ids, attention_mask, rows, cols, self.device)
         logprobs = torch.log_softmax(logits[:, : self.vocab_limit].float(), dim=-1)
         values, ids = logprobs.topk(k, dim=-1)
         return values.cpu(), ids.to(torch.int32).cpu()

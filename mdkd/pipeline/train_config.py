@@ -78,6 +78,8 @@ class TrainLoopConfig(StrictModel):
     seed: int = 0
     checkpoint_every: int = Field(500, ge=1)
     eval_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    eval_every: int | None = Field(None, ge=1)  # default: at every checkpoint
+    eval_rows: int = Field(256, ge=1)  # held-out rows per (teacher, language) scored at each evaluation
 
 
 TeacherChoice = str | list[str] | dict[str, float]

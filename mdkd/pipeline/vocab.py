@@ -141,21 +141,34 @@ class TeacherVocabulary:
 
     @classmethod
     def from_cache(cls, cache_dir: Path, name: str, entry: dict) -> "TeacherVocabulary":
-        path = cache_dir / entry["tokenizer_dir"] / "tokenizer.json"
+        """A teacher as stage one recorded it: its tokenizer copy and manifest entry."""
+        return cls.from_tokenizer_file(
+            name, cache_dir / entry["tokenizer_dir"] / "tokenizer.json", entry["vocab_size"], entry["special_token_ids"]
+        )
+
+    @classmethod
+    def from_tokenizer(cls, name: str, folder: Path, tokenizer) -> "TeacherVocabulary":
+        """Any saved fast tokenizer (a student, an outside model), to compare its tokens with a teacher's."""
+        from mdkd.pipeline.teachers import special_token_ids
+
+        return cls.from_tokenizer_file(name, folder / "tokenizer.json", len(tokenizer), special_token_ids(tokenizer))
+
+    @classmethod
+    def from_tokenizer_file(cls, name: str, path: Path, vocab_size: int, special_ids: dict[str, int]) -> "TeacherVocabulary":
         try:
             tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read teacher {name}'s tokenizer {path}: {exc} (rebuild the cache)") from None
+            raise UserError(f"cannot read the tokenizer of {name} at {path}: {exc}") from None
         family = Family.of(tokenizer_json)
         vocab = (tokenizer_json.get("model") or {}).get("vocab") or {}
         # WordPiece and BPE store {token: id}; Unigram stores [[piece, score], ...] in id order.
         by_id = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {i: p[0] for i, p in enumerate(vocab)}
         for added in tokenizer_json.get("added_tokens") or []:
             by_id[added["id"]] = added["content"]
-        specials = {entry_id: ROLE_TO_SPECIAL[role] for role, entry_id in entry["special_token_ids"].items() if role in ROLE_TO_SPECIAL}
+        specials = {token_id: ROLE_TO_SPECIAL[role] for role, token_id in special_ids.items() if role in ROLE_TO_SPECIAL}
         canonicalise = Canonicaliser(family)
         canonical = []
-        for token_id in range(entry["vocab_size"]):
+        for token_id in range(vocab_size):
             if token_id in specials:
                 canonical.append(specials[token_id])
             elif token_id in by_id:
@@ -284,3 +297,11 @@ def mass_dropped(cache_dir: Path, shards: list[dict], id_map: np.ndarray, top_k:
         lost += float((np.exp(logprobs.astype(np.float64)) * (id_map[ids] == DROPPED)).sum())
         positions += ids.shape[0]
     return lost / max(positions, 1)
+
+
+def map_by_canonical(source: TeacherVocabulary, target: TeacherVocabulary) -> np.ndarray:
+    """source id -> target id of the same canonical token (-1 when the target has no such token)."""
+    target_id: dict[str, int] = {}
+    for index, token in enumerate(target.canonical):
+        target_id.setdefault(token, index)
+    return np.array([target_id.get(token, DROPPED) for token in source.canonical], dtype=np.int32)

@@ -22,6 +22,7 @@ from mdkd.pipeline.data import Sampler, Stream, held_out, language_probabilities
 from mdkd.pipeline.deepspeed_setup import deepspeed_config, init_distributed, resolve_precision
 from mdkd.pipeline.distributed import Ranks, barrier, pick_device
 from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.evaluation import MetricSums, fraction_rule, held_out_windows, score_windows
 from mdkd.pipeline.losses import alpha_at
 from mdkd.pipeline.manifest import load_manifest, write_json_atomic
 from mdkd.pipeline.shards import check_shard_file, read_shard
@@ -74,11 +75,13 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     )
     checkpoints = out_dir / "checkpoints"
     start = _resume(engine, sampler, checkpoints, resume, identity) if resume else 0
-    _train(engine, sampler, config, out_dir, ranks, start, checkpoints, identity)
+    held_out_sets = _held_out_sets(cache_dir, manifest, shards, alignment, config)
+    _train(engine, sampler, config, out_dir, ranks, start, checkpoints, identity, held_out_sets)
 
     # Save: the student as an HF folder, then the marker that says the run is complete.
     _export(engine, alignment, out_dir / "student", ranks)
-    status = {**identity, "complete": True, "steps": config.train.steps, "mdkd_version": __version__}
+    status = {**identity, "complete": True, "steps": config.train.steps, "cache": str(cache_dir.resolve()),
+              "mdkd_version": __version__}
     if ranks.is_main:
         write_json_atomic(out_dir / RUN_FILE, status)
         ranks.echo(f"student written to {out_dir / 'student'}")
@@ -213,8 +216,30 @@ def _resume(engine, sampler: Sampler, checkpoints: Path, resume: str, identity: 
     return int(client["step"])
 
 
+def _held_out_sets(cache_dir: Path, manifest: dict, shards, alignment: Alignment, config: TrainConfig) -> list:
+    """The held-out windows scored during training: up to eval_rows per (teacher, language), fixed for the run."""
+    rule = fraction_rule(config.train.eval_fraction)
+    sets = []
+    for teacher, language in shards:
+        windows = held_out_windows(cache_dir, manifest, teacher, language, rule, config.train.eval_rows, config.loss.top_k)
+        if windows.rows:
+            sets.append((windows, alignment.input_map(teacher), alignment.id_maps[teacher]))
+    return sets
+
+
+def _evaluate(engine, held_out_sets: list, step: int) -> dict:
+    """Held-out metrics per language (every rank runs the same forwards, as ZeRO-3 needs all of them)."""
+    per_language: dict[str, MetricSums] = {}
+    engine.eval()
+    for windows, input_map, target_map in held_out_sets:
+        model, _ = score_windows(lambda *batch: engine(*(t.to(engine.device) for t in batch)), windows, input_map, target_map)
+        per_language.setdefault(windows.language, MetricSums()).add(model)
+    engine.train()
+    return {"step": step, "split": "heldout", "per_language": {l: m.result() for l, m in per_language.items()}}
+
+
 def _train(engine, sampler: Sampler, config: TrainConfig, out_dir: Path, ranks: Ranks, start: int, checkpoints: Path,
-           identity: dict) -> None:
+           identity: dict, held_out_sets: list) -> None:
     loop, world = config.train, ranks.world_size
     languages = sampler.languages
     metrics_path = out_dir / "metrics.jsonl"
@@ -236,11 +261,14 @@ def _train(engine, sampler: Sampler, config: TrainConfig, out_dir: Path, ranks: 
             engine.step()
         totals.all_reduce()
         seconds = time.perf_counter() - started
-        record = {"step": step + 1, "lr": lr, "alpha": alpha, **totals.metrics(languages),
+        record = {"step": step + 1, "split": "train", "lr": lr, "alpha": alpha, **totals.metrics(languages),
                   "tokens_per_second": totals.tokens.item() / seconds}
+        records = [record]
+        if held_out_sets and ((step + 1) % (loop.eval_every or loop.checkpoint_every) == 0 or step + 1 == loop.steps):
+            records.append(_evaluate(engine, held_out_sets, step + 1))
         if ranks.is_main:
             with metrics_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.writelines(json.dumps(r) + "\n" for r in records)
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
             progress.update(1)
         if (step + 1) % loop.checkpoint_every == 0 or step + 1 == loop.steps:
