@@ -60,11 +60,21 @@ def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
 @click.option("--resume", default=None, metavar="auto|PATH", help="Continue from the latest checkpoint (auto) or a given one.")
 @click.option("--overwrite", is_flag=True, help="Replace a run in --out (a different config, or an unfinished one).")
-def train(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None, overwrite: bool) -> None:
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2", help="Run a grid of ablations into --out (repeatable).")
+@click.option("--sweep-file", type=existing_file, default=None, help="YAML mapping dotted keys to lists of values.")
+def train(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None, overwrite: bool, sweeps, sweep_file) -> None:
     """Build the merged vocabulary from the cache and train the student with DeepSpeed on the cached soft targets.
 
-    Runs in one process as is; launch under torchrun or deepspeed for several GPUs or nodes.
+    Runs in one process as is; launch under torchrun or deepspeed for several GPUs or nodes. With --sweep, trains
+    one run per combination into OUT/<combination>/, skipping finished ones, then writes OUT/report/.
     """
+    if sweeps or sweep_file:
+        if resume or overwrite:
+            raise UserError("--resume and --overwrite do not go with --sweep (a sweep resumes unfinished runs itself)")
+        from mdkd.stages import sweep
+
+        sweep.run(config_path, cache_dir, out_dir, list(sweeps), sweep_file)
+        return
     from mdkd.stages import train as stage
 
     stage.run(config_path, cache_dir, out_dir, resume=resume, overwrite=overwrite)
@@ -83,6 +93,20 @@ def evaluate(target: Path, cache_dir, heldout_run, eval_fraction, max_rows: int,
 
     report = stage.run(target, cache_dir, heldout_run, eval_fraction, max_rows, out_file)
     click.echo(stage.render(report))
+
+
+@cli.command("report")
+@click.argument("runs", nargs=-1, required=True, type=existing_dir)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where report.md, report.csv and the PNG plots go (default: report/ beside the first run).")
+def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
+    """Compare runs: a table of runs x metrics with the config keys that differ, loss curves, accuracy bars."""
+    from mdkd.stages import report as stage
+
+    out_dir = out_dir or runs[0].parent / "report"
+    result = stage.run(list(runs), out_dir)
+    click.echo((out_dir / "report.md").read_text(encoding="utf-8"), nl=False)
+    click.echo(f"written: {out_dir}/report.md, report.csv, {', '.join(result['plots'])}")
 
 
 @cli.command("validate")

@@ -1,0 +1,87 @@
+"""`mdkd report` and sweeps: tables from tiny runs, plots, runs still going, finished runs skipped, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import train_config, write_config
+from mdkd.cli import cli
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, training_cache):
+    """A 2-run sweep over k' against the training cache (trained, evaluated, reported)."""
+    root = tmp_path_factory.mktemp("sweep")
+    config = write_config(root / "base.yaml", train_config(train={"steps": 6, "checkpoint_every": 3, "eval_fraction": 0.3}))
+    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out",
+                                      str(root / "out"), "--sweep", "loss.top_k=2,8"])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_sweep_trains_every_combination_and_reports(sweep):
+    out = sweep / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["configs", "loss.top_k=2", "loss.top_k=8", "report"]
+    for name in ("loss.top_k=2", "loss.top_k=8"):
+        assert json.loads((out / name / "run.json").read_text())["complete"]
+        assert (out / name / "eval.json").exists()
+    rows = list(csv.DictReader((out / "report" / "report.csv").open()))
+    assert [(r["run"], r["loss.top_k"]) for r in rows] == [("loss.top_k=2", "2"), ("loss.top_k=8", "8")]
+    assert {"acc de", "acc ru"} <= set(rows[0])
+    markdown = (out / "report" / "report.md").read_text()
+    assert markdown.startswith("| run | loss.top_k | steps |")
+    for plot in ("loss_curves.png", "accuracy.png"):
+        data = (out / "report" / plot).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_rerunning_a_sweep_skips_finished_runs(sweep, training_cache):
+    metrics = sweep / "out" / "loss.top_k=8" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    result = CliRunner().invoke(cli, ["train", "--config", str(sweep / "base.yaml"), "--cache", str(training_cache),
+                                      "--out", str(sweep / "out"), "--sweep", "loss.top_k=2,8"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("already complete; nothing to do") == 2
+    assert metrics.stat().st_mtime_ns == before
+
+
+def test_report_reads_a_run_that_is_still_going(sweep, tmp_path):
+    going = tmp_path / "going"
+    shutil.copytree(sweep / "out" / "loss.top_k=2", going)
+    (going / "eval.json").unlink()
+    lines = (going / "metrics.jsonl").read_text().splitlines()
+    (going / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    status = json.loads((going / "run.json").read_text())
+    (going / "run.json").write_text(json.dumps({**status, "complete": False}))
+    result = CliRunner().invoke(cli, ["report", str(sweep / "out" / "loss.top_k=8"), str(going), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "r" / "report.csv").open()))
+    assert rows[1]["run"] == "going" and rows[1]["complete"] == "False" and rows[1]["steps"] == "3"
+
+
+@pytest.mark.parametrize(
+    "prepare, fragment",
+    [
+        (lambda p: None, "is not an mdkd run folder"),
+        (lambda p: (p / "run.json").write_text("{}") and (p / "config.yaml").write_text("{}"), "has no metrics yet"),
+    ],
+)
+def test_report_bad_input(tmp_path, prepare, fragment):
+    prepare(tmp_path)
+    result = CliRunner().invoke(cli, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and fragment in result.stderr
+
+
+def test_invalid_sweep_is_refused_before_any_training(tmp_path, training_cache):
+    config = write_config(tmp_path / "base.yaml", train_config())
+    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out",
+                                      str(tmp_path / "out"), "--sweep", "loss.top_k=4,0"])
+    assert result.exit_code == 2 and "loss.top_k=0: loss.top_k: Input should be greater than or equal to 1" in result.stderr
+    assert not (tmp_path / "out" / "loss.top_k=4" / "run.json").exists()
