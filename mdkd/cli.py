@@ -109,6 +109,24 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
     click.echo(f"written: {out_dir}/report.md, report.csv, {', '.join(result['plots'])}")
 
 
+@cli.command("demo")
+@click.option("--quick", is_flag=True, help="A smaller run (a few minutes on 2 CPU cores).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path.home() / ".cache" / "mdkd" / "demo",
+              show_default=True, help="Where the demo keeps its corpus, teachers, cache, runs and report.")
+@click.option("--corpus", "corpus_dir", type=existing_dir, default=None,
+              help="A folder of <language>.txt files (one document per line) instead of Debian's fortunes.")
+def demo(quick: bool, workdir: Path, corpus_dir: Path | None) -> None:
+    """The MergeDistill experiment in miniature, offline: teachers, one cache, four students, a report.
+
+    Rerun the same command to resume after an interruption; finished steps are skipped.
+    """
+    from mdkd.stages import demo as stage
+
+    result = stage.run(workdir, corpus_dir, quick)
+    click.echo(result["summary"])
+    click.echo(f"report: {result['root']}/report/report.md, plots: {', '.join(result['report']['plots'])}")
+
+
 @cli.command("validate")
 @click.argument("config_path", type=existing_file)
 def validate(config_path: Path) -> None:
