@@ -25,7 +25,8 @@ class MdkdGroup(click.Group):
             click.echo(f"error: {error}" if ranks.is_main else f"error (rank {ranks.rank}): {error}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+            hint = " with --resume auto" if ctx.invoked_subcommand == "train" else ""
+            click.echo(f"interrupted: rerun the same command{hint} to resume where it stopped", err=True)
             ctx.exit(130)
 
 
@@ -75,6 +76,8 @@ def train(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None,
 
         sweep.run(config_path, cache_dir, out_dir, list(sweeps), sweep_file)
         return
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
     from mdkd.stages import train as stage
 
     stage.run(config_path, cache_dir, out_dir, resume=resume, overwrite=overwrite)

@@ -32,7 +32,9 @@ def train(tmp_path: Path, cache: Path, config: dict, out: str = "run", *extra: s
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The training lines of metrics.jsonl (held-out evaluations are lines of their own)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["split"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,8 @@ def test_training_writes_a_run_that_loads_and_fills_masks(training_cache, tmp_pa
     assert [m["step"] for m in lines] == list(range(1, 9))
     assert {"lr", "alpha", "loss", "kd_loss", "mlm_loss", "per_language", "tokens_per_second"} <= set(lines[0])
     assert lines[0]["alpha"] == 1.0 and lines[-1]["alpha"] == pytest.approx(1 - 7 / 8)
+    # Warm-up 0.1 of 8 steps rounds to 1 step: the first step already learns, then lr decays linearly.
+    assert [round(m["lr"] / 2e-3, 6) for m in lines] == [1.0, 1.0, round(6 / 7, 6), round(5 / 7, 6), round(4 / 7, 6), round(3 / 7, 6), round(2 / 7, 6), round(1 / 7, 6)]
     assert set(lines[0]["per_language"]) <= {"de", "ru"}
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step-0000004", "step-0000008"]
     assert json.loads((run / "run.json").read_text())["complete"] is True

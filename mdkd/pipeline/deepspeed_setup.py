@@ -1,7 +1,10 @@
 """DeepSpeed: the generated config, and starting it with or without a launcher.
 
 The config is generated from the train config (ZeRO stage, precision, micro-batch, accumulation, clipping,
-AdamW, linear warm-up then linear decay), then the user's raw `deepspeed:` block is merged over it key by key.
+AdamW), then the user's raw `deepspeed:` block is merged over it key by key. The learning-rate schedule (linear
+warm-up, then linear decay to 0) is mdkd's own `linear_schedule`, handed to DeepSpeed as its client scheduler
+(and checkpointed by it); DeepSpeed's WarmupDecayLR spends its first two steps at lr 0 and, with no warm-up,
+never decays. A `scheduler` in the raw block replaces mdkd's.
 Without a launcher, `mdkd train` is rank 0 of a world of 1 on a free local port; under `torchrun` or the
 `deepspeed` launcher the environment they set is used as is.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 
@@ -35,7 +39,6 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def deepspeed_config(config: TrainConfig, precision: str, device: torch.device) -> dict:
     loop = config.train
-    warmup_steps = int(round(loop.warmup * loop.steps))
     generated = {
         "train_micro_batch_size_per_gpu": loop.micro_batch_size,
         "gradient_accumulation_steps": loop.gradient_accumulation,
@@ -50,17 +53,6 @@ def deepspeed_config(config: TrainConfig, precision: str, device: torch.device) 
                 "weight_decay": loop.weight_decay,
                 # DeepSpeed's fused Adam needs CUDA; torch's AdamW runs everywhere.
                 "torch_adam": device.type != "cuda",
-            },
-        },
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {
-                "total_num_steps": loop.steps,
-                # WarmupDecayLR needs at least one warm-up step; "no warm-up" is one that starts at the full rate.
-                "warmup_num_steps": max(warmup_steps, 1),
-                "warmup_min_lr": 0.0 if warmup_steps else loop.lr,
-                "warmup_max_lr": loop.lr,
-                "warmup_type": "linear",
             },
         },
         "zero_optimization": {"stage": config.zero_stage},
@@ -83,4 +75,18 @@ def init_distributed(device: torch.device) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        # Rank 0 alone builds the vocabulary before the others go on: DeepSpeed's 10-minute default is too short.
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                                   timeout=timedelta(hours=6))
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """lr × (t+1)/warmup during warm-up, then lr × (total − t)/(total − warmup): the first step already learns,
+    and the last runs at lr/(total − warmup)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -49,8 +49,12 @@ def build_student(settings: StudentConfig, vocab_size: int, max_positions: int, 
     return MaskedLMStudent(BertForMaskedLM(config))
 
 
-def student_tokenizer(tokens: list[str], lowercase: bool):
-    """A WordPiece tokenizer over the merged vocabulary, with BERT's normaliser, pre-tokenizer and templates."""
+def student_tokenizer(tokens: list[str], lowercase: bool, max_length: int = 512):
+    """A WordPiece tokenizer over the merged vocabulary, with BERT's normaliser, pre-tokenizer and templates.
+
+    Accents are kept (`strip_accents=False` is saved, so a reload keeps them too); transformers rebuilds BERT's
+    normaliser on load, so there is no NFC step: decomposed input text may meet [UNK] (docs/vocabulary.md).
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
@@ -68,7 +72,7 @@ def student_tokenizer(tokens: list[str], lowercase: bool):
     )
     return BertTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
-        mask_token="[MASK]", do_lower_case=lowercase,
+        mask_token="[MASK]", do_lower_case=lowercase, strip_accents=False, model_max_length=max_length,
     )
 
 
@@ -76,4 +80,4 @@ def export_student(student: MaskedLMStudent, tokens: list[str], lowercase: bool,
     """Save the model and its tokenizer as one HF folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     student.model.save_pretrained(out_dir)
-    student_tokenizer(tokens, lowercase).save_pretrained(out_dir)
+    student_tokenizer(tokens, lowercase, student.model.config.max_position_embeddings).save_pretrained(out_dir)

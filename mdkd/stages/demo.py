@@ -49,7 +49,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings(documents=3000, mono_vocab=4000, multi_vocab=12000, mono_steps=400, multi_steps=800, student_steps=600)
-QUICK = DemoSettings(documents=600, mono_vocab=2000, multi_vocab=6000, mono_steps=100, multi_steps=200, student_steps=150)
+QUICK = DemoSettings(documents=600, mono_vocab=2000, multi_vocab=6000, mono_steps=100, multi_steps=160, student_steps=120)
 
 
 def students(languages: list[str]) -> dict[str, dict]:

@@ -79,7 +79,10 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sw
         resume = "auto" if (run_dir / "run.json").exists() else None
         train.run(path, cache_dir, run_dir, resume=resume)
         if ranks.is_main and not (run_dir / "eval.json").exists():
-            evaluate.run(run_dir, cache_dir, None, None, 2000, None)
+            try:
+                evaluate.run(run_dir, cache_dir, None, None, 2000, None)
+            except UserError as error:  # e.g. no held-out windows: the report then shows training metrics only
+                ranks.echo(f"  not evaluated: {error}")
     if ranks.is_main:
         result = report.run([run_dir for run_dir, _, _ in planned], out_dir / "report")
         ranks.echo(f"report: {out_dir / 'report' / 'report.md'} ({', '.join(result['plots'])})")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from mdkd import __version__
 from mdkd.pipeline.config import dump_config
 from mdkd.pipeline.data import Sampler, Stream, held_out, language_probabilities
-from mdkd.pipeline.deepspeed_setup import deepspeed_config, init_distributed, resolve_precision
+from mdkd.pipeline.deepspeed_setup import deepspeed_config, init_distributed, linear_schedule, resolve_precision
 from mdkd.pipeline.distributed import Ranks, barrier, pick_device
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.evaluation import MetricSums, fraction_rule, held_out_windows, score_windows
@@ -70,9 +70,13 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     import deepspeed
 
     student = build_student(config.student, len(alignment.tokens), manifest["max_length"], config.train.seed)
-    engine, *_ = deepspeed.initialize(
-        model=student, model_parameters=student.parameters(), config=deepspeed_config(config, precision, device)
-    )
+    ds_config = deepspeed_config(config, precision, device)
+    schedule = None
+    if "scheduler" not in ds_config:
+        warmup = int(round(config.train.warmup * config.train.steps))
+        schedule = lambda optimizer: linear_schedule(optimizer, warmup, config.train.steps)  # noqa: E731
+    engine, *_ = deepspeed.initialize(model=student, model_parameters=student.parameters(), config=ds_config,
+                                      lr_scheduler=schedule)
     checkpoints = out_dir / "checkpoints"
     start = _resume(engine, sampler, checkpoints, resume, identity) if resume else 0
     held_out_sets = _held_out_sets(cache_dir, manifest, shards, alignment, config)
@@ -194,6 +198,9 @@ def _sampler(cache_dir: Path, manifest: dict, selection, shards, alignment: Alig
     for entry in manifest["corpus"]:
         if entry["language"] in selection:
             sizes[entry["language"]] = sizes.get(entry["language"], 0) + entry["documents"]
+    for stream in streams.values():
+        if not any(len(stream.training_rows(i)) for i in range(len(stream.shards))):
+            raise UserError(f"every document of {stream.key} is held out (lower train.eval_fraction)")
     probabilities = language_probabilities(sizes, config.language_sampling)
     return Sampler(streams, probabilities, selection, config.train.seed)
 
