@@ -138,12 +138,19 @@ def plot_accuracy(runs: list[dict], path: Path) -> bool:
     if not series:
         return False
     languages = sorted({l for _, values in series for l in values})
-    width = 0.8 / len(series)
-    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(languages) * max(1, len(series) / 3)), 4.5))
-    for index, (label, values) in enumerate(series):
-        positions = [i + index * width - 0.4 + width / 2 for i in range(len(languages))]
-        axis.bar(positions, [values.get(l, 0.0) for l in languages], width, label=label,
-                 hatch="//" if label.startswith("teacher") else None, edgecolor="black", linewidth=0.4)
+    colours = {label: f"C{index % 10}" for index, (label, _) in enumerate(series)}
+    most = max(sum(1 for _, values in series if language in values) for language in languages)
+    width = 0.8 / most
+    figure, axis = plt.subplots(figsize=(min(16, 3 + len(languages) * (0.3 * most + 0.6)), 4.5))
+    drawn = set()
+    for position, language in enumerate(languages):
+        # Only the students and teachers that have a figure for this language get a bar, centred on it.
+        present = [(label, values[language]) for label, values in series if language in values]
+        for slot, (label, value) in enumerate(present):
+            axis.bar(position + (slot - (len(present) - 1) / 2) * width, value, width, color=colours[label],
+                     label=None if label in drawn else label, hatch="//" if label.startswith("teacher") else None,
+                     edgecolor="black", linewidth=0.4)
+            drawn.add(label)
     axis.set_xticks(range(len(languages)), languages)
     axis.set_xlabel("language")
     axis.set_ylabel("masked-token accuracy (held-out)")
