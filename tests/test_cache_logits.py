@@ -20,7 +20,6 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from conftest import cache_config, make_documents, write_config
 from mdkd.cli import cli
-from mdkd.stages import cache_logits
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
