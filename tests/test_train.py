@@ -221,3 +221,19 @@ def test_student_learns_to_agree_with_its_teacher(training_cache, tmp_path):
     before, after = _agreement(initial, stream), _agreement(trained, stream)
     # Seen over several teacher builds: about 0.035 before, 0.32 to 0.38 after 300 steps.
     assert after > 0.2 and after > 5 * before, (before, after)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_zero_stages_train_like_stage_0_and_export(training_cache, tmp_path, zero_stage):
+    base = train_config(student={"dropout": 0.0}, train={"steps": 4, "checkpoint_every": 4})
+    assert train(tmp_path, training_cache, base, "stage0").exit_code == 0
+    result = train(tmp_path, training_cache, {**base, "zero_stage": zero_stage}, f"stage{zero_stage}")
+    assert result.exit_code == 0, result.output
+    for a, b in zip(metrics(tmp_path / "stage0"), metrics(tmp_path / f"stage{zero_stage}")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)  # seen: within 5e-7 over 60 steps
+    from transformers import AutoModelForMaskedLM
+
+    exported = AutoModelForMaskedLM.from_pretrained(tmp_path / f"stage{zero_stage}" / "student")
+    reference = AutoModelForMaskedLM.from_pretrained(tmp_path / "stage0" / "student")
+    for (name, p), (_, q) in zip(exported.named_parameters(), reference.named_parameters()):
+        assert p.shape == q.shape and torch.allclose(p, q, atol=1e-4), name
