@@ -44,6 +44,7 @@ def run(target: Path, cache_dir: Path | None, heldout_run: Path | None, eval_fra
         return masked_logits(model, adapter, input_ids, attention_mask, rows, cols, torch.device("cpu"))
 
     languages: dict[str, dict] = {}
+    pooled: dict[str, MetricSums] = {}  # the model over every teacher's windows of a language
     for name, entry in manifest["teachers"].items():
         target_map = map_by_canonical(TeacherVocabulary.from_cache(cache_dir, name, entry), own)
         input_map = np.where(target_map < 0, unk, target_map)
@@ -53,13 +54,11 @@ def run(target: Path, cache_dir: Path | None, heldout_run: Path | None, eval_fra
                 continue
             student, teacher = score_windows(logits_fn, windows, input_map, target_map, pad_id=tokenizer.pad_token_id or 0)
             languages.setdefault(language, {"windows": {}})["windows"][name] = {"model": student.result(), "teacher": teacher.result()}
+            pooled.setdefault(language, MetricSums()).add(student)
     if not languages:
         raise UserError(f"no held-out windows in {cache_dir} (raise eval_fraction when training, or pass --eval-fraction)")
     for language, result in languages.items():
-        total = MetricSums()
-        for name in result["windows"]:
-            total.add(_sums_from(result["windows"][name]["model"]))
-        result["model"] = total.result()
+        result["model"] = pooled[language].result()
         result["raw_text"] = _raw_text(model, adapter, tokenizer, manifest, language, is_held_out, max_rows)
     report = {"model": str(model_dir), "cache": str(cache_dir), "languages": languages}
     if out_file is not None:
@@ -109,17 +108,6 @@ def _load_model(folder: Path):
     if not (folder / "tokenizer.json").exists():
         raise UserError(f"{folder} has no tokenizer.json (mdkd compares tokens through a fast tokenizer's file)")
     return model, tokenizer
-
-
-def _sums_from(result: dict) -> MetricSums:
-    """Back from means to sums, to pool a language's windows across teachers."""
-    n = result.get("positions", 0)
-    if not n:
-        return MetricSums()
-    agreement_n = n if "agreement" in result else 0
-    return MetricSums(positions=n, correct=result["accuracy"] * n, nll=float(np.log(result["perplexity"])) * n,
-                      agreement_positions=agreement_n, agreements=result.get("agreement", 0) * agreement_n,
-                      kl=result.get("kl", 0) * agreement_n)
 
 
 def _raw_text(model, adapter, tokenizer, manifest: dict, language: str, is_held_out, max_rows: int) -> dict:
