@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdkd.pipeline.data import ShardRows, held_out
+from mdkd.pipeline.data import Example, ShardRows, collate, held_out
 from mdkd.pipeline.losses import kd_loss
 from mdkd.pipeline.shards import read_shard
 
@@ -123,21 +123,16 @@ def score_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray, tar
     no such token), `target_map` likewise but with -1, so labels and targets it cannot spell are left out."""
     model, teacher = MetricSums(), MetricSums()
     for start in range(0, len(windows.rows), batch_size):
-        batch = windows.rows[start : start + batch_size]
-        longest = max(len(r[0]) for r in batch)
-        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, (ids, *_rest) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.from_numpy(input_map[ids].astype(np.int64))
-            attention_mask[i, : len(ids)] = 1
-        rows = torch.from_numpy(np.concatenate([np.full(len(r[1]), i) for i, r in enumerate(batch)]))
-        cols = torch.from_numpy(np.concatenate([r[1] for r in batch]).astype(np.int64))
-        labels = np.concatenate([r[2] for r in batch])
-        topk_ids = np.concatenate([r[3] for r in batch])
-        topk_logprobs = np.concatenate([r[4] for r in batch]).astype(np.float32)
+        rows = windows.rows[start : start + batch_size]
+        # Labels and targets go through target_map: what the model cannot spell is -1 and left out.
+        examples = [Example(windows.language, input_map[ids].astype(np.int64), positions.astype(np.int64),
+                            target_map[labels].astype(np.int64), target_map[topk_ids].astype(np.int64),
+                            topk_logprobs.astype(np.float32))
+                    for ids, positions, labels, topk_ids, topk_logprobs in rows]
+        batch = collate(examples, [windows.language], pad_id)
         with torch.no_grad():
-            logits = logits_fn(input_ids, attention_mask, rows, cols).float().cpu()
-        model.add(model_sums(logits, torch.from_numpy(target_map[labels].astype(np.int64)),
-                             torch.from_numpy(target_map[topk_ids].astype(np.int64)), torch.from_numpy(topk_logprobs)))
-        teacher.add(teacher_sums(topk_ids, topk_logprobs, labels))
+            logits = logits_fn(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"]).float().cpu()
+        model.add(model_sums(logits, batch["labels"], batch["topk_ids"], batch["topk_logprobs"]))
+        teacher.add(teacher_sums(np.concatenate([r[3] for r in rows]), np.concatenate([r[4] for r in rows]),
+                                 np.concatenate([r[2] for r in rows])))
     return model, teacher
