@@ -118,7 +118,7 @@ def main() -> None:
         })
         selection = select_teachers(config, manifest)
         shards = {("teacher", "de"): manifest["shards"]}
-        _build_vocabulary(cache, manifest, selection, shards, config, work / "vocab")
+        _build_vocabulary(cache, manifest, ["teacher"], shards, config, work / "vocab")
         alignment = Alignment.load(work / "vocab", ["teacher"])
         sampler = _sampler(cache, manifest, selection, shards, alignment, config)
 

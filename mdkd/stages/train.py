@@ -44,6 +44,7 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     selection = select_teachers(config, manifest)
     shards = {(t, l): [s for s in manifest["shards"] if s["teacher"] == t and s["language"] == l]
               for l, weights in selection.items() for t in weights}
+    teachers = [t for t in manifest["teachers"] if any(t == name for name, _ in shards)]  # in cache order
     _check_shards(cache_dir, [s for group in shards.values() for s in group], ranks)
     identity = {"config_hash": config.content_hash(), "cache_config_hash": manifest["config_hash"]}
     device = pick_device("auto", ranks)
@@ -59,10 +60,9 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
         if overwrite and (out_dir / RUN_FILE).exists() and not resume:
             shutil.rmtree(out_dir)
         _write_run_files(out_dir, config, config_path, cache_dir, identity)
-        _build_vocabulary(cache_dir, manifest, selection, shards, config, out_dir / "vocab")
+        _build_vocabulary(cache_dir, manifest, teachers, shards, config, out_dir / "vocab")
         _record_held_out(cache_dir, shards, config.train.eval_fraction, out_dir / "heldout.json")
     barrier(ranks)
-    teachers = [t for t in manifest["teachers"] if any(t in w for w in selection.values())]
     alignment = Alignment.load(out_dir / "vocab", teachers)
     sampler = _sampler(cache_dir, manifest, selection, shards, alignment, config)
 
@@ -155,24 +155,18 @@ def _write_run_files(out_dir: Path, config: TrainConfig, config_path: Path, cach
         write_json_atomic(out_dir / RUN_FILE, {**identity, "complete": False, "cache": str(cache_dir.resolve())})
 
 
-def _build_vocabulary(cache_dir: Path, manifest: dict, selection, shards, config: TrainConfig, folder: Path) -> None:
+def _build_vocabulary(cache_dir: Path, manifest: dict, teachers: list[str], shards, config: TrainConfig, folder: Path) -> None:
     """The merged vocabulary over the teachers this run uses (kept as is when resuming)."""
     if (folder / "stats.json").exists():
         return
-    names = [t for t in manifest["teachers"] if any(t in w for w in selection.values())]
-    vocabularies = [TeacherVocabulary.from_cache(cache_dir, name, manifest["teachers"][name]) for name in names]
-    frequencies = None
-    if config.vocab.max_size is not None:
-        frequencies = {
-            v.name: count_cached_tokens(cache_dir, [s for (t, _), g in shards.items() if t == v.name for s in g], v.canonical)
-            for v in vocabularies
-        }
+    vocabularies = [TeacherVocabulary.from_cache(cache_dir, name, manifest["teachers"][name]) for name in teachers]
+    own_shards = {name: [s for (t, _), group in shards.items() if t == name for s in group] for name in teachers}
+    capped = config.vocab.max_size is not None
+    frequencies = {v.name: count_cached_tokens(cache_dir, own_shards[v.name], v.canonical) for v in vocabularies} if capped else None
     alignment = build_alignment(vocabularies, frequencies, config.vocab.max_size)
     alignment.stats["lowercase"] = all(v.family.lowercase for v in vocabularies)
     alignment.stats["mass_dropped"] = {
-        v.name: mass_dropped(cache_dir, [s for (t, _), g in shards.items() if t == v.name for s in g],
-                             alignment.id_maps[v.name], manifest["top_k"])
-        if config.vocab.max_size is not None else 0.0
+        v.name: mass_dropped(cache_dir, own_shards[v.name], alignment.id_maps[v.name], manifest["top_k"]) if capped else 0.0
         for v in vocabularies
     }
     alignment.save(folder)
