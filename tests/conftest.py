@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CORPUS = REPO / "examples" / "tiny" / "corpus"
+
+
+def free_port() -> int:
+    """A free local port for a torchrun rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def sentences(language: str) -> list[str]:

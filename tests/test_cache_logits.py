@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import cache_config, make_documents, write_config
+from conftest import cache_config, free_port, make_documents, write_config
 from mdkd.cli import cli
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -251,17 +250,11 @@ def test_kill_minus_nine_then_rerun_equals_an_uninterrupted_run(tmp_path, teache
     assert not list(resumed.rglob("*.tmp"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_write_one_manifest_equal_to_one_rank(tmp_path, teachers_dir):
     config = _big_config(tmp_path, teachers_dir)
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(single)], check=True, env=ENV, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     run = subprocess.run(torchrun + ["-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(double)], env=ENV, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert shard_hashes(double) == shard_hashes(single)

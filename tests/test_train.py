@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import train_config, write_config
+from conftest import free_port, train_config, write_config
 from mdkd.cli import cli
 from mdkd.pipeline.data import Sampler, Stream, held_out, language_probabilities
 from mdkd.pipeline.manifest import load_manifest
@@ -166,7 +166,7 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(training_cache, tmp
     path = write_config(tmp_path / "two.yaml", config)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "mdkd", "train", "--config", str(path), "--cache", str(training_cache),
+         "--master_port", str(free_port()), "-m", "mdkd", "train", "--config", str(path), "--cache", str(training_cache),
          "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True,
     )
@@ -177,14 +177,6 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(training_cache, tmp
         # Tolerance: the two set-ups add the same gradients in a different order (float32 reduction).
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
         assert a["kd_loss"] == pytest.approx(b["kd_loss"], abs=1e-4)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _agreement(model, stream: Stream, rows: int = 200) -> float:
