@@ -54,14 +54,14 @@ import torch
 import yaml
 
 import mdkd
-from mdkd.pipeline.config import load_cache_config
-from mdkd.pipeline.corpus import read_language
+from mdkd.pipeline.teacher_pass.config import load_cache_config
+from mdkd.pipeline.teacher_pass.corpus import read_language
 from mdkd.pipeline.distributed import Ranks, pick_device
-from mdkd.pipeline.masking import Masker
-from mdkd.pipeline.shards import read_shard, write_shard
-from mdkd.pipeline.teachers import Teacher, pick_dtype
-from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer
-from mdkd.pipeline.windows import collate, length_batches, prepare_unit
+from mdkd.pipeline.teacher_pass.masking import Masker
+from mdkd.pipeline.cache.shards import read_shard, write_shard
+from mdkd.pipeline.teacher_pass.teachers import Teacher, pick_dtype
+from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
+from mdkd.pipeline.teacher_pass.windows import collate, length_batches, prepare_unit
 from mdkd.stages import cache_logits as stage
 
 OVERHEAD_GOAL = 1.15

@@ -34,19 +34,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mdkd.pipeline.data import ShardRows, collate  # noqa: E402
-from mdkd.pipeline.deepspeed_setup import deepspeed_config, init_distributed  # noqa: E402
-from mdkd.pipeline.losses import kd_loss, mlm_loss  # noqa: E402
-from mdkd.pipeline.manifest import load_manifest  # noqa: E402
-from mdkd.pipeline.student import build_student  # noqa: E402
-from mdkd.pipeline.teachers import Teacher, inspect_teacher  # noqa: E402
-from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer  # noqa: E402
-from mdkd.pipeline.train_config import TrainConfig  # noqa: E402
-from mdkd.pipeline.training import StepTotals, micro_batch_backward  # noqa: E402
-from mdkd.pipeline.config import TeacherSpec  # noqa: E402
+from mdkd.pipeline.distill.data import ShardRows, collate  # noqa: E402
+from mdkd.pipeline.distill.deepspeed_setup import deepspeed_config, init_distributed  # noqa: E402
+from mdkd.pipeline.distill.losses import kd_loss, mlm_loss  # noqa: E402
+from mdkd.pipeline.cache.manifest import load_manifest  # noqa: E402
+from mdkd.pipeline.distill.student import build_student  # noqa: E402
+from mdkd.pipeline.teacher_pass.teachers import Teacher, inspect_teacher  # noqa: E402
+from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer  # noqa: E402
+from mdkd.pipeline.distill.config import TrainConfig  # noqa: E402
+from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward  # noqa: E402
+from mdkd.pipeline.teacher_pass.config import TeacherSpec  # noqa: E402
 from mdkd.stages import cache_logits  # noqa: E402
 from mdkd.stages.train import _build_vocabulary, _sampler, select_teachers  # noqa: E402
-from mdkd.pipeline.vocab import Alignment  # noqa: E402
+from mdkd.pipeline.distill.vocab import Alignment  # noqa: E402
 
 PRESETS = {
     "small": dict(teacher=dict(hidden=256, layers=4, heads=4), vocab=8000, student="tiny", documents=1200, micro=32),

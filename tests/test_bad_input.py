@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import cache_config, write_config
 from mdkd.cli import cli
-from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer
+from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
 
 
 def assert_one_line_error(result, out: Path, fragment: str) -> None:

@@ -164,7 +164,7 @@ def _damaged_copy(built: Path, tmp_path: Path, damage) -> Path:
 
     import pyarrow as pa
 
-    from mdkd.pipeline.shards import write_shard
+    from mdkd.pipeline.cache.shards import write_shard
 
     cache = tmp_path / "cache"
     shutil.copytree(built / "cache", cache)

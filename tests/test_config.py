@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from conftest import REPO, cache_config, write_config
 from mdkd.cli import cli
-from mdkd.pipeline.config import ConfigError, load_cache_config
+from mdkd.pipeline.config import ConfigError
+from mdkd.pipeline.teacher_pass.config import load_cache_config
 from mdkd.stages import validate
 
 
@@ -86,8 +87,8 @@ def test_every_example_config_validates(tmp_path, config_file: Path):
 
 
 def test_jsonl_blank_and_null_texts_are_counted_not_fatal(tmp_path):
-    from mdkd.pipeline.config import CorpusSource
-    from mdkd.pipeline.corpus import read_source, scan_source
+    from mdkd.pipeline.teacher_pass.config import CorpusSource
+    from mdkd.pipeline.teacher_pass.corpus import read_source, scan_source
 
     path = tmp_path / "de.jsonl"
     path.write_text('{"text": "eins"}\n\n{"text": null}\n{"text": "zwei", "id": 3}\n', encoding="utf-8")

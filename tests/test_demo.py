@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import make_documents
-from mdkd.pipeline import demo_corpus
+from mdkd.demo import fortunes
 from mdkd.pipeline.errors import UserError
 from mdkd.stages import demo
 
@@ -24,17 +24,17 @@ def test_fortunes_are_split_cleaned_deduplicated_and_sampled(tmp_path):
         "%\nkurz\n%\nEin Mathematiker und ein Physiker sitzen im Zug.\n%\n", encoding="utf-8")
     (base / "witze.dat").write_bytes(b"\x00\x01binary index")
     (base / "off" / "derb").write_text("Etwas Derbes, das hier nicht hingehört.\n%\n", encoding="utf-8")
-    found = demo_corpus.cookies(tmp_path / "de")
+    found = fortunes.cookies(tmp_path / "de")
     assert found == ["Ein Mathematiker und ein Physiker sitzen im Zug.", "Farbig und mit Steuerzeichen, lang genug.",
                      "Ein Mathematiker und ein Physiker sitzen im Zug."]
-    assert sorted(demo_corpus.sample(found, 10)) == sorted(set(found))
-    assert demo_corpus.sample(found, 1) == demo_corpus.sample(list(reversed(found)), 1)
+    assert sorted(fortunes.sample(found, 10)) == sorted(set(found))
+    assert fortunes.sample(found, 1) == fortunes.sample(list(reversed(found)), 1)
 
 
 def test_without_apt_the_demo_asks_for_a_corpus(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_corpus.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(fortunes.shutil, "which", lambda tool: None)
     with pytest.raises(UserError, match="give --corpus DIR"):
-        demo_corpus.fetch_packages(["de"], tmp_path)
+        fortunes.fetch_packages(["de"], tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mdkd.pipeline.losses import alpha_at, kd_loss, merge_duplicates, mlm_loss
-from mdkd.pipeline.train_config import AlphaConfig
+from mdkd.pipeline.distill.losses import alpha_at, kd_loss, merge_duplicates, mlm_loss
+from mdkd.pipeline.distill.config import AlphaConfig
 
 
 def dense_kd(student_logits, teacher_logits, tau):

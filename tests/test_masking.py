@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mdkd.pipeline.config import MaskingConfig
-from mdkd.pipeline.masking import Masker
+from mdkd.pipeline.teacher_pass.config import MaskingConfig
+from mdkd.pipeline.teacher_pass.masking import Masker
 
 MASK_ID, SPECIALS, VOCAB = 4, {0, 1, 2, 3, 4}, 1000
 

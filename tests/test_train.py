@@ -17,11 +17,11 @@ from click.testing import CliRunner
 
 from conftest import free_port, train_config, write_config
 from mdkd.cli import cli
-from mdkd.pipeline.data import Sampler, Stream, held_out, language_probabilities
-from mdkd.pipeline.manifest import load_manifest
-from mdkd.pipeline.student import build_student
-from mdkd.pipeline.train_config import StudentConfig
-from mdkd.pipeline.vocab import Alignment, TeacherVocabulary, build_alignment
+from mdkd.pipeline.distill.data import Sampler, Stream, held_out, language_probabilities
+from mdkd.pipeline.cache.manifest import load_manifest
+from mdkd.pipeline.distill.student import build_student
+from mdkd.pipeline.distill.config import StudentConfig
+from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, build_alignment
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -181,7 +181,7 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(training_cache, tmp
 
 def _agreement(model, stream: Stream, rows: int = 200) -> float:
     """Share of masked positions where the student's top-1 is the teacher's top-1."""
-    from mdkd.pipeline.data import collate
+    from mdkd.pipeline.distill.data import collate
 
     stream.restore([0, 0, 0])
     examples = [stream.example(*stream.next_row()) for _ in range(rows)]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import sentences
-from mdkd.pipeline.tiny_models import train_tokenizer
-from mdkd.pipeline.vocab import (
+from mdkd.demo.tiny_models import train_tokenizer
+from mdkd.pipeline.distill.vocab import (
     DROPPED, STUDENT_SPECIALS, Alignment, Canonicaliser, Family, TeacherVocabulary, build_alignment,
 )
-from mdkd.pipeline.teachers import special_token_ids
+from mdkd.pipeline.teacher_pass.teachers import special_token_ids
 
 
 @pytest.fixture(scope="module")

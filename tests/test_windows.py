@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import make_documents, sentences
-from mdkd.pipeline.config import MaskingConfig
-from mdkd.pipeline.corpus import Document
-from mdkd.pipeline.masking import Masker
-from mdkd.pipeline.teachers import ADAPTERS
-from mdkd.pipeline.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
-from mdkd.pipeline.windows import collate, length_batches, prepare_unit
+from mdkd.pipeline.teacher_pass.config import MaskingConfig
+from mdkd.pipeline.teacher_pass.corpus import Document
+from mdkd.pipeline.teacher_pass.masking import Masker
+from mdkd.pipeline.teacher_pass.teachers import ADAPTERS
+from mdkd.demo.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
+from mdkd.pipeline.teacher_pass.windows import collate, length_batches, prepare_unit
 
 
 @pytest.fixture(scope="module")

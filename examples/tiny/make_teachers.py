@@ -6,7 +6,7 @@ exist only to exercise the pipeline: a German WordPiece BERT and a multilingual 
 
 from pathlib import Path
 
-from mdkd.pipeline.tiny_models import build_masked_lm, train_tokenizer
+from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
 
 here = Path(__file__).resolve().parent
 texts = {language: (here / "corpus" / f"{language}.txt").read_text(encoding="utf-8").splitlines() for language in ("en", "de", "ru")}

@@ -1,27 +1,18 @@
-"""Strict, typed configuration for `mdkd cache-logits`.
+"""Config machinery shared by both stages: strict models, every problem reported at once, YAML in and out.
 
-Every problem in a config file is collected and reported at once, before any model is loaded: unknown keys,
-wrong types, out-of-range values, missing files, teacher paths that do not exist, and languages that no teacher
-serves. Relative paths are resolved against the folder that holds the config file, so a config and its data can
-be moved together. The resolved config (absolute paths, every default filled in) is what gets saved beside
-outputs and hashed.
+Each stage has its own typed config (teacher_pass/config.py, distill/config.py) built on `StrictModel`; a file is
+validated whole and `ConfigError` lists every problem, so a user fixes them in one go.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mdkd.pipeline.errors import UserError
-
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 class ConfigError(UserError):
@@ -36,153 +27,6 @@ class ConfigError(UserError):
 class StrictModel(BaseModel):
     # strict: "128" is not silently an int; extra="forbid": a typo in a key name is an error, not a default.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-def _base_dir(info: ValidationInfo) -> Path:
-    return Path((info.context or {}).get("base_dir", "."))
-
-
-def resolve_local_or_hub(value: str, base_dir: Path) -> tuple[str, bool]:
-    """Return (resolved value, is_local) for a model or tokenizer reference.
-
-    A reference that exists relative to `base_dir` (or absolutely) is a local folder. One that looks like a hub id
-    (`name` or `org/name`) is kept as is for `from_pretrained`. Anything else is a local path that does not exist.
-    """
-    candidate = (base_dir / Path(value).expanduser()).resolve()
-    if candidate.exists():
-        return str(candidate), True
-    if _HUB_ID.match(value) and not value.startswith("."):
-        return value, False
-    raise ValueError(f"folder not found: {candidate} (give an existing local folder or a hub id like org/name)")
-
-
-class CorpusSource(StrictModel):
-    """One source of documents for one language: a local file or folder, or a `datasets` spec."""
-
-    language: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name in the cache
-    path: str | None = None
-    dataset: dict[str, Any] | None = None
-    text_field: str = "text"
-
-    @field_validator("path")
-    @classmethod
-    def _path_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        resolved = (_base_dir(info) / Path(value).expanduser()).resolve()
-        if not resolved.exists():
-            raise ValueError(f"corpus file not found: {resolved}")
-        if resolved.is_file() and resolved.suffix not in CORPUS_SUFFIXES:
-            raise ValueError(f"unsupported corpus file {resolved.name}: use one of {', '.join(CORPUS_SUFFIXES)}")
-        return str(resolved)
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_has_path(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        if not isinstance(value.get("path"), str):
-            raise ValueError("a dataset spec needs a 'path' (a hub name or a local folder), as for datasets.load_dataset")
-        local = (_base_dir(info) / Path(value["path"]).expanduser()).resolve()
-        return {**value, "path": str(local)} if local.exists() else value
-
-    @model_validator(mode="after")
-    def _exactly_one_source(self) -> "CorpusSource":
-        if (self.path is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'path' or 'dataset'")
-        return self
-
-    @property
-    def description(self) -> str:
-        if self.path is not None:
-            return self.path
-        return "dataset:" + json.dumps(self.dataset, sort_keys=True)
-
-
-class TeacherSpec(StrictModel):
-    """A teacher masked LM, its tokenizer (default: the model's own) and the languages it serves."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    model: str
-    tokenizer: str | None = None
-    revision: str | None = None
-    languages: list[str] = Field(min_length=1)
-
-    @field_validator("languages")
-    @classmethod
-    def _language_names(cls, value: list[str]) -> list[str]:
-        bad = [language for language in value if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", language)]
-        if bad:
-            raise ValueError(f"language names are folder names: letters, digits, '_', '.', '-' (got {bad})")
-        return value
-
-    @field_validator("model", "tokenizer")
-    @classmethod
-    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        return resolve_local_or_hub(value, _base_dir(info))[0]
-
-    @property
-    def tokenizer_ref(self) -> str:
-        return self.tokenizer or self.model
-
-
-class MaskingConfig(StrictModel):
-    """BERT-style masking: which share of tokens is predicted, and how the chosen ones are corrupted."""
-
-    probability: float = Field(0.15, gt=0.0, lt=1.0)
-    mask: float = Field(0.8, ge=0.0, le=1.0)
-    random: float = Field(0.1, ge=0.0, le=1.0)
-    keep: float = Field(0.1, ge=0.0, le=1.0)
-    seed: int = 0
-    copies: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _split_sums_to_one(self) -> "MaskingConfig":
-        if abs(self.mask + self.random + self.keep - 1.0) > 1e-6:
-            raise ValueError(f"mask + random + keep must sum to 1 (got {self.mask + self.random + self.keep:g})")
-        return self
-
-
-class CacheConfig(StrictModel):
-    """The whole `mdkd cache-logits` config."""
-
-    corpus: list[CorpusSource] = Field(min_length=1)
-    teachers: list[TeacherSpec] = Field(min_length=1)
-    masking: MaskingConfig = MaskingConfig()
-    max_length: int = Field(128, ge=8)
-    top_k: int = Field(8, ge=1)
-    batch_tokens: int | None = Field(16384, ge=8)
-    batch_size: int | None = Field(None, ge=1)
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    logprobs_dtype: Literal["float32", "float16"] = "float32"
-    shard_documents: int = Field(2048, ge=1)
-
-    def languages(self) -> list[str]:
-        """Corpus languages in first-seen order."""
-        return list(dict.fromkeys(source.language for source in self.corpus))
-
-    def sources_for(self, language: str) -> list[CorpusSource]:
-        return [source for source in self.corpus if source.language == language]
-
-    def content_hash(self) -> str:
-        """Hash of every setting that changes what the cache holds, but not where files are.
-
-        Local paths are left out (the cache identity holds the corpus fingerprints and teacher hashes instead),
-        so a cache can be resumed after its data moved. `device`, `batch_tokens` and `batch_size` are left out
-        too: they are how the work runs, and a user resuming after running out of memory must be able to lower
-        the batch without starting over (the results then differ from an uninterrupted run in the last bits).
-        """
-        content = self.model_dump(mode="json", exclude={"device", "batch_tokens", "batch_size"})
-        for source in content["corpus"]:
-            source["path"] = Path(source["path"]).name if source["path"] else None
-        for teacher in content["teachers"]:
-            for key in ("model", "tokenizer"):
-                if teacher[key] and Path(teacher[key]).is_absolute():
-                    teacher[key] = "local"
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
@@ -210,35 +54,6 @@ def format_validation_error(error: ValidationError) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-def _cross_checks(raw: Any) -> list[str]:
-    """Checks that span sections, run on the raw YAML so they are reported even when other keys are invalid."""
-    if not isinstance(raw, dict):
-        return []
-    corpus = raw.get("corpus") if isinstance(raw.get("corpus"), list) else []
-    teachers = raw.get("teachers") if isinstance(raw.get("teachers"), list) else []
-    corpus_languages = [s["language"] for s in corpus if isinstance(s, dict) and isinstance(s.get("language"), str)]
-    served: set[str] = set()
-    names: list[str] = []
-    for teacher in teachers:
-        if not isinstance(teacher, dict):
-            continue
-        languages = teacher.get("languages")
-        if isinstance(languages, list):
-            served.update(x for x in languages if isinstance(x, str))
-        if isinstance(teacher.get("name"), str):
-            names.append(teacher["name"])
-    problems = []
-    for language in dict.fromkeys(corpus_languages):
-        if teachers and language not in served:
-            problems.append(f"corpus: language '{language}' is served by no teacher (add it to a teacher's languages)")
-    for language in sorted(served - set(corpus_languages)):
-        if corpus:
-            problems.append(f"teachers: language '{language}' has no corpus source (add one or remove the language)")
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"teachers: name '{name}' is used twice (teacher names must be unique)")
-    return problems
-
-
 def read_yaml(path: Path) -> Any:
     """Load a YAML file, turning a missing file or a syntax error into a one-line UserError."""
     try:
@@ -251,27 +66,6 @@ def read_yaml(path: Path) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-
-
-def validate_cache_config(raw: Any, path: Path) -> CacheConfig:
-    """Validate raw YAML data for `cache-logits`; raise ConfigError listing every problem."""
-    problems: list[str] = []
-    config = None
-    if not isinstance(raw, dict):
-        raise ConfigError(path, ["the file must hold a mapping of keys (corpus, teachers, ...)"])
-    try:
-        config = CacheConfig.model_validate(raw, context={"base_dir": path.parent.resolve()})
-    except ValidationError as error:
-        problems.extend(format_validation_error(error))
-    problems.extend(_cross_checks(raw))
-    if problems or config is None:
-        raise ConfigError(path, problems)
-    return config
-
-
-def load_cache_config(path: str | Path) -> CacheConfig:
-    path = Path(path)
-    return validate_cache_config(read_yaml(path), path)
 
 
 def dump_config(config: BaseModel) -> str:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdkd.pipeline.data import Example, ShardRows, collate, held_out
-from mdkd.pipeline.losses import kd_loss
-from mdkd.pipeline.shards import read_shard
+from mdkd.pipeline.distill.data import Example, ShardRows, collate, held_out
+from mdkd.pipeline.distill.losses import kd_loss
+from mdkd.pipeline.cache.shards import read_shard
 
 
 @dataclass

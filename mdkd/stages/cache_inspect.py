@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from mdkd.pipeline.manifest import load_manifest
-from mdkd.pipeline.shards import read_shard
+from mdkd.pipeline.cache.manifest import load_manifest
+from mdkd.pipeline.cache.shards import read_shard
 
 HEADERS = ("teacher", "language", "rows", "masked", "bytes/pos", "top1 p", "top-k mass", "entropy")
 

@@ -18,16 +18,17 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mdkd import __version__
-from mdkd.pipeline import manifest as mf
-from mdkd.pipeline.background import BackgroundJobs, prefetch
-from mdkd.pipeline.config import CacheConfig, dump_config, load_cache_config
-from mdkd.pipeline.corpus import SourceSummary, read_language, scan_source
+from mdkd.pipeline.cache import manifest as mf
+from mdkd.pipeline.teacher_pass.background import BackgroundJobs, prefetch
+from mdkd.pipeline.config import dump_config
+from mdkd.pipeline.teacher_pass.config import CacheConfig, load_cache_config
+from mdkd.pipeline.teacher_pass.corpus import SourceSummary, read_language, scan_source
 from mdkd.pipeline.distributed import Ranks, barrier, broadcast_from_main, pick_device, start_process_group
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.masking import Masker
-from mdkd.pipeline.shards import write_shard
-from mdkd.pipeline.teachers import Teacher, TeacherInfo, hash_folder, inspect_teacher, pick_dtype
-from mdkd.pipeline.windows import build_table, prepare_unit, score_unit
+from mdkd.pipeline.teacher_pass.masking import Masker
+from mdkd.pipeline.cache.shards import write_shard
+from mdkd.pipeline.teacher_pass.teachers import Teacher, TeacherInfo, hash_folder, inspect_teacher, pick_dtype
+from mdkd.pipeline.teacher_pass.windows import build_table, prepare_unit, score_unit
 
 
 def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> dict:

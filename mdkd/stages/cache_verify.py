@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from mdkd.pipeline.manifest import load_manifest
-from mdkd.pipeline.shards import COLUMNS, check_shard_file, read_shard
+from mdkd.pipeline.cache.manifest import load_manifest
+from mdkd.pipeline.cache.shards import COLUMNS, check_shard_file, read_shard
 
 
 def _check_rows(table, top_k: int, vocab_size: int) -> list[str]:

@@ -22,11 +22,11 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from mdkd.pipeline.data import held_out
-from mdkd.pipeline.demo_corpus import fetch_packages, write_corpus
+from mdkd.pipeline.distill.data import held_out
+from mdkd.demo.fortunes import fetch_packages, write_corpus
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.manifest import write_json_atomic
-from mdkd.pipeline.tiny_models import build_masked_lm, pretrain_masked_lm, train_tokenizer
+from mdkd.pipeline.cache.manifest import write_json_atomic
+from mdkd.demo.tiny_models import build_masked_lm, pretrain_masked_lm, train_tokenizer
 
 LANGUAGES = ["de", "en", "ru", "zh"]
 MULTI = "multi_xlmr"

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdkd.pipeline.config import CorpusSource, MaskingConfig
-from mdkd.pipeline.corpus import Document, read_language
+from mdkd.pipeline.teacher_pass.config import CorpusSource, MaskingConfig
+from mdkd.pipeline.teacher_pass.corpus import Document, read_language
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.evaluation import MetricSums, fraction_rule, held_out_windows, model_sums, score_windows
-from mdkd.pipeline.manifest import load_manifest, write_json_atomic
-from mdkd.pipeline.masking import Masker
-from mdkd.pipeline.teachers import ADAPTERS, masked_logits
-from mdkd.pipeline.vocab import TeacherVocabulary, map_by_canonical
-from mdkd.pipeline.windows import collate, prepare_unit
+from mdkd.pipeline.cache.manifest import load_manifest, write_json_atomic
+from mdkd.pipeline.teacher_pass.masking import Masker
+from mdkd.pipeline.teacher_pass.teachers import ADAPTERS, masked_logits
+from mdkd.pipeline.distill.vocab import TeacherVocabulary, map_by_canonical
+from mdkd.pipeline.teacher_pass.windows import collate, prepare_unit
 
 RAW_TEXT_SEED = 1234  # fresh masking of raw text: a fixed seed, so two models see the same masked text
 

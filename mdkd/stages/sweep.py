@@ -17,7 +17,7 @@ import yaml
 from mdkd.pipeline.config import ConfigError, dump_config, read_yaml
 from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.train_config import validate_train_config
+from mdkd.pipeline.distill.config import validate_train_config
 
 
 def parse_grid(sweeps: list[str], sweep_file: Path | None) -> dict[str, list]:

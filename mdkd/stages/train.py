@@ -18,18 +18,18 @@ from tqdm.auto import tqdm
 
 from mdkd import __version__
 from mdkd.pipeline.config import dump_config
-from mdkd.pipeline.data import Sampler, Stream, held_out, language_probabilities
-from mdkd.pipeline.deepspeed_setup import deepspeed_config, init_distributed, linear_schedule, resolve_precision
+from mdkd.pipeline.distill.data import Sampler, Stream, held_out, language_probabilities
+from mdkd.pipeline.distill.deepspeed_setup import deepspeed_config, init_distributed, linear_schedule, resolve_precision
 from mdkd.pipeline.distributed import Ranks, barrier, pick_device
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.evaluation import MetricSums, fraction_rule, held_out_windows, score_windows
-from mdkd.pipeline.losses import alpha_at
-from mdkd.pipeline.manifest import load_manifest, write_json_atomic
-from mdkd.pipeline.shards import check_shard_file, read_shard
-from mdkd.pipeline.student import build_student, export_student
-from mdkd.pipeline.train_config import TrainConfig, load_train_config, teacher_weights
-from mdkd.pipeline.training import StepTotals, micro_batch_backward, rank_micro_batches
-from mdkd.pipeline.vocab import Alignment, TeacherVocabulary, build_alignment, count_cached_tokens, mass_dropped
+from mdkd.pipeline.distill.losses import alpha_at
+from mdkd.pipeline.cache.manifest import load_manifest, write_json_atomic
+from mdkd.pipeline.cache.shards import check_shard_file, read_shard
+from mdkd.pipeline.distill.student import build_student, export_student
+from mdkd.pipeline.distill.config import TrainConfig, load_train_config, teacher_weights
+from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward, rank_micro_batches
+from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, build_alignment, count_cached_tokens, mass_dropped
 
 RUN_FILE = "run.json"
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mdkd.pipeline.config import CacheConfig, read_yaml, validate_cache_config
-from mdkd.pipeline.train_config import validate_train_config
+from mdkd.pipeline.config import read_yaml
+from mdkd.pipeline.teacher_pass.config import CacheConfig, validate_cache_config
+from mdkd.pipeline.distill.config import validate_train_config
 
 
 def run(path: Path) -> BaseModel:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from mdkd.pipeline.config import CORPUS_SUFFIXES, CorpusSource
+from mdkd.pipeline.teacher_pass.config import CORPUS_SUFFIXES, CorpusSource
 from mdkd.pipeline.errors import UserError
 
 

@@ -149,7 +149,7 @@ class TeacherVocabulary:
     @classmethod
     def from_tokenizer(cls, name: str, folder: Path, tokenizer) -> "TeacherVocabulary":
         """Any saved fast tokenizer (a student, an outside model), to compare its tokens with a teacher's."""
-        from mdkd.pipeline.teachers import special_token_ids
+        from mdkd.pipeline.teacher_pass.teachers import special_token_ids
 
         return cls.from_tokenizer_file(name, folder / "tokenizer.json", len(tokenizer), special_token_ids(tokenizer))
 
@@ -266,7 +266,7 @@ def count_cached_tokens(cache_dir: Path, shards: list[dict], canonical: list[str
     """Canonical-token counts over the original (unmasked) inputs of `shards` of one teacher."""
     import pyarrow.compute as pc
 
-    from mdkd.pipeline.shards import read_shard
+    from mdkd.pipeline.cache.shards import read_shard
 
     counts = np.zeros(len(canonical), dtype=np.int64)
     for shard in shards:
@@ -287,7 +287,7 @@ def mass_dropped(cache_dir: Path, shards: list[dict], id_map: np.ndarray, top_k:
     """Mean teacher probability (within the top-k) per cached position that falls on dropped tokens."""
     import pyarrow.compute as pc
 
-    from mdkd.pipeline.shards import read_shard
+    from mdkd.pipeline.cache.shards import read_shard
 
     lost = positions = 0.0
     for shard in shards:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mdkd.pipeline.train_config import AlphaConfig
+from mdkd.pipeline.distill.config import AlphaConfig
 
 
 def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdkd.pipeline.config import MaskingConfig
+from mdkd.pipeline.teacher_pass.config import MaskingConfig
 
 
 @dataclass(frozen=True)

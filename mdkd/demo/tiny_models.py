@@ -127,7 +127,7 @@ def pretrain_masked_lm(model, tokenizer, texts: list[str], steps: int, batch_siz
 
     from transformers import DataCollatorForLanguageModeling, get_linear_schedule_with_warmup
 
-    from mdkd.pipeline.teachers import ADAPTERS
+    from mdkd.pipeline.teacher_pass.teachers import ADAPTERS
 
     rng = random.Random(seed)
     torch.manual_seed(seed)

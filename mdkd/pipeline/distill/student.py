@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mdkd.pipeline.train_config import StudentConfig
-from mdkd.pipeline.vocab import STUDENT_SPECIALS
+from mdkd.pipeline.distill.config import StudentConfig
+from mdkd.pipeline.distill.vocab import STUDENT_SPECIALS
 
 
 class MaskedLMStudent(nn.Module):

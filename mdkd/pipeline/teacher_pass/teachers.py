@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mdkd.pipeline.config import TeacherSpec
+from mdkd.pipeline.teacher_pass.config import TeacherSpec
 from mdkd.pipeline.errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mdkd.pipeline.data import Example, collate
-from mdkd.pipeline.losses import kd_loss, mlm_loss
-from mdkd.pipeline.train_config import LossConfig
+from mdkd.pipeline.distill.data import Example, collate
+from mdkd.pipeline.distill.losses import kd_loss, mlm_loss
+from mdkd.pipeline.distill.config import LossConfig
 
 
 def rank_micro_batches(examples: list[Example], rank: int, world: int, micro: int, accumulation: int) -> list[list[Example]]:

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mdkd.pipeline.corpus import Document
-from mdkd.pipeline.masking import Masker, MaskedWindow
-from mdkd.pipeline.shards import shard_schema
+from mdkd.pipeline.teacher_pass.corpus import Document
+from mdkd.pipeline.teacher_pass.masking import Masker, MaskedWindow
+from mdkd.pipeline.cache.shards import shard_schema
 
 
 @dataclass

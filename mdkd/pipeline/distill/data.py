@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from mdkd.pipeline.shards import read_shard
+from mdkd.pipeline.cache.shards import read_shard
 
 
 def held_out(doc_id: str, fraction: float) -> bool:

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from mdkd.pipeline.train_config import TrainConfig
+from mdkd.pipeline.distill.config import TrainConfig
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

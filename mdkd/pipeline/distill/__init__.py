@@ -1,0 +1,1 @@
+"""Stage two: the merged vocabulary, training data from the cache, losses, the student and its DeepSpeed training."""

@@ -1,0 +1,1 @@
+"""Stage one: reading the corpus, windows and masking, running teachers, writing shards in the background."""
