@@ -94,7 +94,8 @@ def evaluate(target: Path, cache_dir, heldout_run, eval_fraction, max_rows: int,
     """Score a run's student (or any HF masked LM folder) per language against the teachers, on held-out data."""
     from mdkd.stages import evaluate as stage
 
-    report = stage.run(target, cache_dir, heldout_run, eval_fraction, max_rows, out_file)
+    report = stage.run(target, cache_dir=cache_dir, heldout_run=heldout_run, eval_fraction=eval_fraction,
+                       max_rows=max_rows, out_file=out_file)
     click.echo(stage.render(report))
 
 
@@ -118,26 +119,29 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
               show_default=True, help="Where the demo keeps its corpus, teachers, cache, runs and report.")
 @click.option("--corpus", "corpus_dir", type=existing_dir, default=None,
               help="A folder of <language>.txt files (one document per line) instead of Debian's fortunes.")
-def demo(quick: bool, workdir: Path, corpus_dir: Path | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a demo in the workdir that was run with other settings.")
+def demo(quick: bool, workdir: Path, corpus_dir: Path | None, overwrite: bool) -> None:
     """The MergeDistill experiment in miniature, offline: teachers, one cache, four students, a report.
 
     Rerun the same command to resume after an interruption; finished steps are skipped.
     """
     from mdkd.stages import demo as stage
 
-    result = stage.run(workdir, corpus_dir, quick)
+    result = stage.run(workdir, corpus_dir, quick, overwrite=overwrite)
     click.echo(result["summary"])
     click.echo(f"report: {result['root']}/report/report.md, plots: {', '.join(result['report']['plots'])}")
 
 
 @cli.command("validate")
 @click.argument("config_path", type=existing_file)
-def validate(config_path: Path) -> None:
+@click.option("--cache", "cache_dir", type=existing_dir, default=None,
+              help="Also check a train config against this cache (teachers, languages, k', temperature).")
+def validate(config_path: Path, cache_dir: Path | None) -> None:
     """Check a config file without loading any model; list every problem."""
     from mdkd.stages import validate as stage
 
     try:
-        config = stage.run(config_path)
+        config = stage.run(config_path, cache_dir)
     except ConfigError as error:
         click.echo(f"error: {config_path} has {len(error.problems)} problem(s):", err=True)
         for problem in error.problems:
@@ -155,13 +159,20 @@ def cache() -> None:
 @click.argument("cache_dir", type=existing_dir)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
 def cache_inspect(cache_dir: Path, as_json: bool) -> None:
-    """Per teacher and language: rows, masked positions, bytes per position, top-1 probability, entropy."""
+    """Per teacher and language: rows, masked positions, bytes per position, top-1 probability, top-k mass (also
+    tempered), entropy; per teacher, where its tokens land in the merged vocabulary. Warns (on stderr) where the
+    top-k holds little of a teacher's mass."""
     import json
 
     from mdkd.stages import cache_inspect as stage
 
-    rows = stage.collect(cache_dir)
-    click.echo("\n".join(json.dumps(row) for row in rows) if as_json else stage.render(rows))
+    found = stage.collect(cache_dir)
+    if as_json:
+        click.echo("\n".join(json.dumps(row) for row in found.rows + [{"token_shares": found.token_shares}]))
+    else:
+        click.echo(stage.render(found.rows) + "\n\n" + stage.render_shares(found.token_shares))
+    for warning in found.warnings:
+        click.echo(warning, err=True)
 
 
 @cache.command("verify")

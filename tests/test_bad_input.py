@@ -193,8 +193,8 @@ def test_train_into_a_run_folder_of_another_config(tmp_path, training_cache):
     from conftest import train_config
 
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"config_hash": "other", "cache_config_hash": "x", "complete": False}))
-    assert_train_error(run_train(tmp_path, training_cache, train_config()), tmp_path, "different config or cache")
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"identity": {"config_hash": "other"}, "complete": False}))
+    assert_train_error(run_train(tmp_path, training_cache, train_config()), tmp_path, "different config or inputs")
 
 
 def test_resume_with_nothing_to_resume(tmp_path, training_cache):

@@ -50,7 +50,7 @@ def built(tmp_path_factory, teachers_dir):
 def test_manifest_records_sources_teachers_and_shards(built):
     cache = built / "cache"
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["complete"] is True and manifest["schema_version"] == 1 and manifest["top_k"] == 5
+    assert manifest["complete"] is True and manifest["schema_version"] == 2 and manifest["top_k"] == 5
     de = next(c for c in manifest["corpus"] if c["language"] == "de")
     assert (de["documents"], de["skipped_invalid_utf8_lines"], de["skipped_blank_lines"]) == (20, 1, 1)
     assert de["fingerprint"].startswith("sha256:")
@@ -198,12 +198,20 @@ def test_verify_catches_log_probabilities_out_of_order(built, tmp_path):
 def test_inspect_reports_every_teacher_and_language(built):
     result = run_cli("cache", "inspect", str(built / "cache"), "--json")
     assert result.exit_code == 0
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    *rows, shares = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["teacher"], r["language"]) for r in rows] == [("de_bert", "de"), ("multi_xlmr", "de"), ("multi_xlmr", "ru")]
+    manifest = json.loads((built / "cache" / "manifest.json").read_text())
     for row in rows:
         assert 0 < row["mean_top1_probability"] <= row["mean_topk_mass"] <= 1
-        assert 0 <= row["mean_topk_entropy"] <= np.log(5) + 1e-6
+        assert row["mean_topk_mass_tau1"] == pytest.approx(row["mean_topk_mass"], rel=1e-4)
+        # Tempering at tau = 2 flattens the distribution, so the top-k keeps less of it.
+        assert 0 < row["mean_topk_mass_tau2"] < row["mean_topk_mass_tau1"]
+        # The true entropy, of the whole vocabulary: at most log V, and above what the top-k alone could hold.
+        assert 0 <= row["mean_entropy"] <= np.log(manifest["teachers"][row["teacher"]]["vocab_size"]) + 1e-4
         assert row["bytes_per_position"] > 0
+    assert set(shares["token_shares"]) == {"de_bert", "multi_xlmr"}
+    # The random tiny teachers' top-5 holds a few percent of their mass: inspect says so on stderr.
+    assert result.stderr.count("warning: the top-5 of") == 3
 
 
 def test_float16_logprobs_halve_that_column(built, tmp_path, teachers_dir):

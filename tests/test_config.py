@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from conftest import REPO, cache_config, write_config
 from mdkd.cli import cli
 from mdkd.pipeline.config import ConfigError
+from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.teacher_pass.config import load_cache_config
 from mdkd.stages import validate
 
@@ -97,5 +98,5 @@ def test_jsonl_blank_and_null_texts_are_counted_not_fatal(tmp_path):
     summary = scan_source(source)
     assert (summary.documents, summary.skipped_blank) == (2, 2)
     path.write_text('{"text": 5}\n', encoding="utf-8")
-    with pytest.raises(Exception, match="holds int, not text"):
+    with pytest.raises(UserError, match="holds int, not text"):
         scan_source(source)

@@ -73,5 +73,5 @@ def test_rerunning_the_demo_skips_finished_steps(miniature):
 
 def test_other_settings_in_the_same_workdir_are_refused(miniature):
     root, _ = miniature
-    with pytest.raises(UserError, match="holds a demo run with other settings"):
+    with pytest.raises(UserError, match="holds a demo with a different config"):
         demo.run(root / "work", root / "corpus", quick=True, settings=demo.QUICK)

@@ -24,7 +24,8 @@ def test_model_metrics_by_hand():
     assert result["positions"] == 2 and result["accuracy"] == 0.5
     assert result["perplexity"] == pytest.approx(math.exp(-(math.log(0.7) + math.log(0.3)) / 2), rel=1e-5)
     assert result["agreement"] == 1.0  # rows 1 and 2: top-1 0 == 0 and 2 == 2; row 3 has no teacher top-1
-    q1, p1 = np.array([0.75, 0.25]), np.array([0.7, 0.2]) / 1.0
+    # Exact KL at tau = 1 over the teacher's top-k plus one bucket for everything else (rest 0.2, then 0).
+    q1, p1 = np.array([0.6, 0.2, 0.2]), np.array([0.7, 0.2, 0.1])
     q2, p2 = np.array([0.5, 0.5]), np.array([0.6, 0.1])
     expected_kl = ((q1 * np.log(q1 / p1)).sum() + (q2 * np.log(q2 / p2)).sum()) / 2
     assert result["kl"] == pytest.approx(expected_kl, rel=1e-4)

@@ -85,3 +85,12 @@ def test_invalid_sweep_is_refused_before_any_training(tmp_path, training_cache):
                                       str(tmp_path / "out"), "--sweep", "loss.top_k=4,0"])
     assert result.exit_code == 2 and "loss.top_k=0: loss.top_k: Input should be greater than or equal to 1" in result.stderr
     assert not (tmp_path / "out" / "loss.top_k=4" / "run.json").exists()
+
+
+def test_a_sweep_value_the_cache_cannot_serve_is_refused_before_any_training(tmp_path, training_cache):
+    config = write_config(tmp_path / "base.yaml", train_config())
+    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out",
+                                      str(tmp_path / "out"), "--sweep", "loss.temperature=2,4"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "loss.temperature=4: loss.temperature 4 was not recorded in the cache (it has 1, 2;" in result.stderr
+    assert not (tmp_path / "out" / "loss.temperature=2" / "run.json").exists()

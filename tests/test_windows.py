@@ -11,7 +11,7 @@ from mdkd.pipeline.teacher_pass.corpus import Document
 from mdkd.pipeline.teacher_pass.masking import Masker
 from mdkd.pipeline.teacher_pass.teachers import ADAPTERS
 from mdkd.demo.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
-from mdkd.pipeline.teacher_pass.windows import collate, length_batches, prepare_unit
+from mdkd.pipeline.teacher_pass.windows import length_batches, padded_inputs, prepare_unit
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,13 @@ def test_windows_cover_every_token_of_every_document(wordpiece, max_length):
     unit = prepare_unit(documents, wordpiece, masker, max_length, copies=1)
     special = set(wordpiece.all_special_ids)
     for document in documents:
-        windows = sorted((e for e in unit.examples if e.doc_id == document.doc_id), key=lambda e: e.window)
+        windows = sorted((e for e in unit.rows if e.doc_id == document.doc_id), key=lambda e: e.window)
         assert [e.window for e in windows] == list(range(len(windows)))
         rebuilt = []
         for example in windows:
-            assert len(example.masked.input_ids) <= max_length
-            original = example.masked.input_ids.copy()
-            original[example.masked.positions] = example.masked.labels
+            assert len(example.input_ids) <= max_length
+            original = example.input_ids.copy()
+            original[example.positions] = example.labels
             rebuilt += [int(i) for i in original if i not in special]
         assert rebuilt == wordpiece(document.text, add_special_tokens=False)["input_ids"]
 
@@ -46,8 +46,8 @@ def test_copies_are_masked_independently(wordpiece):
     documents = [Document("de:x:0", make_documents("de", 1)[0])]
     masker = Masker(MaskingConfig(), wordpiece.mask_token_id, set(wordpiece.all_special_ids), len(wordpiece))
     unit = prepare_unit(documents, wordpiece, masker, 512, copies=3)
-    assert [(e.window, e.copy) for e in unit.examples] == [(0, 0), (0, 1), (0, 2)]
-    assert len({tuple(e.masked.positions) for e in unit.examples}) > 1
+    assert [(e.window, e.copy) for e in unit.rows] == [(0, 0), (0, 1), (0, 2)]
+    assert len({tuple(e.positions) for e in unit.rows}) > 1
 
 
 def test_length_batches_respect_token_budget_and_batch_size():
@@ -64,8 +64,8 @@ def test_masked_position_head_equals_full_forward(model_type, wordpiece, unigram
     model = build_masked_lm(model_type, tokenizer, seed=3)
     documents = [Document(f"d{i}", text) for i, text in enumerate(make_documents("de", 6))]
     masker = Masker(MaskingConfig(), tokenizer.mask_token_id, set(tokenizer.all_special_ids), len(tokenizer))
-    examples = prepare_unit(documents, tokenizer, masker, 24, copies=1).examples
-    input_ids, attention_mask, rows, cols = collate(examples, tokenizer.pad_token_id)
+    examples = prepare_unit(documents, tokenizer, masker, 24, copies=1).rows
+    input_ids, attention_mask, rows, cols = padded_inputs(examples, tokenizer.pad_token_id)
     adapter = ADAPTERS[model_type]
     with torch.no_grad():
         full = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]

@@ -4,24 +4,30 @@ Model metrics (on windows whose labels the model's vocabulary can spell):
 - accuracy: the model's top-1 equals the original token;
 - perplexity: exp(mean cross-entropy against the original token);
 - agreement: the model's top-1 equals the teacher's top-1 (positions where the teacher's top-1 maps to a token);
-- kl: KL(teacher top-k renormalised || model softmax) at temperature 1, the KD loss with tau = 1.
+- kl: the exact KL at temperature 1 between teacher and model over the teacher's top-k tokens plus one bucket for
+  everything else (at tau = 1 the teacher's log-partition is 0, so every cache has what this needs);
+- topk_mass_tau<T>: the model's probability at temperature T on the teacher's top-k tokens (for every
+  temperature the cache recorded), to hold against the teacher's own figure: a student that matches its teacher
+  puts the same share of its mass there.
 
 Teacher metrics come from the cache alone, no teacher compute: accuracy is top-1 == label; the teacher's
 probability of the label is known only when the label is in its top-k, so its perplexity is reported as a lower
-bound, counting a label outside the top-k as if it had the k-th probability.
+bound, counting a label outside the top-k as if it had the k-th probability; topk_mass_tau<T> is exact, from the
+cached tempered log-partitions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mdkd.pipeline.distill.data import Example, ShardRows, collate, held_out
+from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.cache.shards import CachedPredictions
+from mdkd.pipeline.distill.data import Example, collate
 from mdkd.pipeline.distill.losses import kd_loss
-from mdkd.pipeline.cache.shards import read_shard
 
 
 @dataclass
@@ -34,10 +40,14 @@ class MetricSums:
     agreement_positions: float = 0.0
     agreements: float = 0.0
     kl: float = 0.0
+    topk_mass: dict[float, float] = field(default_factory=dict)  # temperature -> summed tempered top-k mass
 
     def add(self, other: "MetricSums") -> None:
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            if name != "topk_mass":
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+        for tau, mass in other.topk_mass.items():
+            self.topk_mass[tau] = self.topk_mass.get(tau, 0.0) + mass
 
     def result(self) -> dict:
         if not self.positions:
@@ -50,13 +60,15 @@ class MetricSums:
         if self.agreement_positions:
             result["agreement"] = self.agreements / self.agreement_positions
             result["kl"] = self.kl / self.agreement_positions
+        for tau, mass in sorted(self.topk_mass.items()):
+            result[f"topk_mass_tau{tau:g}"] = mass / self.positions
         return result
 
 
 def model_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
-               teacher_logprobs: torch.Tensor | None = None) -> MetricSums:
+               teacher_logprobs: torch.Tensor | None = None, temperatures: list[float] = ()) -> MetricSums:
     """Sums for one batch. labels [N] (-1: the model cannot spell the label; left out), teacher_ids [N, k] in the
-    model's ids (-1: no such token), teacher_logprobs [N, k]."""
+    model's ids (-1: no such token), teacher_logprobs [N, k]; top-k masses at each of `temperatures`."""
     logits = logits.float()
     known = labels >= 0
     logp = torch.log_softmax(logits[known], dim=-1)
@@ -71,16 +83,31 @@ def model_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Te
         sums.agreement_positions = float(comparable.sum())
         sums.agreements = float((predicted[comparable] == teacher_ids[comparable, 0]).sum())
         if comparable.any():
-            sums.kl = float(kd_loss(logits[comparable], teacher_ids[comparable], teacher_logprobs[comparable], 1.0).sum())
+            no_partition = torch.zeros(int(comparable.sum()))  # log sum_j p_j = 0 at tau = 1
+            sums.kl = float(kd_loss(logits[comparable], teacher_ids[comparable], teacher_logprobs[comparable], 1.0,
+                                     missing_mass="rest", teacher_log_partition=no_partition).sum())
+        # Each student token once, however many teacher ids map to it; ids the model lacks add nothing.
+        covered = torch.zeros_like(logits, dtype=torch.bool)
+        covered.scatter_(1, teacher_ids.clamp(min=0), teacher_ids >= 0)
+        for tau in temperatures:
+            probs = torch.softmax(logits[known] / tau, dim=-1)
+            sums.topk_mass[tau] = float((probs * covered[known]).sum())
     return sums
 
 
-def teacher_sums(topk_ids: np.ndarray, topk_logprobs: np.ndarray, labels: np.ndarray) -> MetricSums:
-    """A teacher's accuracy and perplexity lower bound from its cached top-k (all in the teacher's ids)."""
+def teacher_sums(topk_ids: np.ndarray, topk_logprobs: np.ndarray, labels: np.ndarray,
+                 log_partitions: np.ndarray | None = None, temperatures: list[float] = ()) -> MetricSums:
+    """A teacher's accuracy, perplexity lower bound and tempered top-k masses from its cache (teacher ids);
+    `log_partitions` [N, temperatures] are the cached ones (None in a schema-1 cache: no masses)."""
     hit = topk_ids == labels[:, None]
     label_logprob = np.where(hit.any(axis=1), (topk_logprobs * hit).sum(axis=1), topk_logprobs[:, -1])
-    return MetricSums(positions=float(len(labels)), correct=float((topk_ids[:, 0] == labels).sum()),
+    sums = MetricSums(positions=float(len(labels)), correct=float((topk_ids[:, 0] == labels).sum()),
                       nll=float(-label_logprob.astype(np.float64).sum()))
+    if log_partitions is not None:
+        logprobs = topk_logprobs.astype(np.float64)
+        for column, tau in enumerate(temperatures):
+            sums.topk_mass[tau] = float(np.exp(logprobs / tau - log_partitions[:, column : column + 1]).sum())
+    return sums
 
 
 @dataclass
@@ -89,35 +116,17 @@ class HeldOutWindows:
 
     teacher: str
     language: str
-    rows: list[tuple[np.ndarray, ...]] = field(default_factory=list)  # (input_ids, positions, labels, topk_ids, topk_logprobs)
+    rows: list[CachedPredictions] = field(default_factory=list)
 
 
-def held_out_windows(cache_dir: Path, manifest: dict, teacher: str, language: str, is_held_out, limit: int | None,
-                     top_k: int | None = None) -> HeldOutWindows:
+def held_out_windows(cache: CacheReader, teacher: str, language: str, is_held_out: Callable[[str], bool],
+                     limit: int | None, top_k: int | None = None) -> HeldOutWindows:
     """Up to `limit` held-out rows of a (teacher, language), in cache order (deterministic)."""
-    windows = HeldOutWindows(teacher, language)
-    k = top_k or manifest["top_k"]
-    for shard in manifest["shards"]:
-        if shard["teacher"] != teacher or shard["language"] != language:
-            continue
-        doc_ids = read_shard(cache_dir / shard["path"], ["doc_id"]).column("doc_id").to_pylist()
-        wanted = [i for i, doc_id in enumerate(doc_ids) if is_held_out(doc_id)]
-        if not wanted:
-            continue
-        rows = ShardRows(cache_dir / shard["path"], k, manifest["top_k"])
-        for index in wanted:
-            windows.rows.append(rows.row(index))
-            if limit is not None and len(windows.rows) >= limit:
-                return windows
-    return windows
-
-
-def fraction_rule(fraction: float):
-    return lambda doc_id: held_out(doc_id, fraction)
+    return HeldOutWindows(teacher, language, list(cache.select_rows(teacher, language, is_held_out, limit, top_k)))
 
 
 def score_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray, target_map: np.ndarray,
-                  batch_size: int = 32, pad_id: int = 0) -> tuple[MetricSums, MetricSums]:
+                  temperatures: list[float], batch_size: int = 32, pad_id: int = 0) -> tuple[MetricSums, MetricSums]:
     """(model sums, teacher sums) over held-out windows. `logits_fn(input_ids, attention_mask, rows, cols)` gives
     the model's logits at masked positions; `input_map` takes teacher ids to model ids ([UNK] where the model has
     no such token), `target_map` likewise but with -1, so labels and targets it cannot spell are left out."""
@@ -125,14 +134,13 @@ def score_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray, tar
     for start in range(0, len(windows.rows), batch_size):
         rows = windows.rows[start : start + batch_size]
         # Labels and targets go through target_map: what the model cannot spell is -1 and left out.
-        examples = [Example(windows.language, input_map[ids].astype(np.int64), positions.astype(np.int64),
-                            target_map[labels].astype(np.int64), target_map[topk_ids].astype(np.int64),
-                            topk_logprobs.astype(np.float32))
-                    for ids, positions, labels, topk_ids, topk_logprobs in rows]
+        examples = [Example.from_cached(windows.language, cached, input_map, target_map, target_map, None)
+                    for cached in rows]
         batch = collate(examples, [windows.language], pad_id)
         with torch.no_grad():
             logits = logits_fn(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"]).float().cpu()
-        model.add(model_sums(logits, batch["labels"], batch["topk_ids"], batch["topk_logprobs"]))
-        teacher.add(teacher_sums(np.concatenate([r[3] for r in rows]), np.concatenate([r[4] for r in rows]),
-                                 np.concatenate([r[2] for r in rows])))
+        model.add(model_sums(logits, batch["labels"], batch["topk_ids"], batch["topk_logprobs"], temperatures))
+        partitions = None if rows[0].log_partitions is None else np.concatenate([r.log_partitions for r in rows])
+        teacher.add(teacher_sums(np.concatenate([r.topk_ids for r in rows]), np.concatenate([r.topk_logprobs for r in rows]),
+                                 np.concatenate([r.labels for r in rows]), partitions, temperatures))
     return model, teacher

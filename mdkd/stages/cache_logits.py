@@ -7,7 +7,6 @@ and are not done yet, and finally merge the per-unit markers into a complete man
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import shutil
@@ -19,20 +18,23 @@ from tqdm.auto import tqdm
 
 from mdkd import __version__
 from mdkd.pipeline.cache import manifest as mf
-from mdkd.pipeline.teacher_pass.background import BackgroundJobs, prefetch
+from mdkd.pipeline.cache.manifest import CorpusEntry, Manifest, ShardEntry, Totals
+from mdkd.pipeline.cache.shards import build_table, write_shard
 from mdkd.pipeline.config import dump_config
-from mdkd.pipeline.teacher_pass.config import CacheConfig, load_cache_config
-from mdkd.pipeline.teacher_pass.corpus import SourceSummary, read_language, scan_source
 from mdkd.pipeline.distributed import Ranks, barrier, broadcast_from_main, pick_device, start_process_group
 from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.files import sha256_of_folder
+from mdkd.pipeline.run_folder import claim_folder, prepare_folder
+from mdkd.pipeline.teacher_pass.background import BackgroundJobs, prefetch
+from mdkd.pipeline.teacher_pass.config import CacheConfig, load_cache_config
+from mdkd.pipeline.teacher_pass.corpus import SourceSummary, read_language, scan_source
 from mdkd.pipeline.teacher_pass.masking import Masker
-from mdkd.pipeline.cache.shards import write_shard
-from mdkd.pipeline.teacher_pass.teachers import Teacher, TeacherInfo, hash_folder, inspect_teacher, pick_dtype
-from mdkd.pipeline.teacher_pass.windows import build_table, prepare_unit, score_unit
+from mdkd.pipeline.teacher_pass.teachers import Teacher, TeacherInfo, inspect_teacher, pick_dtype
+from mdkd.pipeline.teacher_pass.windows import prepare_unit, score_unit
 
 
-def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> dict:
-    """Build (or finish) the cache in `out_dir`; return the complete manifest."""
+def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest | None:
+    """Build (or finish) the cache in `out_dir`; return the complete manifest (on rank 0; None on the others)."""
     ranks = Ranks.from_env()
     config = load_cache_config(config_path)
     start_process_group(ranks)
@@ -49,14 +51,16 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> dict:
     device = pick_device(config.device, ranks)
     dtype = pick_dtype(config.dtype, device)
     identity = _identity(config, corpus, teachers, dtype)
-    # Every rank reads the folder's state before rank 0 changes it, and nobody goes on until it has.
-    existing = _check_out_dir(out_dir, identity, overwrite)
+    # Every rank reads the folder's state before rank 0 changes it, and nobody goes on until it has. A cache
+    # resumes by rerunning the same command: the identity in its manifest says it is the same cache.
+    claim = claim_folder(out_dir, mf.MANIFEST_NAME, identity, what="cache", overwrite=overwrite, resume=True)
     barrier(ranks)
-    if existing is not None:
+    if claim.action == "complete":
         ranks.echo(f"cache {out_dir} is already complete; nothing to do")
-        return existing
+        return Manifest.load(out_dir)
     if ranks.is_main:
-        _claim_out_dir(out_dir, config, corpus, teachers, identity, overwrite)
+        prepare_folder(claim)
+        _start_manifest(out_dir, config, corpus, teachers, identity)
     barrier(ranks)
 
     # Run. Units (teacher, language, part) are dealt round-robin over ranks in one sequence, so each rank's
@@ -74,7 +78,7 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> dict:
     barrier(ranks)
 
     # Save. Rank 0 merges the markers; the manifest says complete only once every unit's shard exists.
-    manifest = _finish_manifest(out_dir, parts) if ranks.is_main else {}
+    manifest = _finish_manifest(out_dir, parts) if ranks.is_main else None
     barrier(ranks)
     if ranks.is_main:
         ranks.echo(_summary(manifest, out_dir))
@@ -108,7 +112,7 @@ def _tokenizer_hash(info: TeacherInfo) -> str:
     """Hash of the tokenizer exactly as the cache stores it (a save_pretrained copy)."""
     with tempfile.TemporaryDirectory() as scratch:
         info.tokenizer.save_pretrained(scratch)
-        return hash_folder(Path(scratch))
+        return sha256_of_folder(Path(scratch))
 
 
 def _identity(config: CacheConfig, corpus: dict, teachers: dict[str, TeacherInfo], dtype) -> dict:
@@ -124,67 +128,42 @@ def _identity(config: CacheConfig, corpus: dict, teachers: dict[str, TeacherInfo
     }
 
 
-def _check_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
-    """The existing manifest when the cache is complete and identical; None when there is work to do."""
-    manifest_file = out_dir / mf.MANIFEST_NAME
-    if manifest_file.exists():
-        manifest = mf.load_manifest(out_dir, require_complete=False)
-        if manifest.get("identity") == identity:
-            return manifest if manifest.get("complete") else None
-        if not overwrite:
-            raise UserError(
-                f"{out_dir} holds a cache built from a different config, corpus or teacher "
-                "(choose another --out, or pass --overwrite to replace it)"
-            )
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} is not empty and is not an mdkd cache (choose an empty or new --out folder)")
-    return None
+def _start_manifest(out_dir: Path, config: CacheConfig, corpus, teachers: dict[str, TeacherInfo], identity) -> None:
+    """Write the incomplete manifest, the resolved config and the tokenizer copies; clear torn temporary files.
 
-
-def _claim_out_dir(out_dir: Path, config, corpus, teachers: dict[str, TeacherInfo], identity, overwrite) -> None:
-    """Write the incomplete manifest, the resolved config and the tokenizer copies; clear torn temporary files."""
-    if overwrite and (out_dir / mf.MANIFEST_NAME).exists():
-        manifest = mf.load_manifest(out_dir, require_complete=False)
-        if manifest.get("identity") != identity:
-            shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    A resumed cache keeps its manifest (and so the markers' work); only a new one gets a fresh manifest."""
     for leftover in out_dir.rglob(".*.tmp"):
         leftover.unlink()
+    if (out_dir / mf.MANIFEST_NAME).exists():
+        return
     teacher_entries = {}
     for name, info in teachers.items():
         tokenizer_dir = out_dir / "tokenizers" / name
         info.tokenizer.save_pretrained(tokenizer_dir)
-        teacher_entries[name] = info.manifest_entry(f"tokenizers/{name}", hash_folder(tokenizer_dir))
+        teacher_entries[name] = info.manifest_entry(f"tokenizers/{name}", sha256_of_folder(tokenizer_dir))
     resolved = config.model_dump(mode="json")
     (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    manifest = {
-        "schema_version": mf.SCHEMA_VERSION,
-        "mdkd_version": __version__,
-        "complete": False,
-        "config": resolved,
-        "config_hash": hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest(),
-        "identity": identity,
-        "masking": resolved["masking"],
-        "top_k": config.top_k,
-        "max_length": config.max_length,
-        "logprobs_dtype": config.logprobs_dtype,
-        "shard_documents": config.shard_documents,
-        "corpus": [
-            {
-                "language": language,
-                "source": source.description,
-                "fingerprint": counts.fingerprint,
-                "documents": counts.documents,
-                "skipped_blank_lines": counts.skipped_blank,
-                "skipped_invalid_utf8_lines": counts.skipped_invalid_utf8,
-            }
+    Manifest(
+        schema_version=mf.SCHEMA_VERSION,
+        mdkd_version=__version__,
+        complete=False,
+        config=resolved,
+        identity=identity,
+        masking=resolved["masking"],
+        top_k=config.top_k,
+        temperatures=config.temperatures,
+        max_length=config.max_length,
+        logprobs_dtype=config.logprobs_dtype,
+        shard_documents=config.shard_documents,
+        corpus=[
+            CorpusEntry(language=language, source=source.description, fingerprint=counts.fingerprint,
+                        documents=counts.documents, skipped_blank_lines=counts.skipped_blank,
+                        skipped_invalid_utf8_lines=counts.skipped_invalid_utf8)
             for language, sources in corpus.items()
             for source, counts in sources
         ],
-        "teachers": teacher_entries,
-        "shards": [],
-    }
-    mf.write_json_atomic(out_dir / mf.MANIFEST_NAME, manifest)
+        teachers=teacher_entries,
+    ).save(out_dir)
 
 
 def _run_teacher(config: CacheConfig, out_dir: Path, info: TeacherInfo, teacher: Teacher, todo, writer, ranks) -> None:
@@ -210,8 +189,9 @@ def _run_teacher(config: CacheConfig, out_dir: Path, info: TeacherInfo, teacher:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for language, part, documents, unit in prefetch(pending_units()):
         started = time.perf_counter()
-        logprobs, ids = score_unit(teacher, unit, config.top_k, config.batch_tokens, config.batch_size)
-        table = build_table(unit.examples, logprobs, ids, language, config.logprobs_dtype)
+        predictions = score_unit(teacher, unit, config.top_k, config.temperatures, config.batch_tokens,
+                                 config.batch_size)
+        table = build_table(unit.rows, language, predictions, config.logprobs_dtype)
         seconds = time.perf_counter() - started
         record = {
             "teacher": name,
@@ -230,42 +210,44 @@ def _write_unit_job(out_dir: Path, table, record: dict, log_path: Path, seconds:
     """The writer thread's job for one unit: shard first, then its marker (the unit's completion record)."""
 
     def job() -> None:
-        stats = write_shard(out_dir, mf.shard_path(record["teacher"], record["language"], record["part"]), table)
-        done = {**record, **stats.to_dict()}
-        mf.write_json_atomic(mf.marker_path(out_dir, record["teacher"], record["language"], record["part"]), done)
-        event = {**done, "seconds": round(seconds, 4), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
+        path = mf.shard_path(record["teacher"], record["language"], record["part"])
+        written = write_shard(out_dir, path, table)
+        entry = ShardEntry(**record, path=path, rows=written.rows, masked_positions=written.masked_positions,
+                           bytes=written.bytes, sha256=written.sha256)
+        mf.write_marker(out_dir, entry)
+        event = {**entry.model_dump(), "seconds": round(seconds, 4),
+                 "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
         with log_path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(event) + "\n")
 
     return job
 
 
-def _finish_manifest(out_dir: Path, parts: dict[str, int]) -> dict:
-    manifest = mf.load_manifest(out_dir, require_complete=False)
+def _finish_manifest(out_dir: Path, parts: dict[str, int]) -> Manifest:
+    manifest = Manifest.load(out_dir, require_complete=False)
     shards, missing = [], []
-    for name, teacher in manifest["teachers"].items():
-        for language in teacher["languages"]:
+    for name, teacher in manifest.teachers.items():
+        for language in teacher.languages:
             for part in range(parts[language]):
-                record = mf.read_marker(out_dir, name, language, part)
-                if record is None:
+                entry = mf.read_marker(out_dir, name, language, part)
+                if entry is None:
                     missing.append(mf.shard_path(name, language, part))
                 else:
-                    shards.append(record)
+                    shards.append(entry)
     if missing:
         raise RuntimeError(f"{len(missing)} units have no shard after every rank finished, e.g. {missing[0]}")
-    manifest["shards"] = shards
-    manifest["totals"] = {
-        key: sum(shard[key] for shard in shards) for key in ("rows", "masked_positions", "bytes")
-    }
-    manifest["complete"] = True
-    mf.write_json_atomic(out_dir / mf.MANIFEST_NAME, manifest)
+    manifest.shards = shards
+    manifest.totals = Totals(rows=sum(s.rows for s in shards), masked_positions=sum(s.masked_positions for s in shards),
+                             bytes=sum(s.bytes for s in shards))
+    manifest.complete = True
+    manifest.save(out_dir)
     shutil.rmtree(out_dir / mf.PROGRESS_DIR, ignore_errors=True)
     return manifest
 
 
-def _summary(manifest: dict, out_dir: Path) -> str:
-    totals = manifest["totals"]
+def _summary(manifest: Manifest, out_dir: Path) -> str:
+    totals = manifest.totals
     return (
-        f"cache complete: {out_dir} — {len(manifest['teachers'])} teachers, {len(manifest['shards'])} shards, "
-        f"{totals['rows']} rows, {totals['masked_positions']} masked positions, {totals['bytes'] / 1e6:.1f} MB"
+        f"cache complete: {out_dir} — {len(manifest.teachers)} teachers, {len(manifest.shards)} shards, "
+        f"{totals.rows} rows, {totals.masked_positions} masked positions, {totals.bytes / 1e6:.1f} MB"
     )

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from mdkd.pipeline.cache.manifest import load_manifest
-from mdkd.pipeline.cache.shards import COLUMNS, check_shard_file, read_shard
+from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.cache.shards import COLUMNS, COLUMNS_SCHEMA_1
 
 
-def _check_rows(table, top_k: int, vocab_size: int) -> list[str]:
+def _check_rows(table, top_k: int, vocab_size: int, temperatures: list[float]) -> list[str]:
     problems = []
     window_lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
     counts = pc.list_value_length(table.column("positions")).to_numpy()
@@ -44,40 +44,67 @@ def _check_rows(table, top_k: int, vocab_size: int) -> list[str]:
             problems.append("top-k log-probabilities are not finite, non-positive and in descending order")
         elif (np.exp(values).sum(axis=1) > 1.0 + 1e-2).any():
             problems.append("top-k probabilities sum to more than 1")
+        elif temperatures:
+            problems.extend(_check_log_partitions(table, values, temperatures, counts))
     return problems
+
+
+def _check_log_partitions(table, logprobs: np.ndarray, temperatures: list[float], counts: np.ndarray) -> list[str]:
+    """One finite log-partition per temperature, the top-k's tempered mass under it at most one, and one finite
+    non-negative entropy per position."""
+    column = table.column("log_partitions")
+    if not np.array_equal(pc.list_value_length(column).to_numpy(), counts):
+        return ["log_partitions and positions differ in length"]
+    inner = pc.list_value_length(pc.list_flatten(column)).to_numpy()
+    if inner.size and (inner != len(temperatures)).any():
+        return [f"log_partitions has lists that are not {len(temperatures)} long (one per temperature)"]
+    partitions = pc.list_flatten(pc.list_flatten(column)).to_numpy().astype(np.float64).reshape(-1, len(temperatures))
+    if not np.isfinite(partitions).all():
+        return ["log_partitions are not finite"]
+    entropies = table.column("entropies")
+    if not np.array_equal(pc.list_value_length(entropies).to_numpy(), counts):
+        return ["entropies and positions differ in length"]
+    values = pc.list_flatten(entropies).to_numpy()
+    if values.size and (~np.isfinite(values) | (values < -1e-3)).any():
+        return ["entropies are not finite and non-negative"]
+    for index, tau in enumerate(temperatures):
+        tempered_mass = np.exp(logprobs / tau - partitions[:, index : index + 1]).sum(axis=1)
+        if (tempered_mass > 1.0 + 1e-2).any():
+            return [f"the top-k's tempered probabilities at tau {tau:g} sum to more than 1 (log_partitions damaged)"]
+    return []
 
 
 def verify(cache_dir: Path) -> list[str]:
     """Every problem found, as `path: what is wrong` lines; empty when the cache is sound."""
-    manifest = load_manifest(cache_dir)
+    cache = CacheReader(cache_dir)
+    manifest = cache.manifest
     problems = []
-    for name, teacher in manifest["teachers"].items():
-        if not (cache_dir / teacher["tokenizer_dir"]).is_dir():
-            problems.append(f"{teacher['tokenizer_dir']}: tokenizer copy of teacher {name} is missing")
-    for shard in tqdm(manifest["shards"], desc="verifying", unit="shard", leave=False, disable=None):
-        path = cache_dir / shard["path"]
-        where = shard["path"]
-        file_problem = check_shard_file(cache_dir, shard)
+    for name, teacher in manifest.teachers.items():
+        if not (cache_dir / teacher.tokenizer_dir).is_dir():
+            problems.append(f"{teacher.tokenizer_dir}: tokenizer copy of teacher {name} is missing")
+    for shard in tqdm(manifest.shards, desc="verifying", unit="shard", leave=False, disable=None):
+        where = shard.path
+        file_problem = cache.check_file(shard)
         if file_problem:
             problems.append(file_problem)
             continue
         try:
-            table = read_shard(path)
+            table = cache.table(shard)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             problems.append(f"{where}: cannot be read as Parquet ({exc})")
             continue
-        if tuple(table.column_names) != COLUMNS:
+        if tuple(table.column_names) != (COLUMNS if manifest.temperatures else COLUMNS_SCHEMA_1):
             problems.append(f"{where}: columns {table.column_names} differ from the cache format")
             continue
         masked = int(pc.sum(pc.list_value_length(table.column("positions"))).as_py() or 0)
-        if table.num_rows != shard["rows"] or masked != shard["masked_positions"]:
+        if table.num_rows != shard.rows or masked != shard.masked_positions:
             problems.append(
                 f"{where}: {table.num_rows} rows / {masked} positions, manifest says "
-                f"{shard['rows']} / {shard['masked_positions']}"
+                f"{shard.rows} / {shard.masked_positions}"
             )
-        vocab_size = manifest["teachers"][shard["teacher"]]["vocab_size"]
-        problems.extend(f"{where}: {p}" for p in _check_rows(table, manifest["top_k"], vocab_size))
-    listed = {shard["path"] for shard in manifest["shards"]}
+        vocab_size = manifest.teachers[shard.teacher].vocab_size
+        problems.extend(f"{where}: {p}" for p in _check_rows(table, manifest.top_k, vocab_size, manifest.temperatures))
+    listed = {shard.path for shard in manifest.shards}
     for stray in sorted(cache_dir.rglob("*.parquet")):
         relative = stray.relative_to(cache_dir).as_posix()
         if relative not in listed:

@@ -22,11 +22,15 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from mdkd.pipeline.distill.data import held_out
 from mdkd.demo.fortunes import fetch_packages, write_corpus
-from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.cache.manifest import write_json_atomic
 from mdkd.demo.tiny_models import build_masked_lm, pretrain_masked_lm, train_tokenizer
+from mdkd.pipeline.cache.documents import held_out
+from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.files import write_json_atomic
+from mdkd.pipeline.run_folder import claim_folder, prepare_folder
+from mdkd.pipeline.teacher_pass.config import CorpusSource
+from mdkd.pipeline.teacher_pass.corpus import read_language
+from mdkd.stages.sweep import train_evaluate_report
 
 LANGUAGES = ["de", "en", "ru", "zh"]
 MULTI = "multi_xlmr"
@@ -65,14 +69,23 @@ def students(languages: list[str]) -> dict[str, dict]:
     }
 
 
+RECORD = "demo.json"
+
+
 def run(workdir: Path, corpus_dir: Path | None, quick: bool, settings: DemoSettings | None = None,
-        languages: list[str] | None = None) -> dict:
-    from mdkd.stages import cache_logits, evaluate, report, train
+        languages: list[str] | None = None, overwrite: bool = False) -> dict:
+    from mdkd.stages import cache_logits
 
     settings = settings or (QUICK if quick else FULL)
     root = workdir / ("quick" if quick else "full")
-    root.mkdir(parents=True, exist_ok=True)
-    _check_settings(root, settings)
+    # One workdir holds one demo: other settings in the same folder would mix two experiments. A finished or
+    # interrupted demo of these settings goes through its steps again, each skipped when its output exists.
+    identity = asdict(settings)
+    claim = claim_folder(root, RECORD, identity, what="demo", overwrite=overwrite, resume=True,
+                         folder_option="--workdir")
+    prepare_folder(claim)
+    if claim.action == "new" or claim.action == "replace":
+        write_json_atomic(root / RECORD, {"identity": identity, "complete": False})
 
     tqdm.write("[1/5] corpus")
     languages = _corpus(root / "corpus", corpus_dir, languages or LANGUAGES, settings)
@@ -81,29 +94,15 @@ def run(workdir: Path, corpus_dir: Path | None, quick: bool, settings: DemoSetti
     tqdm.write("[3/5] stage one: caching every teacher's predictions once")
     cache_config = _write_yaml(root / "configs" / "cache.yaml", _cache_config(root, languages, settings))
     cache_logits.run(cache_config, root / "cache")
-    tqdm.write("[4/5] stage two: four students from the one cache")
-    runs = []
-    for name, choice in students(languages).items():
-        tqdm.write(f"  student {name}")
-        config = _write_yaml(root / "configs" / f"{name}.yaml", _train_config(choice, settings))
-        run_dir = root / "runs" / name
-        train.run(config, root / "cache", run_dir, resume="auto" if (run_dir / "run.json").exists() else None)
-        if not (run_dir / "eval.json").exists():
-            evaluate.run(run_dir, root / "cache", None, None, 2000, None)
-        runs.append(run_dir)
-    tqdm.write("[5/5] report")
-    result = report.run(runs, root / "report")
-    summary = summarise(runs, languages)
+    tqdm.write("[4/5] stage two: four students from the one cache, each evaluated; then the report")
+    runs = [(_write_yaml(root / "configs" / f"{name}.yaml", _train_config(choice, settings)), root / "runs" / name)
+            for name, choice in students(languages).items()]
+    result = train_evaluate_report(runs, cache_dir=root / "cache", report_dir=root / "report")
+    tqdm.write("[5/5] summary")
+    summary = summarise([run_dir for _, run_dir in runs], languages)
     (root / "report" / "summary.txt").write_text(summary + "\n", encoding="utf-8")
+    write_json_atomic(root / RECORD, {"identity": identity, "complete": True})
     return {"root": str(root), "report": result, "summary": summary}
-
-
-def _check_settings(root: Path, settings: DemoSettings) -> None:
-    """A workdir holds one demo; other settings in the same folder would mix two experiments."""
-    recorded = root / "settings.json"
-    if recorded.exists() and json.loads(recorded.read_text()) != asdict(settings):
-        raise UserError(f"{root} holds a demo run with other settings (remove it or choose another --workdir)")
-    write_json_atomic(recorded, asdict(settings))
 
 
 def _corpus(folder: Path, given: Path | None, languages: list[str], settings: DemoSettings) -> list[str]:
@@ -131,10 +130,10 @@ def _corpus(folder: Path, given: Path | None, languages: list[str], settings: De
 
 
 def _training_texts(corpus: Path, language: str, fraction: float) -> list[str]:
-    """A language's documents minus the held-out ones (same doc_id rule as `mdkd train`), so no teacher has
-    seen the documents the students are evaluated on."""
-    lines = (corpus / f"{language}.txt").read_text(encoding="utf-8").splitlines()
-    return [t for n, t in enumerate(lines, start=1) if t.strip() and not held_out(f"{language}:{language}.txt:{n}", fraction)]
+    """A language's documents minus the held-out ones, read by stage one's corpus reader (so with the doc_ids the
+    cache will hold) and split by the rule `mdkd train` uses: no teacher has seen the students' test documents."""
+    source = CorpusSource.model_validate({"language": language, "path": str(corpus / f"{language}.txt")})
+    return [d.text for d in read_language([source]) if not held_out(d.doc_id, fraction)]
 
 
 def _teachers(root: Path, languages: list[str], settings: DemoSettings) -> None:

@@ -18,23 +18,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mdkd.pipeline.cache.documents import fraction_rule, load_held_out
+from mdkd.pipeline.cache.manifest import MANIFEST_NAME, Manifest
+from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.distill.vocab import TeacherVocabulary, map_by_canonical
+from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.evaluation import MetricSums, held_out_windows, model_sums, score_windows
+from mdkd.pipeline.files import write_json_atomic
 from mdkd.pipeline.teacher_pass.config import CorpusSource, MaskingConfig
 from mdkd.pipeline.teacher_pass.corpus import Document, read_language
-from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.evaluation import MetricSums, fraction_rule, held_out_windows, model_sums, score_windows
-from mdkd.pipeline.cache.manifest import load_manifest, write_json_atomic
 from mdkd.pipeline.teacher_pass.masking import Masker
 from mdkd.pipeline.teacher_pass.teachers import ADAPTERS, masked_logits
-from mdkd.pipeline.distill.vocab import TeacherVocabulary, map_by_canonical
-from mdkd.pipeline.teacher_pass.windows import collate, prepare_unit
+from mdkd.pipeline.teacher_pass.windows import padded_inputs, prepare_unit
 
 RAW_TEXT_SEED = 1234  # fresh masking of raw text: a fixed seed, so two models see the same masked text
 
 
-def run(target: Path, cache_dir: Path | None, heldout_run: Path | None, eval_fraction: float | None,
-        max_rows: int, out_file: Path | None) -> dict:
+def run(target: Path, *, cache_dir: Path | None = None, heldout_run: Path | None = None,
+        eval_fraction: float | None = None, max_rows: int = 2000, out_file: Path | None = None) -> dict:
+    """Score TARGET (a run folder or a model folder); write eval.json (a run's by default) and return the report."""
     model_dir, cache_dir, is_held_out, out_file = _resolve(target, cache_dir, heldout_run, eval_fraction, out_file)
-    manifest = load_manifest(cache_dir)
+    cache = CacheReader(cache_dir)
+    manifest = cache.manifest
     model, tokenizer = _load_model(model_dir)
     adapter = ADAPTERS.get(model.config.model_type)
     own = TeacherVocabulary.from_tokenizer("model", model_dir, tokenizer)
@@ -45,14 +50,15 @@ def run(target: Path, cache_dir: Path | None, heldout_run: Path | None, eval_fra
 
     languages: dict[str, dict] = {}
     pooled: dict[str, MetricSums] = {}  # the model over every teacher's windows of a language
-    for name, entry in manifest["teachers"].items():
-        target_map = map_by_canonical(TeacherVocabulary.from_cache(cache_dir, name, entry), own)
+    for name, entry in manifest.teachers.items():
+        target_map = map_by_canonical(TeacherVocabulary.from_cache(cache, name), own)
         input_map = np.where(target_map < 0, unk, target_map)
-        for language in entry["languages"]:
-            windows = held_out_windows(cache_dir, manifest, name, language, is_held_out, max_rows)
+        for language in entry.languages:
+            windows = held_out_windows(cache, name, language, is_held_out, max_rows)
             if not windows.rows:
                 continue
-            student, teacher = score_windows(logits_fn, windows, input_map, target_map, pad_id=tokenizer.pad_token_id or 0)
+            student, teacher = score_windows(logits_fn, windows, input_map, target_map, manifest.temperatures,
+                                             pad_id=tokenizer.pad_token_id or 0)
             languages.setdefault(language, {"windows": {}})["windows"][name] = {"model": student.result(), "teacher": teacher.result()}
             pooled.setdefault(language, MetricSums()).add(student)
     if not languages:
@@ -82,14 +88,10 @@ def _resolve(target: Path, cache_dir, heldout_run, eval_fraction, out_file):
         model_dir = target
     else:
         raise UserError(f"{target} is neither an mdkd run folder nor a model folder (no run.json or config.json)")
-    if not cache_dir or not (Path(cache_dir) / "manifest.json").exists():
+    if not cache_dir or not (Path(cache_dir) / MANIFEST_NAME).exists():
         raise UserError(f"cache {cache_dir} not found (give --cache DIR)")
     if heldout_run is not None:
-        path = Path(heldout_run) / "heldout.json"
-        if not path.exists():
-            raise UserError(f"{heldout_run} has no heldout.json (give a run folder of `mdkd train`)")
-        documents = set(json.loads(path.read_text(encoding="utf-8"))["documents"])
-        rule = documents.__contains__
+        rule = load_held_out(Path(heldout_run))
     elif eval_fraction is not None:
         rule = fraction_rule(eval_fraction)
     else:
@@ -110,9 +112,12 @@ def _load_model(folder: Path):
     return model, tokenizer
 
 
-def _raw_text(model, adapter, tokenizer, manifest: dict, language: str, is_held_out, max_rows: int) -> dict:
-    """The model on held-out raw text with its own tokenizer and fresh masking: the merged tokenizer's view."""
-    sources = [CorpusSource.model_validate(s) for s in manifest["config"]["corpus"] if s["language"] == language]
+def _raw_text(model, adapter, tokenizer, manifest: Manifest, language: str, is_held_out, max_rows: int) -> dict:
+    """The model on held-out raw text with its own tokenizer and fresh masking: the merged tokenizer's view.
+
+    The corpus is re-read through stage one's reader from the sources the manifest records: eval compares a model
+    with the teachers, so it reads both stages' records (stage two itself reads only the cache)."""
+    sources = [CorpusSource.model_validate(s) for s in manifest.config["corpus"] if s["language"] == language]
     if any(s.path is not None and not Path(s.path).exists() for s in sources):
         return {"skipped": "the corpus files recorded in the cache are no longer there"}
     documents: list[Document] = []
@@ -123,14 +128,14 @@ def _raw_text(model, adapter, tokenizer, manifest: dict, language: str, is_held_
                 break
     if not documents:
         return {"positions": 0}
-    masker = Masker(MaskingConfig(**{**manifest["masking"], "seed": RAW_TEXT_SEED, "copies": 1}),
+    masker = Masker(MaskingConfig(**{**manifest.masking, "seed": RAW_TEXT_SEED, "copies": 1}),
                     tokenizer.mask_token_id, set(tokenizer.all_special_ids), len(tokenizer))
-    unit = prepare_unit(documents, tokenizer, masker, manifest["max_length"], copies=1)
+    unit = prepare_unit(documents, tokenizer, masker, manifest.max_length, copies=1)
     sums = MetricSums()
-    for start in range(0, len(unit.examples), 32):
-        batch = unit.examples[start : start + 32]
-        input_ids, attention_mask, rows, cols = collate(batch, tokenizer.pad_token_id or 0)
-        labels = torch.from_numpy(np.concatenate([e.masked.labels for e in batch]).astype(np.int64))
+    for start in range(0, len(unit.rows), 32):
+        batch = unit.rows[start : start + 32]
+        input_ids, attention_mask, rows, cols = padded_inputs(batch, tokenizer.pad_token_id or 0)
+        labels = torch.from_numpy(np.concatenate([r.labels for r in batch]).astype(np.int64))
         with torch.no_grad():
             logits = masked_logits(model, adapter, input_ids, attention_mask, rows, cols, torch.device("cpu"))
         sums.add(model_sums(logits, labels))

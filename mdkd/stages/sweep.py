@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from mdkd.pipeline.cache.manifest import Manifest
 from mdkd.pipeline.config import ConfigError, dump_config, read_yaml
 from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
@@ -53,12 +54,14 @@ def _name(combination: dict) -> str:
 
 
 def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sweep_file: Path | None) -> list[Path]:
-    from mdkd.stages import evaluate, report, train
-
     base = read_yaml(config_path) or {}
     grid = parse_grid(sweeps, sweep_file)
     combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    # Every combination is validated before any trains: a typo in the last one should not cost hours.
+    # Every combination is validated, on its own and against the cache, before any trains: a typo or an
+    # unrecorded temperature in the last one should not cost hours.
+    from mdkd.stages.train import plan_against_cache
+
+    manifest = Manifest.load(cache_dir)
     planned, problems = [], []
     for combination in combinations:
         config = copy.deepcopy(base)
@@ -66,24 +69,40 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sw
             _set(config, key, value)
         path = out_dir / "configs" / f"{_name(combination)}.yaml"
         try:
-            planned.append((out_dir / _name(combination), path, validate_train_config(config, path)))
+            validated = validate_train_config(config, path)
         except ConfigError as error:
             problems += [f"{_name(combination)}: {p}" for p in error.problems]
+            continue
+        problems += [f"{_name(combination)}: {p}" for p in plan_against_cache(validated, manifest)[1]]
+        planned.append((out_dir / _name(combination), path, validated))
     if problems:
         raise UserError("invalid sweep: " + "; ".join(problems))
-    ranks = Ranks.from_env()
-    for index, (run_dir, path, config) in enumerate(planned, start=1):
-        ranks.echo(f"[{index}/{len(planned)}] {run_dir.name}")
+    for _, path, config in planned:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dump_config(config), encoding="utf-8")
-        resume = "auto" if (run_dir / "run.json").exists() else None
-        train.run(path, cache_dir, run_dir, resume=resume)
+    runs = [(path, run_dir) for run_dir, path, _ in planned]
+    train_evaluate_report(runs, cache_dir=cache_dir, report_dir=out_dir / "report")
+    return [run_dir for run_dir, _, _ in planned]
+
+
+def train_evaluate_report(runs: list[tuple[Path, Path]], *, cache_dir: Path, report_dir: Path) -> dict:
+    """Train each (config, run folder) from one cache (a finished run is skipped, an unfinished one resumed),
+    evaluate each student once, then write the report over all of them; returns the report's result.
+
+    The one path from configs to a comparison, shared by sweeps and the demo."""
+    from mdkd.stages import evaluate, report, train
+
+    ranks = Ranks.from_env()
+    for index, (config_path, run_dir) in enumerate(runs, start=1):
+        ranks.echo(f"[{index}/{len(runs)}] {run_dir.name}")
+        train.run(config_path, cache_dir, run_dir, resume="auto" if (run_dir / train.RUN_FILE).exists() else None)
         if ranks.is_main and not (run_dir / "eval.json").exists():
             try:
-                evaluate.run(run_dir, cache_dir, None, None, 2000, None)
+                evaluate.run(run_dir, cache_dir=cache_dir)
             except UserError as error:  # e.g. no held-out windows: the report then shows training metrics only
                 ranks.echo(f"  not evaluated: {error}")
+    result = {}
     if ranks.is_main:
-        result = report.run([run_dir for run_dir, _, _ in planned], out_dir / "report")
-        ranks.echo(f"report: {out_dir / 'report' / 'report.md'} ({', '.join(result['plots'])})")
-    return [run_dir for run_dir, _, _ in planned]
+        result = report.run([run_dir for _, run_dir in runs], report_dir)
+        ranks.echo(f"report: {report_dir / 'report.md'} ({', '.join(result['plots'])})")
+    return result

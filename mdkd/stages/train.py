@@ -9,7 +9,6 @@ teacher choice, k', tau, alpha or student size reruns from the same cache.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -17,19 +16,22 @@ import torch
 from tqdm.auto import tqdm
 
 from mdkd import __version__
+from mdkd.pipeline.cache.documents import HELD_OUT_FILE, fraction_rule, save_held_out
+from mdkd.pipeline.cache.manifest import Manifest, ShardEntry
+from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.config import dump_config
-from mdkd.pipeline.distill.data import Sampler, Stream, held_out, language_probabilities
+from mdkd.pipeline.distill.config import TrainConfig, load_train_config, teacher_weights
+from mdkd.pipeline.distill.data import Sampler, Stream, language_probabilities
 from mdkd.pipeline.distill.deepspeed_setup import deepspeed_config, init_distributed, linear_schedule, resolve_precision
+from mdkd.pipeline.distill.losses import alpha_at
+from mdkd.pipeline.distill.student import build_student, export_student
+from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward, rank_micro_batches
+from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, TokenTally, build_alignment, teacher_token_shares
 from mdkd.pipeline.distributed import Ranks, barrier, pick_device
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.evaluation import MetricSums, fraction_rule, held_out_windows, score_windows
-from mdkd.pipeline.distill.losses import alpha_at
-from mdkd.pipeline.cache.manifest import load_manifest, write_json_atomic
-from mdkd.pipeline.cache.shards import check_shard_file, read_shard
-from mdkd.pipeline.distill.student import build_student, export_student
-from mdkd.pipeline.distill.config import TrainConfig, load_train_config, teacher_weights
-from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward, rank_micro_batches
-from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, build_alignment, count_cached_tokens, mass_dropped
+from mdkd.pipeline.evaluation import MetricSums, held_out_windows, score_windows
+from mdkd.pipeline.files import write_json_atomic
+from mdkd.pipeline.run_folder import claim_folder, prepare_folder
 
 RUN_FILE = "run.json"
 
@@ -38,38 +40,40 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     """Train (or finish training) the student described by `config_path` into `out_dir`; return run.json."""
     ranks = Ranks.from_env()
     config = load_train_config(config_path)
-    manifest = load_manifest(cache_dir)
+    cache = CacheReader(cache_dir)
 
     # Setup: everything that can be wrong with the inputs is found before any training starts.
-    selection = select_teachers(config, manifest)
-    shards = {(t, l): [s for s in manifest["shards"] if s["teacher"] == t and s["language"] == l]
-              for l, weights in selection.items() for t in weights}
-    teachers = [t for t in manifest["teachers"] if any(t == name for name, _ in shards)]  # in cache order
-    _check_shards(cache_dir, [s for group in shards.values() for s in group], ranks)
-    identity = {"config_hash": config.content_hash(), "cache_config_hash": manifest["config_hash"]}
+    selection = select_teachers(config, cache.manifest)
+    pairs = [(t, l) for l, weights in selection.items() for t in weights]
+    teachers = [t for t in cache.manifest.teachers if any(t == name for name, _ in pairs)]  # in cache order
+    _check_shards(cache, [s for t, l in pairs for s in cache.manifest.shards_of(t, l)], ranks)
+    identity = {"config_hash": config.content_hash(), "cache": cache.manifest.identity}
     device = pick_device("auto", ranks)
     precision = resolve_precision(config.precision, device)
     init_distributed(device)
     # Every rank reads the run folder's state before rank 0 changes it (an --overwrite deletes it).
-    status = _run_status(out_dir, identity, resume, overwrite)
+    claim = claim_folder(out_dir, RUN_FILE, identity, what="run", overwrite=overwrite and not resume,
+                         resume=resume is not None, resume_hint="pass --resume auto to continue it")
     barrier(ranks)
-    if status.get("complete"):
+    if claim.action == "complete":
         ranks.echo(f"run {out_dir} is already complete; nothing to do")
-        return status
+        return claim.record
+    if resume and claim.action == "new":
+        raise UserError(f"nothing to resume in {out_dir}: it holds no run (drop --resume to start one)")
     if ranks.is_main:
-        if overwrite and (out_dir / RUN_FILE).exists() and not resume:
-            shutil.rmtree(out_dir)
-        _write_run_files(out_dir, config, config_path, cache_dir, identity)
-        _build_vocabulary(cache_dir, manifest, teachers, shards, config, out_dir / "vocab")
-        _record_held_out(cache_dir, shards, config.train.eval_fraction, out_dir / "heldout.json")
+        prepare_folder(claim)
+        _write_run_files(out_dir, config, config_path, cache.dir, identity)
+        _build_vocabulary(cache, teachers, pairs, config, out_dir / "vocab")
+        save_held_out(out_dir / HELD_OUT_FILE, config.train.eval_fraction,
+                      (d for t, l in pairs for s in cache.manifest.shards_of(t, l) for d in cache.doc_ids(s)))
     barrier(ranks)
     alignment = Alignment.load(out_dir / "vocab", teachers)
-    sampler = _sampler(cache_dir, manifest, selection, shards, alignment, config)
+    sampler = _sampler(cache, selection, pairs, alignment, config)
 
     # Run.
     import deepspeed
 
-    student = build_student(config.student, len(alignment.tokens), manifest["max_length"], config.train.seed)
+    student = build_student(config.student, len(alignment.tokens), cache.manifest.max_length, config.train.seed)
     ds_config = deepspeed_config(config, precision, device)
     schedule = None
     if "scheduler" not in ds_config:
@@ -79,12 +83,15 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
                                       lr_scheduler=schedule)
     checkpoints = out_dir / "checkpoints"
     start = _resume(engine, sampler, checkpoints, resume, identity) if resume else 0
-    held_out_sets = _held_out_sets(cache_dir, manifest, shards, alignment, config)
-    _train(engine, sampler, config, out_dir, ranks, start, checkpoints, identity, held_out_sets)
+    held_out_sets = _held_out_sets(cache, pairs, alignment, config)
+    # Held-out scoring reports the student's top-k mass at the loss's temperature when the cache can give the
+    # teacher's to hold it against.
+    eval_temperatures = [config.loss.temperature] if config.loss.temperature in cache.manifest.temperatures else []
+    _train(engine, sampler, config, out_dir, ranks, start, checkpoints, identity, held_out_sets, eval_temperatures)
 
-    # Save: the student as an HF folder, then the marker that says the run is complete.
+    # Save: the student as an HF folder, then the record that says the run is complete.
     _export(engine, alignment, out_dir / "student", ranks)
-    status = {**identity, "complete": True, "steps": config.train.steps, "cache": str(cache_dir.resolve()),
+    status = {"identity": identity, "complete": True, "steps": config.train.steps, "cache": str(cache.dir.resolve()),
               "mdkd_version": __version__}
     if ranks.is_main:
         write_json_atomic(out_dir / RUN_FILE, status)
@@ -93,12 +100,18 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     return status
 
 
-def select_teachers(config: TrainConfig, manifest: dict) -> dict[str, dict[str, float]]:
-    """{language: {teacher: weight}} from the config, or every teacher that cached each language."""
-    cached: dict[str, list[str]] = {}
-    for name, teacher in manifest["teachers"].items():
-        for language in teacher["languages"]:
-            cached.setdefault(language, []).append(name)
+def select_teachers(config: TrainConfig, manifest: Manifest) -> dict[str, dict[str, float]]:
+    """{language: {teacher: weight}} from the config, or every teacher that cached each language; a UserError
+    listing every way the config does not fit the cache."""
+    selection, problems = plan_against_cache(config, manifest)
+    if problems:
+        raise UserError("; ".join(problems))
+    return selection
+
+
+def plan_against_cache(config: TrainConfig, manifest: Manifest) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """The teacher selection, and the problems of the config against the cache (teachers, languages, k', tau)."""
+    cached = manifest.languages()
     problems = []
     if config.teachers is None:
         selection = {language: {name: 1.0 for name in names} for language, names in cached.items()}
@@ -109,94 +122,81 @@ def select_teachers(config: TrainConfig, manifest: dict) -> dict[str, dict[str, 
             problems.append(f"language '{language}' is not in the cache (cached: {', '.join(cached)})")
             continue
         for name in weights:
-            if name not in manifest["teachers"]:
-                problems.append(f"teacher '{name}' is not in the cache (cached: {', '.join(manifest['teachers'])})")
+            if name not in manifest.teachers:
+                problems.append(f"teacher '{name}' is not in the cache (cached: {', '.join(manifest.teachers)})")
             elif name not in cached[language]:
-                problems.append(f"teacher '{name}' did not cache language '{language}' (it cached {', '.join(manifest['teachers'][name]['languages'])})")
-    if config.loss.top_k > manifest["top_k"]:
-        problems.append(f"loss.top_k {config.loss.top_k} is above the cached top_k {manifest['top_k']} (lower loss.top_k)")
-    if problems:
-        raise UserError("; ".join(problems))
-    return selection
+                problems.append(f"teacher '{name}' did not cache language '{language}' (it cached {', '.join(manifest.teachers[name].languages)})")
+    if config.loss.top_k > manifest.top_k:
+        problems.append(f"loss.top_k {config.loss.top_k} is above the cached top_k {manifest.top_k} (lower loss.top_k)")
+    problems.extend(temperature_problems(config, manifest))
+    return selection, problems
 
 
-def _check_shards(cache_dir: Path, shards: list[dict], ranks: Ranks) -> None:
+def temperature_problems(config: TrainConfig, manifest: Manifest) -> list[str]:
+    """`rest` needs the teacher's tempered log-partition at the loss's temperature, which only stage one can
+    record: a cache without it (schema 1) or without that temperature cannot serve the loss."""
+    if config.loss.missing_mass != "rest":
+        return []
+    if not manifest.temperatures:
+        return [f"loss.missing_mass 'rest' needs the tempered log-partitions that this schema-{manifest.schema_version} "
+                "cache lacks (rebuild the cache with this mdkd, or set loss.missing_mass: renormalize)"]
+    if config.loss.temperature not in manifest.temperatures:
+        recorded = ", ".join(f"{tau:g}" for tau in manifest.temperatures)
+        return [f"loss.temperature {config.loss.temperature:g} was not recorded in the cache (it has {recorded}; "
+                "use one of them, or add it to the cache config's temperatures and rebuild)"]
+    return []
+
+
+def _check_shards(cache: CacheReader, shards: list[ShardEntry], ranks: Ranks) -> None:
     """Size and sha256 of every shard the run reads: a damaged cache fails now, not hours into training."""
     for shard in tqdm(shards, desc="checking cache", unit="shard", leave=False, disable=not ranks.progress_enabled()):
-        problem = check_shard_file(cache_dir, shard)
+        problem = cache.check_file(shard)
         if problem:
-            raise UserError(f"cache {cache_dir} fails verification: {problem} (run `mdkd cache verify`, then rebuild)")
-
-
-def _run_status(out_dir: Path, identity: dict, resume: str | None, overwrite: bool) -> dict:
-    """The run's status: complete, resumable, or new. Refuses a folder that holds another run or other files."""
-    run_file = out_dir / RUN_FILE
-    if run_file.exists():
-        status = json.loads(run_file.read_text(encoding="utf-8"))
-        same = all(status.get(k) == v for k, v in identity.items())
-        if same and (status.get("complete") or resume):
-            return status
-        if not overwrite:
-            if not same:
-                raise UserError(f"{out_dir} holds a run with a different config or cache (choose another --out, or pass --overwrite)")
-            raise UserError(f"{out_dir} holds an unfinished run of this config (pass --resume auto to continue it, or --overwrite to restart)")
-    elif resume:
-        raise UserError(f"nothing to resume in {out_dir}: it holds no run (drop --resume to start one)")
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} is not empty and is not an mdkd run (choose an empty or new --out folder)")
-    return {}
+            raise UserError(f"cache {cache.dir} fails verification: {problem} (run `mdkd cache verify`, then rebuild)")
 
 
 def _write_run_files(out_dir: Path, config: TrainConfig, config_path: Path, cache_dir: Path, identity: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     header = f"# mdkd train config (resolved from {config_path}); hash {identity['config_hash']}\n# cache: {cache_dir.resolve()}\n"
     (out_dir / "config.yaml").write_text(header + dump_config(config), encoding="utf-8")
     if not (out_dir / RUN_FILE).exists():
-        write_json_atomic(out_dir / RUN_FILE, {**identity, "complete": False, "cache": str(cache_dir.resolve())})
+        write_json_atomic(out_dir / RUN_FILE, {"identity": identity, "complete": False, "cache": str(cache_dir.resolve())})
 
 
-def _build_vocabulary(cache_dir: Path, manifest: dict, teachers: list[str], shards, config: TrainConfig, folder: Path) -> None:
-    """The merged vocabulary over the teachers this run uses (kept as is when resuming)."""
+def _build_vocabulary(cache: CacheReader, teachers: list[str], pairs, config: TrainConfig, folder: Path) -> None:
+    """The merged vocabulary over the teachers this run uses (kept as is when resuming). With a size cap, the
+    cached inputs rank the tokens, and the stats say where each teacher's inputs and top-k mass land."""
     if (folder / "stats.json").exists():
         return
-    vocabularies = [TeacherVocabulary.from_cache(cache_dir, name, manifest["teachers"][name]) for name in teachers]
-    own_shards = {name: [s for (t, _), group in shards.items() if t == name for s in group] for name in teachers}
-    capped = config.vocab.max_size is not None
-    frequencies = {v.name: count_cached_tokens(cache_dir, own_shards[v.name], v.canonical) for v in vocabularies} if capped else None
-    alignment = build_alignment(vocabularies, frequencies, config.vocab.max_size)
-    alignment.stats["lowercase"] = all(v.family.lowercase for v in vocabularies)
-    alignment.stats["mass_dropped"] = {
-        v.name: mass_dropped(cache_dir, own_shards[v.name], alignment.id_maps[v.name], manifest["top_k"]) if capped else 0.0
-        for v in vocabularies
-    }
+    vocabularies = [TeacherVocabulary.from_cache(cache, name) for name in teachers]
+    if config.vocab.max_size is None:
+        alignment = build_alignment(vocabularies)
+    else:
+        tallies = {v.name: TokenTally.from_cache(cache, [s for t, l in pairs if t == v.name for s in cache.manifest.shards_of(t, l)],
+                                                 len(v.canonical)) for v in vocabularies}
+        frequencies = {v.name: tallies[v.name].canonical_counts(v.canonical) for v in vocabularies}
+        alignment = build_alignment(vocabularies, frequencies, config.vocab.max_size)
+        alignment.stats["token_shares"] = {name: teacher_token_shares(alignment, name, tally) for name, tally in tallies.items()}
     alignment.save(folder)
 
 
-def _record_held_out(cache_dir: Path, shards, fraction: float, path: Path) -> None:
-    documents = set()
-    for group in shards.values():
-        for shard in group:
-            doc_ids = read_shard(cache_dir / shard["path"], ["doc_id"]).column("doc_id").to_pylist()
-            documents.update(doc_id for doc_id in doc_ids if held_out(doc_id, fraction))
-    write_json_atomic(path, {"eval_fraction": fraction, "rule": "blake2b-64(doc_id) / 2^64 < eval_fraction",
-                             "documents": sorted(documents)})
-
-
-def _sampler(cache_dir: Path, manifest: dict, selection, shards, alignment: Alignment, config: TrainConfig) -> Sampler:
+def _sampler(cache: CacheReader, selection, pairs, alignment: Alignment, config: TrainConfig) -> Sampler:
     streams = {}
-    for (teacher, language), group in shards.items():
-        stream = Stream(cache_dir, teacher, language, group, config.train.seed, config.train.eval_fraction,
-                        config.loss.top_k, manifest["top_k"], alignment.input_map(teacher), alignment.id_maps[teacher])
+    for teacher, language in pairs:
+        stream = Stream(cache, teacher, language, config.train.seed, config.train.eval_fraction, config.loss.top_k,
+                        _temperature_column(config, cache.manifest), alignment.input_map(teacher),
+                        alignment.id_maps[teacher])
         streams[stream.key] = stream
-    sizes = {}
-    for entry in manifest["corpus"]:
-        if entry["language"] in selection:
-            sizes[entry["language"]] = sizes.get(entry["language"], 0) + entry["documents"]
     for stream in streams.values():
         if not any(len(stream.training_rows(i)) for i in range(len(stream.shards))):
             raise UserError(f"every document of {stream.key} is held out (lower train.eval_fraction)")
+    sizes = {language: cache.manifest.documents(language) for language in selection}
     probabilities = language_probabilities(sizes, config.language_sampling)
     return Sampler(streams, probabilities, selection, config.train.seed)
+
+
+def _temperature_column(config: TrainConfig, manifest: Manifest) -> int | None:
+    """Which cached log-partition the loss reads (none for `renormalize`)."""
+    return manifest.temperatures.index(config.loss.temperature) if config.loss.missing_mass == "rest" else None
 
 
 def _resume(engine, sampler: Sampler, checkpoints: Path, resume: str, identity: dict) -> int:
@@ -217,30 +217,31 @@ def _resume(engine, sampler: Sampler, checkpoints: Path, resume: str, identity: 
     return int(client["step"])
 
 
-def _held_out_sets(cache_dir: Path, manifest: dict, shards, alignment: Alignment, config: TrainConfig) -> list:
+def _held_out_sets(cache: CacheReader, pairs, alignment: Alignment, config: TrainConfig) -> list:
     """The held-out windows scored during training: up to eval_rows per (teacher, language), fixed for the run."""
     rule = fraction_rule(config.train.eval_fraction)
     sets = []
-    for teacher, language in shards:
-        windows = held_out_windows(cache_dir, manifest, teacher, language, rule, config.train.eval_rows, config.loss.top_k)
+    for teacher, language in pairs:
+        windows = held_out_windows(cache, teacher, language, rule, config.train.eval_rows, config.loss.top_k)
         if windows.rows:
             sets.append((windows, alignment.input_map(teacher), alignment.id_maps[teacher]))
     return sets
 
 
-def _evaluate(engine, held_out_sets: list, step: int) -> dict:
+def _evaluate(engine, held_out_sets: list, temperatures: list[float], step: int) -> dict:
     """Held-out metrics per language (every rank runs the same forwards, as ZeRO-3 needs all of them)."""
     per_language: dict[str, MetricSums] = {}
     engine.eval()
     for windows, input_map, target_map in held_out_sets:
-        model, _ = score_windows(lambda *batch: engine(*(t.to(engine.device) for t in batch)), windows, input_map, target_map)
+        model, _ = score_windows(lambda *batch: engine(*(t.to(engine.device) for t in batch)), windows, input_map,
+                                 target_map, temperatures)
         per_language.setdefault(windows.language, MetricSums()).add(model)
     engine.train()
     return {"step": step, "split": "heldout", "per_language": {l: m.result() for l, m in per_language.items()}}
 
 
 def _train(engine, sampler: Sampler, config: TrainConfig, out_dir: Path, ranks: Ranks, start: int, checkpoints: Path,
-           identity: dict, held_out_sets: list) -> None:
+           identity: dict, held_out_sets: list, eval_temperatures: list[float]) -> None:
     loop, world = config.train, ranks.world_size
     languages = sampler.languages
     metrics_path = out_dir / "metrics.jsonl"
@@ -266,7 +267,7 @@ def _train(engine, sampler: Sampler, config: TrainConfig, out_dir: Path, ranks: 
                   "tokens_per_second": totals.tokens.item() / seconds}
         records = [record]
         if held_out_sets and ((step + 1) % (loop.eval_every or loop.checkpoint_every) == 0 or step + 1 == loop.steps):
-            records.append(_evaluate(engine, held_out_sets, step + 1))
+            records.append(_evaluate(engine, held_out_sets, eval_temperatures, step + 1))
         if ranks.is_main:
             with metrics_path.open("a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in records)

@@ -1,6 +1,7 @@
-"""`mdkd validate FILE`: check a config without loading any model, and say every problem at once.
+"""`mdkd validate FILE [--cache DIR]`: check a config without loading any model, and say every problem at once.
 
-A file with a `corpus` key is a cache-logits config; any other is a train config.
+A file with a `corpus` key is a cache-logits config; any other is a train config, which `--cache` also checks
+against a cache (teachers, languages, k', temperature).
 """
 
 from __future__ import annotations
@@ -9,17 +10,25 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mdkd.pipeline.config import read_yaml
-from mdkd.pipeline.teacher_pass.config import CacheConfig, validate_cache_config
+from mdkd.pipeline.cache.manifest import Manifest
+from mdkd.pipeline.config import ConfigError, read_yaml
 from mdkd.pipeline.distill.config import validate_train_config
+from mdkd.pipeline.teacher_pass.config import CacheConfig, validate_cache_config
 
 
-def run(path: Path) -> BaseModel:
-    """Validate `path`; raises ConfigError (with one entry per problem) when it is not valid."""
+def run(path: Path, cache_dir: Path | None = None) -> BaseModel:
+    """Validate `path` (and a train config against `cache_dir`); raises ConfigError (one entry per problem)."""
     raw = read_yaml(path)
     if isinstance(raw, dict) and "corpus" in raw:
         return validate_cache_config(raw, path)
-    return validate_train_config(raw, path)
+    config = validate_train_config(raw, path)
+    if cache_dir is not None:
+        from mdkd.stages.train import plan_against_cache
+
+        _, problems = plan_against_cache(config, Manifest.load(cache_dir))
+        if problems:
+            raise ConfigError(path, problems)
+    return config
 
 
 def describe(config: BaseModel) -> str:

@@ -1,31 +1,167 @@
-"""The cache manifest and the per-unit completion markers that make `cache-logits` resumable.
+"""The cache manifest (typed) and the per-unit completion markers that make `cache-logits` resumable.
 
-The cache folder holds `manifest.json` from the start, with `complete: false` and the run's identity (resolved
-config, corpus fingerprints, teacher hashes), so a rerun with a different config is refused. A unit of work is
-one shard: (teacher, language, part). Its marker under `.progress/` is written only after the shard has been
-renamed into place; a rerun skips units with a marker. When every unit has a marker, the markers are merged into
-the manifest, which is rewritten with `complete: true`: only then does the cache count as written.
+The cache folder holds `manifest.json` from the start, with `complete: false` and the run's identity (config
+content hash, resolved dtype, corpus fingerprints, teacher hashes), so a rerun with a different config is refused.
+A unit of work is one shard: (teacher, language, part). Its marker under `.progress/` is written only after the
+shard has been renamed into place; a rerun skips units with a marker. When every unit has a marker, the markers
+are merged into the manifest, which is rewritten with `complete: true`: only then does the cache count as
+written. docs/cache-format.md describes every field.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from mdkd.pipeline.errors import UserError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-SCHEMA_VERSION = 1
+from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.files import write_json_atomic
+
+SCHEMA_VERSION = 2
+# Schema 1 (mdkd 0.1) lacks the tempered log-partitions: stage two can still read it, for `renormalize` only.
+READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 PROGRESS_DIR = ".progress"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename, so readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+class _Record(BaseModel):
+    # A field the reader does not know means the file is not what this code thinks it is.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherEntry(_Record):
+    """One teacher as stage one saw it: where it came from, its vocabulary, its tokenizer copy in the cache."""
+
+    model: str
+    tokenizer_source: str
+    revision: str | None
+    weights: str
+    model_type: str
+    architecture: str
+    vocab_size: int
+    model_vocab_size: int
+    special_token_ids: dict[str, int]
+    languages: list[str]
+    tokenizer_dir: str
+    tokenizer_hash: str
+
+
+class ShardEntry(_Record):
+    """One finished unit (teacher, language, part): its marker while the cache is written, then a manifest row."""
+
+    teacher: str
+    language: str
+    part: int
+    documents: int
+    windows_without_tokens: int
+    path: str  # relative to the cache folder
+    rows: int
+    masked_positions: int
+    bytes: int
+    sha256: str
+
+
+class CorpusEntry(_Record):
+    """One corpus source of one language, as read by stage one."""
+
+    language: str
+    source: str
+    fingerprint: str
+    documents: int
+    skipped_blank_lines: int
+    skipped_invalid_utf8_lines: int
+
+
+class Totals(_Record):
+    rows: int
+    masked_positions: int
+    bytes: int
+
+
+class Manifest(_Record):
+    """`manifest.json`: what the cache holds and how it was made; the only file stage two reads besides shards
+    and tokenizer copies."""
+
+    schema_version: int
+    mdkd_version: str
+    complete: bool
+    config: dict  # the resolved cache-logits config
+    identity: dict
+    masking: dict
+    top_k: int
+    temperatures: list[float]  # the tau of each cached tempered log-partition, in column order
+    max_length: int
+    logprobs_dtype: str
+    shard_documents: int
+    corpus: list[CorpusEntry]
+    teachers: dict[str, TeacherEntry]
+    shards: list[ShardEntry] = []
+    totals: Totals | None = None
+
+    def shards_of(self, teacher: str | None = None, language: str | None = None) -> list[ShardEntry]:
+        """The shards of one teacher and/or language, in manifest order."""
+        return [s for s in self.shards if teacher in (None, s.teacher) and language in (None, s.language)]
+
+    def languages(self) -> dict[str, list[str]]:
+        """{language: teachers that cached it}, in manifest order."""
+        cached: dict[str, list[str]] = {}
+        for name, teacher in self.teachers.items():
+            for language in teacher.languages:
+                cached.setdefault(language, []).append(name)
+        return cached
+
+    def documents(self, language: str) -> int:
+        """Documents of a language over all its sources."""
+        return sum(entry.documents for entry in self.corpus if entry.language == language)
+
+    def save(self, cache_dir: Path) -> None:
+        write_json_atomic(cache_dir / MANIFEST_NAME, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, cache_dir: Path, require_complete: bool = True) -> "Manifest":
+        """Read DIR/manifest.json; a missing, unreadable, unknown or (by default) incomplete one is a UserError."""
+        path = Path(cache_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise UserError(f"{cache_dir} is not an mdkd cache: no {MANIFEST_NAME} (run `mdkd cache-logits` first)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {path}: {exc} (rerun `mdkd cache-logits` to rewrite it)") from None
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if version not in READABLE_SCHEMAS:
+            raise UserError(f"{path} has schema version {version}, this mdkd reads {READABLE_SCHEMAS} "
+                            "(rebuild the cache with this version)")
+        if version == 1:
+            raw = _from_schema_1(raw)
+        try:
+            manifest = cls.model_validate(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise UserError(f"{path} is damaged: {where}: {first['msg']} (rebuild the cache)") from None
+        if require_complete and not manifest.complete:
+            raise UserError(f"cache {cache_dir} is incomplete (rerun the same `mdkd cache-logits` command to finish it)")
+        return manifest
+
+
+def _from_schema_1(raw: dict) -> dict:
+    """A schema-1 manifest in today's shape: no temperatures, plain-hex shard hashes, one config hash fewer."""
+    raw = {key: value for key, value in raw.items() if key != "config_hash"}
+    raw["temperatures"] = []
+    raw["shards"] = [{**s, "sha256": "sha256:" + s["sha256"]} for s in raw.get("shards", [])]
+    return raw
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """A tokenizer's named special tokens (cls, sep, pad, mask, unk, bos, eos) and their ids, as the manifest
+    records them for each teacher."""
+    ids = {}
+    for role in ("cls", "sep", "pad", "mask", "unk", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            ids[role] = int(token_id)
+    return ids
 
 
 def shard_path(teacher: str, language: str, part: int) -> str:
@@ -37,30 +173,16 @@ def marker_path(cache_dir: Path, teacher: str, language: str, part: int) -> Path
     return cache_dir / PROGRESS_DIR / teacher / language / f"part-{part:05d}.json"
 
 
-def read_marker(cache_dir: Path, teacher: str, language: str, part: int) -> dict | None:
-    """The finished unit's record, or None when the unit still has to run (no marker or a torn one)."""
+def write_marker(cache_dir: Path, entry: ShardEntry) -> None:
+    """Declare a unit finished: called only once its shard is renamed into place."""
+    write_json_atomic(marker_path(cache_dir, entry.teacher, entry.language, entry.part), entry.model_dump(mode="json"))
+
+
+def read_marker(cache_dir: Path, teacher: str, language: str, part: int) -> ShardEntry | None:
+    """The finished unit's entry, or None when the unit still has to run (no marker, a torn one, no shard)."""
     path = marker_path(cache_dir, teacher, language, part)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        entry = ShardEntry.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValidationError):
         return None
-    return record if (cache_dir / record.get("path", "")).is_file() else None
-
-
-def load_manifest(cache_dir: Path, require_complete: bool = True) -> dict:
-    """Read DIR/manifest.json; a missing, unreadable or (by default) incomplete manifest is a UserError."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(f"{cache_dir} is not an mdkd cache: no {MANIFEST_NAME} (run `mdkd cache-logits` first)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc} (rerun `mdkd cache-logits` to rewrite it)") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(
-            f"{path} has schema version {manifest.get('schema_version')}, this mdkd reads {SCHEMA_VERSION} "
-            "(rebuild the cache with this version)"
-        )
-    if require_complete and not manifest.get("complete"):
-        raise UserError(f"cache {cache_dir} is incomplete (rerun the same `mdkd cache-logits` command to finish it)")
-    return manifest
+    return entry if (cache_dir / entry.path).is_file() else None

@@ -1,22 +1,27 @@
-"""Parquet shards of cached teacher predictions: the schema, atomic writing, and reading back.
+"""Parquet shards of cached teacher predictions: the one place that knows their columns.
 
-One row per (window, copy) of a document; see docs/cache-format.md for the meaning of each column.
-A shard is written under a temporary name in its final folder and renamed into place, so a reader (or a
-resumed run) never sees a half-written file under a real name.
+One row per (window, copy) of a document; docs/cache-format.md gives the meaning of each column. Stage one
+builds rows with `build_table` and writes them with `write_shard` (a temporary name in the final folder, fsync,
+rename, so a reader or a resumed run never sees a half-written file under a real name). Everything else reads
+them back as flat numpy arrays through `ShardRows` (or `read_columns` for a few whole columns).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-COLUMNS = ("doc_id", "window", "copy", "language", "input_ids", "positions", "labels", "topk_ids", "topk_logprobs")
+from mdkd.pipeline.files import sha256_of_file
+
+COLUMNS = ("doc_id", "window", "copy", "language", "input_ids", "positions", "labels", "topk_ids", "topk_logprobs",
+           "log_partitions", "entropies")
+COLUMNS_SCHEMA_1 = COLUMNS[:-2]  # before the tempered log-partitions and entropies
 
 
 def shard_schema(logprobs_dtype: str) -> pa.Schema:
@@ -32,34 +37,95 @@ def shard_schema(logprobs_dtype: str) -> pa.Schema:
             ("labels", pa.list_(pa.int32())),
             ("topk_ids", pa.list_(pa.list_(pa.int32()))),
             ("topk_logprobs", pa.list_(pa.list_(logprob_type))),
+            # Always float32: stage two subtracts it from log p / tau, and fp16 would lose the small tail masses.
+            ("log_partitions", pa.list_(pa.list_(pa.float32()))),
+            ("entropies", pa.list_(pa.float32())),
         ]
     )
 
 
 @dataclass(frozen=True)
-class ShardStats:
-    """What the manifest records about one shard."""
+class CachedRow:
+    """What stage one knows about one (window, copy), in the teacher's ids; `build_table` turns a list into rows."""
 
-    path: str  # relative to the cache folder
+    doc_id: str
+    window: int
+    copy: int
+    input_ids: np.ndarray  # [T] the masked input the teacher saw
+    positions: np.ndarray  # [n] masked positions
+    labels: np.ndarray  # [n] original tokens there
+
+
+@dataclass(frozen=True)
+class TeacherPredictions:
+    """A teacher's predictions at a unit's masked positions, one array row per position, in row order."""
+
+    topk_ids: np.ndarray  # [P, k] teacher ids, most probable first
+    topk_logprobs: np.ndarray  # [P, k] log-probabilities at temperature 1
+    log_partitions: np.ndarray  # [P, temperatures] logsumexp_j(log p_j / tau) over the whole vocabulary
+    entropies: np.ndarray  # [P] entropy of the whole distribution at temperature 1, in nats
+
+
+def _list_array(values: np.ndarray, lengths) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def build_table(rows: list[CachedRow], language: str, predictions: TeacherPredictions,
+                logprobs_dtype: str) -> pa.Table:
+    """Shard rows; row i's predictions are the next len(rows[i].positions) rows of each array of `predictions`."""
+    topk_ids, topk_logprobs, log_partitions = predictions.topk_ids, predictions.topk_logprobs, predictions.log_partitions
+    counts = np.array([len(r.positions) for r in rows], dtype=np.int64)
+    k = topk_ids.shape[1] if topk_ids.ndim == 2 else 0
+    per_position = np.full(int(counts.sum()), k, dtype=np.int64)
+    per_temperature = np.full(int(counts.sum()), log_partitions.shape[1] if log_partitions.ndim == 2 else 0)
+    value_type = np.float16 if logprobs_dtype == "float16" else np.float32
+
+    def concat(field: str) -> np.ndarray:
+        parts = [getattr(r, field) for r in rows]
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
+
+    columns = {
+        "doc_id": pa.array([r.doc_id for r in rows], pa.string()),
+        "window": pa.array([r.window for r in rows], pa.int32()),
+        "copy": pa.array([r.copy for r in rows], pa.int32()),
+        "language": pa.array([language] * len(rows), pa.string()),
+        "input_ids": _list_array(concat("input_ids"), [len(r.input_ids) for r in rows]),
+        "positions": _list_array(concat("positions"), counts),
+        "labels": _list_array(concat("labels"), counts),
+        "topk_ids": _list_array(_list_array(topk_ids.reshape(-1).astype(np.int32), per_position), counts),
+        "topk_logprobs": _list_array(_list_array(topk_logprobs.reshape(-1).astype(value_type), per_position), counts),
+        "log_partitions": _list_array(_list_array(log_partitions.reshape(-1).astype(np.float32), per_temperature), counts),
+        "entropies": _list_array(predictions.entropies.astype(np.float32), counts),
+    }
+    return pa.Table.from_pydict(columns, schema=shard_schema(logprobs_dtype))
+
+
+@dataclass(frozen=True)
+class CachedPredictions:
+    """One cached row as read back, in the teacher's ids."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [n]
+    labels: np.ndarray  # [n]
+    topk_ids: np.ndarray  # [n, k']
+    topk_logprobs: np.ndarray  # [n, k'] log-probabilities at temperature 1
+    log_partitions: np.ndarray | None  # [n, temperatures] tempered log-partitions (None in a schema-1 cache)
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """What the manifest records about a shard file."""
+
     rows: int
     masked_positions: int
     bytes: int
     sha256: str
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_shard(cache_dir: Path, relative_path: str, table: pa.Table) -> ShardStats:
-    """Write `table` to cache_dir/relative_path via a temporary file and a rename; return its stats."""
+def write_shard(cache_dir: Path, relative_path: str, table: pa.Table) -> WrittenShard:
+    """Write `table` to cache_dir/relative_path via a temporary file, fsync and a rename."""
     final = cache_dir / relative_path
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -69,20 +135,67 @@ def write_shard(cache_dir: Path, relative_path: str, table: pa.Table) -> ShardSt
         os.fsync(handle.fileno())
     os.replace(temporary, final)
     masked = int(pc.sum(pc.list_value_length(table.column("positions"))).as_py() or 0)
-    return ShardStats(relative_path, table.num_rows, masked, final.stat().st_size, sha256_file(final))
+    return WrittenShard(table.num_rows, masked, final.stat().st_size, sha256_of_file(final))
 
 
-def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The shard as an Arrow table (verification, which checks the raw lists themselves)."""
     return pq.read_table(path, columns=columns)
 
 
-def check_shard_file(cache_dir: Path, shard: dict) -> str | None:
-    """A one-line problem when the shard file is missing or differs from its manifest entry (size, sha256)."""
-    path = cache_dir / shard["path"]
-    if not path.is_file():
-        return f"{shard['path']}: missing"
-    if path.stat().st_size != shard["bytes"]:
-        return f"{shard['path']}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}"
-    if sha256_file(path) != shard["sha256"]:
-        return f"{shard['path']}: sha256 differs from the manifest (the file is corrupted)"
-    return None
+def read_doc_ids(path: Path) -> list[str]:
+    """Only the doc_id column: what the held-out split needs."""
+    return pq.read_table(path, columns=["doc_id"]).column("doc_id").to_pylist()
+
+
+def _flat(column) -> np.ndarray:
+    return pc.list_flatten(column).to_numpy()
+
+
+def _offsets(column) -> np.ndarray:
+    lengths = pc.list_value_length(column).to_numpy()
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+class ShardRows:
+    """A shard's rows decoded into flat numpy arrays plus offsets: slicing a row costs no Python object per token.
+
+    `top_k` keeps the first k' of the cached k predictions per position (they are sorted, most probable first).
+    Arrays are in the teacher's ids; log-probabilities are float32 whatever the stored type. A schema-1 shard has
+    no log-partitions and no entropies (None).
+    """
+
+    def __init__(self, path: Path, cached_k: int, top_k: int | None = None):
+        table = pq.read_table(path)
+        k = top_k or cached_k
+        self.input_ids, self.input_offsets = _flat(table.column("input_ids")), _offsets(table.column("input_ids"))
+        self.positions, self.position_offsets = _flat(table.column("positions")), _offsets(table.column("positions"))
+        self.labels = _flat(table.column("labels"))
+        self.topk_ids = _flat(pc.list_flatten(table.column("topk_ids"))).reshape(-1, cached_k)[:, :k]
+        logprobs = _flat(pc.list_flatten(table.column("topk_logprobs"))).reshape(-1, cached_k)[:, :k]
+        self.topk_logprobs = logprobs.astype(np.float32)
+        self.log_partitions = self.entropies = None
+        if "log_partitions" in table.column_names:
+            self.log_partitions = _flat(pc.list_flatten(table.column("log_partitions"))).reshape(len(self.labels), -1)
+            self.entropies = _flat(table.column("entropies"))
+
+    def __len__(self) -> int:
+        return len(self.input_offsets) - 1
+
+    def row(self, index: int) -> "CachedPredictions":
+        """One row: its input, masked positions, labels and the teacher's predictions there."""
+        a, b = self.input_offsets[index], self.input_offsets[index + 1]
+        c, d = self.position_offsets[index], self.position_offsets[index + 1]
+        partitions = None if self.log_partitions is None else self.log_partitions[c:d]
+        return CachedPredictions(self.input_ids[a:b], self.positions[c:d], self.labels[c:d], self.topk_ids[c:d],
+                                 self.topk_logprobs[c:d], partitions)
+
+    def original_inputs(self) -> np.ndarray:
+        """Every row's input ids with the masked positions put back to their labels, concatenated: the text the
+        teacher read before masking (what token frequencies are counted on)."""
+        ids = self.input_ids.astype(np.int64)
+        counts = np.diff(self.position_offsets)
+        ids[self.positions + np.repeat(self.input_offsets[:-1], counts)] = self.labels
+        return ids

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from mdkd.pipeline.files import content_hash
 from mdkd.pipeline.config import ConfigError, StrictModel, format_validation_error, read_yaml
 
 PRESETS = {
@@ -21,12 +20,16 @@ PRESETS = {
 class StudentConfig(StrictModel):
     """A BERT-style student initialised from scratch: a preset, or explicit sizes (which override the preset)."""
 
-    preset: Literal["tiny", "small", "base"] | None = "tiny"
-    hidden_size: int | None = Field(None, ge=8)
-    num_layers: int | None = Field(None, ge=1)
-    num_heads: int | None = Field(None, ge=1)
-    intermediate_size: int | None = Field(None, ge=8)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    preset: Literal["tiny", "small", "base"] | None = Field(
+        "tiny", description="Starting sizes (table below). Null: no preset, so give all four sizes."
+    )
+    hidden_size: int | None = Field(
+        None, ge=8, description="Hidden size; it must be divisible by the number of heads. Null: the preset's."
+    )
+    num_layers: int | None = Field(None, ge=1, description="Transformer layers. Null: the preset's.")
+    num_heads: int | None = Field(None, ge=1, description="Attention heads. Null: the preset's.")
+    intermediate_size: int | None = Field(None, ge=8, description="Feed-forward size. Null: the preset's.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Hidden and attention dropout.")
 
     def sizes(self) -> dict[str, int]:
         sizes = dict(PRESETS[self.preset]) if self.preset else {}
@@ -45,7 +48,13 @@ class StudentConfig(StrictModel):
 
 
 class VocabConfig(StrictModel):
-    max_size: int | None = Field(None, ge=6)
+    max_size: int | None = Field(
+        None,
+        ge=6,
+        description="Cap on the merged vocabulary, the 5 special tokens included. Null keeps every teacher token. "
+        "With a cap, the most frequent tokens of the cached inputs are kept and the others are dropped "
+        "([vocabulary.md](vocabulary.md#the-size-cap)). A cap at or above the union's size drops nothing.",
+    )
 
 
 class AlphaConfig(StrictModel):
@@ -55,31 +64,75 @@ class AlphaConfig(StrictModel):
     step: alpha_t = start until `steps`, then 0 (KD only, then MLM only). `steps` defaults to train.steps.
     """
 
-    schedule: Literal["constant", "linear", "step"] = "linear"
-    start: float = Field(1.0, ge=0.0, le=1.0)
-    steps: int | None = Field(None, ge=1)
+    schedule: Literal["constant", "linear", "step"] = Field("linear", description="How α_t changes (table below).")
+    start: float = Field(1.0, ge=0.0, le=1.0, description="α at step 0.")
+    steps: int | None = Field(None, ge=1, description="The schedule's horizon S. Null: `train.steps`.")
 
 
 class LossConfig(StrictModel):
-    temperature: float = Field(2.0, gt=0.0)
-    top_k: int = Field(8, ge=1)
-    alpha: AlphaConfig = AlphaConfig()
-    missing_mass: Literal["renormalize", "rest"] = "renormalize"
+    temperature: float = Field(2.0, gt=0.0, description="τ of the KD loss.")
+    top_k: int = Field(
+        8,
+        ge=1,
+        description="k': how many of each position's cached predictions (the most probable ones) make the soft "
+        "target. At most the cached `top_k` (checked at start).",
+    )
+    alpha: AlphaConfig = Field(
+        AlphaConfig(), description="Weight of KD against MLM over training (default: linear from 1)."
+    )
+    missing_mass: Literal["renormalize", "rest"] = Field(
+        "rest",
+        description="The teacher's probability outside the k' kept tokens. `rest`: the KL runs over k'+1 buckets, "
+        "the kept tokens plus everything else, with both sides' exact tempered masses (the teacher's from the "
+        "cached log-partition at `temperature`, which the cache must have recorded). `renormalize`: the kept "
+        "tokens are rescaled to sum to one, so the student learns that everything else has probability 0 "
+        "(Knowledge Inheritance's top-K recipe; the only mode a schema-1 cache supports).",
+    )
 
 
 class TrainLoopConfig(StrictModel):
-    steps: int = Field(1000, ge=1)
-    micro_batch_size: int = Field(32, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    lr: float = Field(5.0e-4, gt=0.0)
-    warmup: float = Field(0.1, ge=0.0, le=1.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    gradient_clipping: float = Field(1.0, ge=0.0)
-    seed: int = 0
-    checkpoint_every: int = Field(500, ge=1)
-    eval_fraction: float = Field(0.01, ge=0.0, lt=1.0)
-    eval_every: int | None = Field(None, ge=1)  # default: at every checkpoint
-    eval_rows: int = Field(256, ge=1)  # held-out rows per (teacher, language) scored at each evaluation
+    steps: int = Field(1000, ge=1, description="Optimiser steps.")
+    micro_batch_size: int = Field(32, ge=1, description="Cached rows (windows) per micro-batch per rank.")
+    gradient_accumulation: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimiser step. A step uses `micro_batch_size × gradient_accumulation × "
+        "ranks` rows.",
+    )
+    lr: float = Field(5.0e-4, gt=0.0, description="Peak learning rate.")
+    warmup: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share of `steps` spent warming up ([schedule below](#generated-deepspeed-config)).",
+    )
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    gradient_clipping: float = Field(
+        1.0, ge=0.0, description="Gradient-norm clipping (DeepSpeed's `gradient_clipping`; 0 turns it off)."
+    )
+    seed: int = Field(0, description="Seeds the student's initial weights, the data order and dropout.")
+    checkpoint_every: int = Field(
+        500, ge=1, description="Save a checkpoint every this many steps; the last step is always saved."
+    )
+    eval_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description="Share of documents held out of training, by a hash of `doc_id` "
+        "([training.md](training.md#data-order)). 0 holds out nothing.",
+    )
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Score the held-out rows every this many steps, and at the last step. Null: every "
+        "`checkpoint_every` steps.",
+    )
+    eval_rows: int = Field(
+        256,
+        ge=1,
+        description="Held-out rows per (teacher, language) scored at each evaluation: the first ones in cache "
+        "order, the same for the whole run.",
+    )
 
 
 TeacherChoice = str | list[str] | dict[str, float]
@@ -88,15 +141,44 @@ TeacherChoice = str | list[str] | dict[str, float]
 class TrainConfig(StrictModel):
     """The whole `mdkd train` config."""
 
-    teachers: dict[str, TeacherChoice] | None = None
-    language_sampling: float = Field(0.7, ge=0.0, le=1.0)
-    student: StudentConfig = StudentConfig()
-    vocab: VocabConfig = VocabConfig()
-    loss: LossConfig = LossConfig()
-    train: TrainLoopConfig = TrainLoopConfig()
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    zero_stage: int = Field(0, ge=0, le=3)
-    deepspeed: dict[str, Any] = {}
+    teachers: dict[str, TeacherChoice] | None = Field(
+        None,
+        description="Which cached teachers teach which language: language → a [teacher choice]"
+        "(#teachers-language--teachers). Null: every language in the cache, each from every teacher that cached "
+        "it, with equal weights. A mapping limits training to the languages it names; each must be in the cache, "
+        "and each of its teachers one that cached it (checked at start).",
+    )
+    language_sampling: float = Field(
+        0.7,
+        ge=0.0,
+        le=1.0,
+        description="The exponent `a` of language sampling: a training example is from language `l` with "
+        "probability `p(l) = n_l^a / Σ_m n_m^a`, where `n_l` is the number of documents of `l` in the cache's "
+        "manifest (held-out documents included). `a = 1` samples by corpus size, `a = 0` uniformly; 0.7 (as "
+        "mBERT) favours small languages.",
+    )
+    student: StudentConfig = Field(StudentConfig(), description="The student's size (default: the `tiny` preset).")
+    vocab: VocabConfig = Field(VocabConfig(), description="The merged vocabulary (default: no size cap).")
+    loss: LossConfig = Field(LossConfig(), description="Temperature, k', the α schedule, the missing mass.")
+    train: TrainLoopConfig = Field(
+        TrainLoopConfig(), description="Steps, batch, optimiser, checkpoints, held-out share."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training precision. `auto` is bf16 on a CUDA device that supports it, fp32 otherwise. bf16 "
+        "and fp16 turn on DeepSpeed's `bf16` or `fp16` mode (fp16 with DeepSpeed's default dynamic loss "
+        "scaling). The losses are always computed in fp32.",
+    )
+    zero_stage: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage: 1 partitions optimiser states over ranks, 2 also gradients, 3 also "
+        "parameters (gathered again for the export).",
+    )
+    deepspeed: dict[str, Any] = Field(
+        {}, description="Raw DeepSpeed config, deep-merged over the [generated one](#generated-deepspeed-config)."
+    )
 
     @model_validator(mode="after")
     def _teacher_weights(self) -> "TrainConfig":
@@ -108,7 +190,7 @@ class TrainConfig(StrictModel):
         return self
 
     def content_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        return content_hash(self.model_dump(mode="json"))
 
 
 def teacher_weights(choice: TeacherChoice) -> dict[str, float]:

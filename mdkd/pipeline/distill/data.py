@@ -3,7 +3,8 @@
 - A (teacher, language) pair is a *stream* over that teacher's shards of that language. Each epoch visits the
   shards in a seeded random order and the rows of a shard in a seeded random order, holding one shard in memory
   at a time, so memory does not grow with the cache.
-- Documents whose `doc_id` hashes below `eval_fraction` are held out: no stream ever yields them.
+- Documents held out by `cache.documents.held_out` (their `doc_id` hashes below `eval_fraction`): no stream
+  ever yields them.
 - Example g of the run draws its language (p(l) ∝ n_l^a) and, for a language with several teachers, its
   teacher from a generator seeded by (seed, g) alone; then takes the next row of that stream. The sampler's
   state is a few integers, saved in every checkpoint, so a resumed run continues with exactly the same data.
@@ -15,30 +16,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
-from mdkd.pipeline.cache.shards import read_shard
-
-
-def held_out(doc_id: str, fraction: float) -> bool:
-    """Deterministic held-out split by document: the same for every teacher, rank and run."""
-    digest = hashlib.blake2b(doc_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
-
-
-def _flat(column) -> np.ndarray:
-    return pc.list_flatten(column).to_numpy()
-
-
-def _offsets(column) -> np.ndarray:
-    lengths = pc.list_value_length(column).to_numpy()
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets
+from mdkd.pipeline.cache.documents import held_out
+from mdkd.pipeline.cache.manifest import ShardEntry
+from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.cache.shards import CachedPredictions, ShardRows
 
 
 @dataclass
@@ -51,34 +36,29 @@ class Example:
     labels: np.ndarray  # [n] student ids
     topk_ids: np.ndarray  # [n, k'] student ids, -1 where the token was dropped by the vocabulary cap
     topk_logprobs: np.ndarray  # [n, k'] teacher log-probabilities at temperature 1
+    log_partitions: np.ndarray | None  # [n] the teacher's tempered log-partition at the loss's temperature
 
-
-class ShardRows:
-    """A shard's columns as flat arrays plus offsets: slicing a row costs no Python object per token."""
-
-    def __init__(self, path: Path, top_k: int, top_k_cached: int):
-        table = read_shard(path, ["input_ids", "positions", "labels", "topk_ids", "topk_logprobs"])
-        self.input_ids, self.input_offsets = _flat(table.column("input_ids")), _offsets(table.column("input_ids"))
-        self.positions, self.position_offsets = _flat(table.column("positions")), _offsets(table.column("positions"))
-        self.labels = _flat(table.column("labels"))
-        self.topk_ids = _flat(pc.list_flatten(table.column("topk_ids"))).reshape(-1, top_k_cached)[:, :top_k]
-        logprobs = _flat(pc.list_flatten(table.column("topk_logprobs"))).reshape(-1, top_k_cached)[:, :top_k]
-        self.topk_logprobs = logprobs.astype(np.float32)
-
-    def row(self, index: int):
-        a, b = self.input_offsets[index], self.input_offsets[index + 1]
-        c, d = self.position_offsets[index], self.position_offsets[index + 1]
-        return self.input_ids[a:b], self.positions[c:d], self.labels[c:d], self.topk_ids[c:d], self.topk_logprobs[c:d]
+    @classmethod
+    def from_cached(cls, language: str, cached: CachedPredictions, input_map: np.ndarray, label_map: np.ndarray,
+                    target_map: np.ndarray, temperature_column: int | None) -> "Example":
+        """Map a cached row (teacher ids) into student ids: inputs through `input_map`, labels through `label_map`,
+        top-k ids through `target_map` (-1 for a token the student lacks); keep the log-partition of one cached
+        temperature (None: none)."""
+        partitions = None if temperature_column is None else cached.log_partitions[:, temperature_column]
+        return cls(language, input_map[cached.input_ids].astype(np.int64), cached.positions.astype(np.int64),
+                   label_map[cached.labels].astype(np.int64), target_map[cached.topk_ids].astype(np.int64),
+                   cached.topk_logprobs, partitions)
 
 
 class Stream:
     """The training rows of one (teacher, language), epoch after epoch, in a seeded order."""
 
-    def __init__(self, cache_dir: Path, teacher: str, language: str, shards: list[dict], seed: int, eval_fraction: float,
-                 top_k: int, top_k_cached: int, input_map: np.ndarray, target_map: np.ndarray):
-        self.cache_dir, self.teacher, self.language = cache_dir, teacher, language
-        self.shards, self.seed, self.eval_fraction = shards, seed, eval_fraction
-        self.top_k, self.top_k_cached = top_k, top_k_cached
+    def __init__(self, cache: CacheReader, teacher: str, language: str, seed: int, eval_fraction: float, top_k: int,
+                 temperature_column: int | None, input_map: np.ndarray, target_map: np.ndarray):
+        self.cache, self.teacher, self.language = cache, teacher, language
+        self.shards: list[ShardEntry] = cache.manifest.shards_of(teacher, language)
+        self.seed, self.eval_fraction, self.top_k = seed, eval_fraction, top_k
+        self.temperature_column = temperature_column
         self.input_map, self.target_map = input_map, target_map
         self.epoch = self.shard_position = self.row_position = 0
         self._training_rows: dict[int, np.ndarray] = {}
@@ -92,10 +72,8 @@ class Stream:
     def training_rows(self, shard_index: int) -> np.ndarray:
         """Row indices of a shard whose documents are not held out (reads only the doc_id column)."""
         if shard_index not in self._training_rows:
-            doc_ids = read_shard(self.cache_dir / self.shards[shard_index]["path"], ["doc_id"]).column("doc_id").to_pylist()
-            self._training_rows[shard_index] = np.array(
-                [i for i, doc_id in enumerate(doc_ids) if not held_out(doc_id, self.eval_fraction)], dtype=np.int64
-            )
+            self._training_rows[shard_index] = self.cache.matching_rows(
+                self.shards[shard_index], lambda doc_id: not held_out(doc_id, self.eval_fraction))
         return self._training_rows[shard_index]
 
     def _rng(self, *parts: int) -> np.random.Generator:
@@ -127,16 +105,10 @@ class Stream:
 
     def example(self, shard: int, row: int) -> Example:
         if self._loaded is None or self._loaded[0] != shard:
-            self._loaded = (shard, ShardRows(self.cache_dir / self.shards[shard]["path"], self.top_k, self.top_k_cached))
-        input_ids, positions, labels, topk_ids, topk_logprobs = self._loaded[1].row(row)
-        return Example(
-            language=self.language,
-            input_ids=self.input_map[input_ids],
-            positions=positions.astype(np.int64),
-            labels=self.input_map[labels],
-            topk_ids=self.target_map[topk_ids].astype(np.int64),
-            topk_logprobs=topk_logprobs,
-        )
+            self._loaded = (shard, self.cache.rows(self.shards[shard], self.top_k))
+        cached = self._loaded[1].row(row)
+        return Example.from_cached(self.language, cached, self.input_map, self.input_map, self.target_map,
+                                   self.temperature_column)
 
     def state(self) -> list[int]:
         return [self.epoch, self.shard_position, self.row_position]
@@ -193,7 +165,7 @@ def collate(examples: list[Example], languages: list[str], pad_id: int = 0) -> d
         input_ids[row, : len(example.input_ids)] = torch.from_numpy(example.input_ids)
         attention_mask[row, : len(example.input_ids)] = 1
     counts = [len(e.positions) for e in examples]
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "rows": torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(counts)),
@@ -203,3 +175,6 @@ def collate(examples: list[Example], languages: list[str], pad_id: int = 0) -> d
         "topk_logprobs": torch.from_numpy(np.concatenate([e.topk_logprobs for e in examples])),
         "language": torch.repeat_interleave(torch.tensor([languages.index(e.language) for e in examples]), torch.tensor(counts)),
     }
+    if all(e.log_partitions is not None for e in examples):
+        batch["log_partitions"] = torch.from_numpy(np.concatenate([e.log_partitions for e in examples]))
+    return batch

@@ -1,14 +1,23 @@
 """Distillation losses at masked positions, from cached top-k teacher predictions.
 
-Per masked position, with the teacher's k' most probable tokens already mapped into the student vocabulary:
+Per masked position the cache holds the teacher's k most probable tokens (already mapped into the student vocabulary,
+-1 = dropped, e.g. by a vocabulary cap), their log-probabilities logp_i at temperature 1 (the teacher's full-vocabulary
+log-softmax) and, per temperature tau, the tempered log-partition A_tau = logsumexp_j(logp_j / tau) over the teacher's
+FULL vocabulary. Write s_tau = softmax(student logits / tau).
 
-- Teacher probabilities at temperature 1 are read from the cache; ids that map to the same student token are
-  summed; ids dropped by a vocabulary cap are removed.
-- `renormalize`: q = the top-k' probabilities renormalised; q_tau ∝ q^(1/tau). With k' equal to the vocabulary
-  this is exactly softmax(teacher logits / tau), so the loss equals the dense KD loss.
-- `rest`: the probability outside the top-k' (and on dropped ids) is one more bucket, "rest", matched by the
-  student's probability outside those tokens; q_tau ∝ q^(1/tau) over the k'+1 buckets.
-- KD = tau^2 * KL(q_tau || student softmax(z / tau)) (Hinton et al.: tau^2 keeps gradient scale comparable).
+- `rest` (default, exact): the teacher's tempered probability of a cached id is q_i = exp(logp_i / tau - A_tau),
+  exactly softmax(teacher logits / tau)_i. Ids mapped to the same student token are merged by summing these tempered
+  q_i (merge after tempering). The KL is over k' + 1 buckets: the k' distinct kept student ids, plus "rest" =
+  everything else (dropped ids included). Teacher rest = 1 - sum of the bucket q's, the teacher's exact tempered mass
+  outside them; student rest = s_tau mass outside the bucket ids, computed stably as logsumexp of the student's
+  z / tau over the vocabulary with the bucket ids masked out minus the full logsumexp (no 1 - sum cancellation).
+  With every vocabulary id present the rest is empty and the loss is exactly the dense KD loss.
+- `renormalize` (Knowledge Inheritance's top-K recipe): the tau = 1 probabilities of the kept ids are merged, then
+  renormalised to q and tempered, q_tau ∝ q^(1/tau); the student side is s_tau at those ids. This teaches the student
+  that everything outside the top-k has probability 0. `teacher_log_partition` is ignored.
+- KD = tau^2 * KL(teacher buckets || student buckets) (Hinton et al.: tau^2 keeps gradient scale comparable).
+- A position with no kept id (all -1) contributes loss 0 and gradient 0 in both modes; teacher-side quantities are
+  sanitised before they meet the student so that masked-out entries cannot leak NaN into the gradient.
 - MLM = cross-entropy of the student (temperature 1) against the original token.
 """
 
@@ -17,6 +26,8 @@ from __future__ import annotations
 import torch
 
 from mdkd.pipeline.distill.config import AlphaConfig
+
+MISSING_MASS_MODES = ("rest", "renormalize")
 
 
 def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,29 +49,65 @@ def kd_loss(
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     temperature: float,
-    missing_mass: str = "renormalize",
+    missing_mass: str = "rest",
+    teacher_log_partition: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-position KD loss [N] (see the module docstring). student_logits [N, V] (any float dtype, computed in
-    fp32), teacher_ids [N, k] student ids or -1, teacher_logprobs [N, k] cached log-probabilities at tau = 1."""
-    logits = student_logits.float() / temperature
-    student_logp = torch.log_softmax(logits, dim=-1)
-    ids, probs = merge_duplicates(teacher_ids, teacher_logprobs.float().exp())
-    valid = ids >= 0
-    gathered = student_logp.gather(1, ids.clamp(min=0))  # [N, k]
-    log_tiny = torch.finfo(torch.float32).tiny
+    """Per-position KD loss [N] (see the module docstring).
+
+    student_logits [N, V] (any float dtype; computed in at least fp32), teacher_ids [N, k] student ids or -1,
+    teacher_logprobs [N, k] cached teacher log-probabilities at tau = 1 (full-vocabulary log-softmax),
+    teacher_log_partition [N] the cached A_tau = logsumexp(logp / tau) for this `temperature` (required in `rest`).
+    """
+    if missing_mass not in MISSING_MASS_MODES:
+        raise ValueError(f"missing_mass must be one of {MISSING_MASS_MODES}, got {missing_mass!r}")
+    n, vocab = student_logits.shape
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    logits = student_logits.to(dtype) / temperature
+    log_z = torch.logsumexp(logits, dim=1, keepdim=True)  # [N, 1]
+
+    # Teacher side in float64: it is [N, k], and the rest is a difference of sums.
+    valid = teacher_ids >= 0
+    teacher_logq = teacher_logprobs.double()
     if missing_mass == "rest":
-        rest = 1.0 - probs.sum(dim=1, keepdim=True)
-        # Below 1e-6 the "rest" is float32 rounding of a top-k that covers everything, not teacher mass.
-        rest = torch.where(rest > 1e-6, rest, torch.zeros_like(rest))
-        probs = torch.cat([probs, rest], dim=1)
-        covered = torch.logsumexp(gathered.masked_fill(~valid, float("-inf")), dim=1, keepdim=True)
-        student_rest = torch.log1p(-covered.exp().clamp(max=1 - 1e-7))  # log of the student's mass elsewhere
-        gathered = torch.cat([gathered, student_rest], dim=1)
-        valid = torch.cat([valid, rest > 0], dim=1)
-    tempered = torch.where(valid, probs.clamp(min=log_tiny).log() / temperature, torch.full_like(probs, float("-inf")))
-    teacher_logp = torch.log_softmax(tempered, dim=1)
-    teacher_p = teacher_logp.exp()
-    terms = torch.where(valid, teacher_p * (teacher_logp - gathered), torch.zeros_like(teacher_p))
+        if teacher_log_partition is None:
+            raise ValueError("missing_mass='rest' needs teacher_log_partition (A_tau for this temperature)")
+        if teacher_log_partition.shape != (n,):
+            raise ValueError(f"teacher_log_partition must have shape ({n},), got {tuple(teacher_log_partition.shape)}")
+        teacher_logq = teacher_logq / temperature - teacher_log_partition.double().unsqueeze(1)
+    # Per-id probabilities (tempered in `rest`, at tau = 1 in `renormalize`), merged per student id; -1 = none.
+    ids, probs = merge_duplicates(teacher_ids, torch.where(valid, teacher_logq.exp(), torch.zeros_like(teacher_logq)))
+    kept = ids >= 0
+    row_valid = kept.any(dim=1, keepdim=True)  # [N, 1]: rows with no target contribute nothing
+    gathered = logits.gather(1, ids.clamp(min=0)) - log_z  # student log s_tau at the bucket ids, [N, k]
+
+    if missing_mass == "renormalize":
+        mask = kept & (probs > 0)
+        tempered = torch.where(mask, probs.clamp(min=torch.finfo(probs.dtype).tiny).log() / temperature, -torch.inf)
+        tempered = torch.where(mask.any(dim=1, keepdim=True), tempered, torch.zeros_like(tempered))  # no all -inf rows
+        teacher_logp = torch.log_softmax(tempered, dim=1)
+        student_logp = gathered
+    else:
+        # Student mass outside the bucket ids: mask them out of the vocabulary (dropped ids go to a spare column).
+        slot = torch.where(kept, ids, torch.full_like(ids, vocab))
+        in_bucket = torch.zeros(n, vocab + 1, dtype=torch.bool, device=logits.device).scatter_(1, slot, True)[:, :vocab]
+        has_rest = (~in_bucket & (logits > -torch.inf)).any(dim=1, keepdim=True)  # a non-empty, finite rest
+        # Rows without a rest keep the full row, so logsumexp never sees only -inf and student_rest stays finite.
+        rest_logits = logits.masked_fill(in_bucket & has_rest, -torch.inf)
+        student_rest = torch.logsumexp(rest_logits, dim=1, keepdim=True) - log_z
+        teacher_rest = (1.0 - probs.sum(dim=1, keepdim=True)).clamp(min=0.0)
+        # An empty rest is exactly 0 for the teacher too (what is left there is float rounding).
+        teacher_rest = torch.where(has_rest, teacher_rest, torch.zeros_like(teacher_rest))
+        probs = torch.cat([probs, teacher_rest], dim=1)
+        mask = torch.cat([kept, has_rest], dim=1) & (probs > 0)
+        teacher_logp = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
+        student_logp = torch.cat([gathered, student_rest], dim=1)
+
+    mask = mask & row_valid
+    # Sanitise the teacher side where masked out, so 0 * NaN cannot reach the student's gradient.
+    teacher_logp = torch.where(mask, teacher_logp, torch.zeros_like(teacher_logp))
+    teacher_p = torch.where(mask, teacher_logp.exp(), torch.zeros_like(teacher_logp)).to(dtype)
+    teacher_logp = teacher_logp.to(dtype)
+    terms = torch.where(mask, teacher_p * (teacher_logp - student_logp), torch.zeros_like(student_logp))
     return temperature**2 * terms.sum(dim=1)
 
 

@@ -68,7 +68,8 @@ def micro_batch_backward(engine, examples: list[Example], languages: list[str], 
     """Forward, both losses, backward for one micro-batch; adds its sums to `totals`."""
     batch = {k: v.to(engine.device) for k, v in collate(examples, languages).items()}
     logits = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
-    kd = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], settings.temperature, settings.missing_mass)
+    kd = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], settings.temperature,
+                 missing_mass=settings.missing_mass, teacher_log_partition=batch.get("log_partitions"))
     mlm = mlm_loss(logits, batch["labels"])
     total = (1.0 - alpha) * mlm + alpha * kd
     engine.backward(total.sum() * scale)

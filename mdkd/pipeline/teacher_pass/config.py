@@ -9,7 +9,6 @@ outputs and hashed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from mdkd.pipeline.files import content_hash
 from mdkd.pipeline.config import ConfigError, StrictModel, format_validation_error, read_yaml
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -44,10 +44,27 @@ def resolve_local_or_hub(value: str, base_dir: Path) -> tuple[str, bool]:
 class CorpusSource(StrictModel):
     """One source of documents for one language: a local file or folder, or a `datasets` spec."""
 
-    language: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name in the cache
-    path: str | None = None
-    dataset: dict[str, Any] | None = None
-    text_field: str = "text"
+    language: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The language code: it is the shard folder name and the `doc_id` prefix.",
+    )
+    path: str | None = Field(
+        None,
+        description="A `.txt`, `.jsonl` or `.parquet` file, or a folder. A folder contributes every file with one of "
+        "those suffixes at any depth, sorted by relative path. Must exist.",
+    )
+    dataset: dict[str, Any] | None = Field(
+        None,
+        description="Keyword arguments for `datasets.load_dataset`. It must contain `path`: a hub dataset name, or a "
+        "local folder (resolved like `path`, see [below](#paths-relative-to-the-config-file)). It must come down to "
+        "one split, so give `split`. Other keys (`name`, `data_files`, `revision`, `streaming`, ...) are passed "
+        "through as given.",
+    )
+    text_field: str = Field(
+        "text",
+        description="The JSON key, Parquet column or dataset column that holds the text. It is ignored for `.txt` "
+        "files.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -87,11 +104,34 @@ class CorpusSource(StrictModel):
 class TeacherSpec(StrictModel):
     """A teacher masked LM, its tokenizer (default: the model's own) and the languages it serves."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    model: str
-    tokenizer: str | None = None
-    revision: str | None = None
-    languages: list[str] = Field(min_length=1)
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Unique among the teachers. It names the teacher's shard folder and its tokenizer copy.",
+    )
+    model: str = Field(
+        description="A local folder or a hub id (see [the rule below](#local-folder-or-hub-id)). The model must be a "
+        "masked LM (a `*ForMaskedLM` type in transformers). A local folder must hold weight files."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="A local folder or a hub id, same rule as `model`; null means the model's own. It must be a fast "
+        "(Rust) tokenizer with a mask token and no more tokens than the model's vocabulary.",
+    )
+    revision: str | None = Field(
+        None,
+        description="A hub revision (branch, tag or commit). It is used for the model's config and weights, and for "
+        "the tokenizer when `tokenizer` is not given. A separate `tokenizer` is always loaded at its default revision.",
+    )
+    languages: list[str] = Field(
+        min_length=1,
+        description="The corpus languages this teacher runs on, each matching `^[A-Za-z0-9][A-Za-z0-9_.-]*$`. Each "
+        "must have a corpus source.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code the checkpoint ships for its config, tokenizer and model. Off by default: "
+        "turn it on only for a model you trust, whose architecture transformers does not include.",
+    )
 
     @field_validator("languages")
     @classmethod
@@ -116,12 +156,29 @@ class TeacherSpec(StrictModel):
 class MaskingConfig(StrictModel):
     """BERT-style masking: which share of tokens is predicted, and how the chosen ones are corrupted."""
 
-    probability: float = Field(0.15, gt=0.0, lt=1.0)
-    mask: float = Field(0.8, ge=0.0, le=1.0)
-    random: float = Field(0.1, ge=0.0, le=1.0)
-    keep: float = Field(0.1, ge=0.0, le=1.0)
-    seed: int = 0
-    copies: int = Field(1, ge=1)
+    probability: float = Field(
+        0.15,
+        gt=0.0,
+        lt=1.0,
+        description="Share of a window's ordinary tokens that are predicted. Each window gets exactly "
+        "`max(1, round(n × p))` positions, chosen among its `n` non-special tokens. Special tokens are never chosen.",
+    )
+    mask: float = Field(0.8, ge=0.0, le=1.0, description="Share of chosen positions replaced by the mask token.")
+    random: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share replaced by a random ordinary (non-special) token, which may happen to be the original.",
+    )
+    keep: float = Field(
+        0.1, ge=0.0, le=1.0, description="Share left unchanged. `mask + random + keep` must be 1 (within 1e-6)."
+    )
+    seed: int = Field(
+        0, description="Base seed. The random draws for a window depend only on (seed, doc_id, window, copy)."
+    )
+    copies: int = Field(
+        1, ge=1, description="Independently masked copies of every window. Each copy is its own shard row."
+    )
 
     @model_validator(mode="after")
     def _split_sums_to_one(self) -> "MaskingConfig":
@@ -133,17 +190,74 @@ class MaskingConfig(StrictModel):
 class CacheConfig(StrictModel):
     """The whole `mdkd cache-logits` config."""
 
-    corpus: list[CorpusSource] = Field(min_length=1)
-    teachers: list[TeacherSpec] = Field(min_length=1)
-    masking: MaskingConfig = MaskingConfig()
-    max_length: int = Field(128, ge=8)
-    top_k: int = Field(8, ge=1)
-    batch_tokens: int | None = Field(16384, ge=8)
-    batch_size: int | None = Field(None, ge=1)
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    logprobs_dtype: Literal["float32", "float16"] = "float32"
-    shard_documents: int = Field(2048, ge=1)
+    corpus: list[CorpusSource] = Field(min_length=1, description="Where the documents come from.")
+    teachers: list[TeacherSpec] = Field(min_length=1, description="The masked LMs to cache.")
+    masking: MaskingConfig = Field(MaskingConfig(), description="How positions are chosen and corrupted.")
+    max_length: int = Field(
+        128,
+        ge=8,
+        description="Window length in tokens, special tokens included. A longer document is split into consecutive "
+        "windows of at most this length; no text is dropped. It must not exceed any teacher's position limit "
+        "(checked at `cache-logits` setup): the model's `max_position_embeddings`, less 2 for RoBERTa, XLM-R and "
+        "CamemBERT (their positions start after the padding index), so 512 for BERT and XLM-R. A model without "
+        "absolute positions has no limit.",
+    )
+    top_k: int = Field(
+        8,
+        ge=1,
+        description="Predictions cached per masked position. It must not exceed any teacher's vocabulary (checked "
+        "at `cache-logits` setup).",
+    )
+    temperatures: list[float] = Field(
+        [1.0, 2.0],
+        min_length=1,
+        description="Temperatures tau at which stage two may distil. For each, every masked position stores the "
+        "teacher's tempered log-partition over its whole vocabulary (4 bytes), so stage two rebuilds the exact "
+        "tempered probabilities of the top-k and of everything else (`loss.missing_mass: rest`). A `loss.temperature` "
+        "not listed here is refused by `mdkd train`. Each is > 0, none twice.",
+    )
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive_and_distinct(cls, value: list[float]) -> list[float]:
+        if any(tau <= 0 for tau in value) or len(set(value)) != len(value):
+            raise ValueError(f"temperatures must be positive and distinct (got {value})")
+        return value
+    batch_tokens: int | None = Field(
+        16384,
+        ge=8,
+        description="Padded-token budget of a forward pass. Windows are sorted by length and grouped while "
+        "(windows × longest window) stays within the budget. A single window always makes a batch.",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="A fixed number of windows per forward pass. When set, it replaces `batch_tokens`. With both "
+        "null, each window is its own batch.",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Precision the teachers run in. `auto` means bf16 on a CUDA device that supports it, fp32 "
+        "otherwise. The log-softmax is always taken in fp32. The resolved precision is part of the "
+        "[cache identity](#what-identifies-a-cache).",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+        description="Where the teachers run: `auto`, `cpu`, `cuda`, `cuda:N` or `mps`. `auto` means this rank's GPU "
+        "when CUDA is available, the CPU otherwise. A bare `cuda` also means this rank's GPU, "
+        "`cuda:(LOCAL_RANK % number of GPUs)`. `cuda:N` is taken literally, so every rank uses GPU N. Under a "
+        "multi-process launcher keep `auto` or `cuda` ([multi-gpu.md](multi-gpu.md#devices)).",
+    )
+    logprobs_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Storage type of `topk_logprobs` in the shards. `float16` halves that column."
+    )
+    shard_documents: int = Field(
+        2048,
+        ge=1,
+        description="Documents per unit of work, and so per shard. It is also the unit of resuming and of splitting "
+        "work between processes. A unit is held in memory whole while it runs.",
+    )
 
     def languages(self) -> list[str]:
         """Corpus languages in first-seen order."""
@@ -167,7 +281,7 @@ class CacheConfig(StrictModel):
             for key in ("model", "tokenizer"):
                 if teacher[key] and Path(teacher[key]).is_absolute():
                     teacher[key] = "local"
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return content_hash(content)
 
 
 def _cross_checks(raw: Any) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from mdkd.pipeline.teacher_pass.config import CORPUS_SUFFIXES, CorpusSource
+from mdkd.pipeline.cache.documents import doc_id
 from mdkd.pipeline.errors import UserError
 
 
@@ -148,7 +149,7 @@ def read_source(source: CorpusSource, counts: SourceCounts | None = None) -> Ite
             counts.skipped_blank += 1
             continue
         counts.documents += 1
-        yield Document(doc_id=f"{source.language}:{local_id}", text=text)
+        yield Document(doc_id=doc_id(source.language, local_id), text=text)
     counts.fingerprint = "sha256:" + counts._hash.hexdigest()
 
 

@@ -1,5 +1,9 @@
 """Teacher masked LMs: checks before loading, loading, and top-k scoring at masked positions only.
 
+A checkpoint without a trained MLM head (an encoder saved as `BertModel`, say) would load as a `*ForMaskedLM`
+with a freshly initialised head and cache random predictions, so loading refuses any weight the checkpoint
+lacks.
+
 Scoring runs the encoder on the whole batch but applies the MLM head (the vocabulary projection, by far the
 largest matrix product for a 120k-token vocabulary) only to the hidden states at masked positions. Known
 architectures get an adapter that says where the encoder and the head are; any other masked LM falls back to
@@ -8,16 +12,19 @@ the full forward, which gives the same numbers at a higher cost.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mdkd.pipeline.teacher_pass.config import TeacherSpec
+from mdkd.pipeline.cache.manifest import special_token_ids
+from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.files import sha256_of_files
+from mdkd.pipeline.teacher_pass.config import TeacherSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
@@ -51,31 +58,6 @@ ADAPTERS: dict[str, MaskedLMAdapter] = {
     "deberta-v2": MaskedLMAdapter("deberta", _deberta_v2_head),
     "modernbert": MaskedLMAdapter("model", lambda m, h: m.decoder(m.head(h))),
 }
-
-
-def hash_files(paths: list[Path]) -> str:
-    """sha256 over the names and bytes of `paths`, in the given order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def hash_folder(folder: Path) -> str:
-    return hash_files(sorted(p for p in folder.iterdir() if p.is_file()))
-
-
-def special_token_ids(tokenizer) -> dict[str, int]:
-    """The tokenizer's named special tokens (cls, sep, pad, mask, unk, bos, eos) and their ids."""
-    ids = {}
-    for role in ("cls", "sep", "pad", "mask", "unk", "bos", "eos"):
-        token_id = getattr(tokenizer, f"{role}_token_id", None)
-        if token_id is not None:
-            ids[role] = int(token_id)
-    return ids
 
 
 @dataclass
@@ -129,13 +111,19 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
 
     where = f"teacher {spec.name}"
     try:
-        config = AutoConfig.from_pretrained(spec.model, revision=spec.revision)
+        config = AutoConfig.from_pretrained(spec.model, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
+        if not spec.trust_remote_code and "trust_remote_code" in str(exc):
+            return None, [f"{where}: {spec.model} needs its own Python code to load (set trust_remote_code: true on this teacher if you trust it)"]
         return None, [f"{where}: cannot load a model config from {spec.model}: {_one_line(exc)}"]
-    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    # A model whose code ships with the checkpoint names its masked-LM class in auto_map instead.
+    remote_class = (getattr(config, "auto_map", None) or {}).get("AutoModelForMaskedLM") if spec.trust_remote_code else None
+    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES and remote_class is None:
         return None, [f"{where}: {spec.model} is a '{config.model_type}' model, not a masked LM (use a *ForMaskedLM)"]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_ref, revision=spec.revision if not spec.tokenizer else None)
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.tokenizer_ref, revision=spec.revision if not spec.tokenizer else None, trust_remote_code=spec.trust_remote_code
+        )
     except Exception as exc:
         return None, [f"{where}: cannot load a tokenizer from {spec.tokenizer_ref}: {_one_line(exc)}"]
     problems = []
@@ -158,11 +146,11 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
         weight_files = sorted(p for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES)
         if not weight_files:
             problems.append(f"{where}: {spec.model} holds no weight files (*.safetensors or *.bin)")
-        weights = hash_files(weight_files)
+        weights = sha256_of_files(weight_files)
     else:
         # The commit the hub resolved the revision to, so a later push to the repository is noticed on resume.
         weights = f"hub:{spec.model}@{getattr(config, '_commit_hash', None) or spec.revision or 'main'}"
-    architecture = (config.architectures or [MODEL_FOR_MASKED_LM_MAPPING_NAMES[config.model_type]])[0]
+    architecture = (config.architectures or [MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(config.model_type, remote_class)])[0]
     info = TeacherInfo(spec, tokenizer, config.model_type, architecture, config.vocab_size, weights)
     return info, problems
 
@@ -188,16 +176,72 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
+@contextmanager
+def _transformers_console(show: bool) -> Iterator[None]:
+    """Let transformers print its load report and weight-loading bars only when `show`; restore its settings after.
+
+    Off a terminal (a batch job's log, a pipe) the report's table and the bar frames are noise, and a checkpoint
+    that lacks weights is refused with one line anyway.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    if show:
+        yield
+        return
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def newly_initialised(model: nn.Module, missing_keys: set[str]) -> list[str]:
+    """The weights transformers initialised at random because the checkpoint lacks them, head first.
+
+    A key tied to another missing key (BERT's decoder bias is its prediction bias) is one weight, named once. The
+    decoder weight tied to the input embeddings is never reported missing when the embeddings were loaded.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    weights = [key for key in missing_keys if tied.get(key) not in missing_keys]
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return sorted(weights, key=lambda key: (key.startswith(prefix), key))
+
+
+def _refuse_missing_weights(info: TeacherInfo, model: nn.Module, missing: list[str]) -> UserError:
+    """One line naming the checkpoint and its missing weights: the head's when it has none, else the encoder's."""
+    listed = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+    count = f"{len(missing)} weights of {type(model).__name__} are" if len(missing) > 1 else f"1 weight of {type(model).__name__} is"
+    where = f"teacher {info.spec.name}: checkpoint {info.spec.model}"
+    if not missing[0].startswith(getattr(model, "base_model_prefix", "") + "."):
+        return UserError(
+            f"{where} has no masked-LM head: {count} newly initialised ({listed}); give a *ForMaskedLM checkpoint"
+        )
+    return UserError(f"{where} is incomplete: {count} newly initialised ({listed}); give the full checkpoint")
+
+
 class Teacher:
     """A loaded teacher in eval mode that returns top-k log-probabilities at masked positions."""
 
     def __init__(self, info: TeacherInfo, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModelForMaskedLM
 
+        spec = info.spec
         try:
-            model = AutoModelForMaskedLM.from_pretrained(info.spec.model, revision=info.spec.revision, dtype=dtype)
+            with _transformers_console(Ranks.from_env().progress_enabled()):
+                model, loading = AutoModelForMaskedLM.from_pretrained(
+                    spec.model, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                    output_loading_info=True,
+                )
         except Exception as exc:
-            raise UserError(f"teacher {info.spec.name}: cannot load {info.spec.model}: {_one_line(exc)}") from None
+            raise UserError(f"teacher {spec.name}: cannot load {spec.model}: {_one_line(exc)}") from None
+        # Weights missing from the checkpoint are random: their predictions must not be cached as a teacher's.
+        missing = newly_initialised(model, set(loading["missing_keys"]))
+        if missing:
+            raise _refuse_missing_weights(info, model, missing)
         self.model = model.to(device).eval()
         self.device = device
         self.adapter = ADAPTERS.get(info.model_type)
@@ -208,13 +252,20 @@ class Teacher:
         self.vocab_limit = len(info.tokenizer)
 
     @torch.inference_mode()
-    def top_k(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int):
-        """Top-k (log-probabilities, ids) at positions (rows[i], cols[i]) of a padded batch.
+    def top_k(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int,
+              temperatures: list[float]):
+        """Top-k (log-probabilities [N, k], ids [N, k]) at positions (rows[i], cols[i]) of a padded batch, the
+        tempered log-partitions [N, T]: logsumexp_j(log p_j / tau) over the whole vocabulary for each tau, and the
+        entropies [N] of the whole distribution (what `cache inspect` reports; a top-k alone cannot give it).
 
+        With A_tau, the teacher's exact tempered probability of a cached id is exp(log p_i / tau - A_tau), and of
+        everything outside the top-k one minus their sum: what a top-k alone cannot give when tau != 1.
         Log-softmax is taken in fp32 whatever the model's dtype, so low-precision teachers still give
         normalised log-probabilities; it runs over the tokenizer's ids (padding rows of the embedding excluded).
         """
         logits = masked_logits(self.model, self.adapter, input_ids, attention_mask, rows, cols, self.device)
         logprobs = torch.log_softmax(logits[:, : self.vocab_limit].float(), dim=-1)
         values, ids = logprobs.topk(k, dim=-1)
-        return values.cpu(), ids.to(torch.int32).cpu()
+        partitions = torch.stack([torch.logsumexp(logprobs / tau, dim=-1) for tau in temperatures], dim=1)
+        entropies = -(logprobs.exp() * logprobs).sum(dim=-1)
+        return values.cpu(), ids.to(torch.int32).cpu(), partitions.cpu(), entropies.cpu()

@@ -1,0 +1,74 @@
+"""Reading a cache: what stage two, evaluation, `cache inspect` and `cache verify` know of stage one.
+
+A `CacheReader` is the manifest plus access to the shards and tokenizer copies it lists. It hands out decoded
+arrays (`ShardRows`), doc_ids and file checks; nothing outside this package opens a shard or parses the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from mdkd.pipeline.cache.manifest import Manifest, ShardEntry, TeacherEntry
+from mdkd.pipeline.cache.shards import CachedPredictions, ShardRows, read_doc_ids, read_table
+from mdkd.pipeline.files import sha256_of_file
+
+
+class CacheReader:
+    """A cache folder, opened through its manifest (by default it must be complete)."""
+
+    def __init__(self, cache_dir: Path, require_complete: bool = True):
+        self.dir = Path(cache_dir)
+        self.manifest = Manifest.load(self.dir, require_complete)
+
+    def teacher(self, name: str) -> TeacherEntry:
+        return self.manifest.teachers[name]
+
+    def tokenizer_file(self, name: str) -> Path:
+        """The teacher's `tokenizer.json` as stage one saved it."""
+        return self.dir / self.teacher(name).tokenizer_dir / "tokenizer.json"
+
+    def rows(self, shard: ShardEntry, top_k: int | None = None) -> ShardRows:
+        """A shard decoded; `top_k` keeps the k' most probable cached predictions per position."""
+        return ShardRows(self.dir / shard.path, self.manifest.top_k, top_k)
+
+    def doc_ids(self, shard: ShardEntry) -> list[str]:
+        return read_doc_ids(self.dir / shard.path)
+
+    def table(self, shard: ShardEntry) -> pa.Table:
+        """The raw Arrow table (for verification)."""
+        return read_table(self.dir / shard.path)
+
+    def matching_rows(self, shard: ShardEntry, wanted: Callable[[str], bool]) -> np.ndarray:
+        """Indices of the shard's rows whose doc_id `wanted` accepts (e.g. the held-out rule, or its negation)."""
+        return np.array([i for i, doc_id in enumerate(self.doc_ids(shard)) if wanted(doc_id)], dtype=np.int64)
+
+    def select_rows(self, teacher: str, language: str, wanted: Callable[[str], bool], limit: int | None = None,
+                    top_k: int | None = None) -> Iterator[CachedPredictions]:
+        """Up to `limit` rows (see `ShardRows.row`) of a (teacher, language) whose doc_id `wanted` accepts, in cache
+        order (deterministic)."""
+        taken = 0
+        for shard in self.manifest.shards_of(teacher, language):
+            indices = self.matching_rows(shard, wanted)
+            if not len(indices):
+                continue
+            rows = self.rows(shard, top_k)
+            for index in indices:
+                if limit is not None and taken >= limit:
+                    return
+                yield rows.row(int(index))
+                taken += 1
+
+    def check_file(self, shard: ShardEntry) -> str | None:
+        """A one-line problem when the shard file is missing or differs from its manifest entry (size, sha256)."""
+        path = self.dir / shard.path
+        if not path.is_file():
+            return f"{shard.path}: missing"
+        if path.stat().st_size != shard.bytes:
+            return f"{shard.path}: {path.stat().st_size} bytes, the manifest says {shard.bytes}"
+        if sha256_of_file(path) != shard.sha256:
+            return f"{shard.path}: sha256 differs from the manifest (the file is corrupted)"
+        return None
