@@ -1,25 +1,45 @@
 """Benchmark for stage two, `mdkd train`: it prints figures and is not a test.
 
-On one student and one stream of batches drawn from a real cache (built here by stage one from a generated corpus
-and a random BERT-shaped teacher), it times three kinds of optimizer step through the same DeepSpeed engine:
+It uses mdkd's public API only, so a refactoring of the stage's private helpers cannot break it. From a generated
+corpus and a random BERT-shaped teacher it builds a cache with the real stage one, then:
 
-1. from the cache: read rows, map them into the student vocabulary, KD + MLM loss (what `mdkd train` does);
-2. plain MLM: the same batches already in memory, MLM loss only (the floor a training step cannot beat);
-3. online distillation: the teacher runs on the step's inputs (masked positions only) instead of the cache.
+1. runs the real stage two, `mdkd.stages.train.run(config, cache, out)`, for as many steps as are timed below, and
+   reads the throughput it logs for every step (RUN/metrics.jsonl, `tokens_per_second`); the run also leaves the
+   merged vocabulary (RUN/vocab) that everything below maps through;
+2. times three kinds of optimizer step through one DeepSpeed engine on one student, over the same stream of
+   cached rows (`Stream` and `Sampler`, seeded like the run's), interleaved (step i of each kind back to back,
+   so a change in machine load hits every kind alike; medians after 2 untimed steps of each):
+   - from the cache: draw rows, map them into the student vocabulary, KD + MLM loss, i.e.
+     `Sampler.draw` + `micro_batch_backward` + `engine.step`, what `mdkd train` does every step;
+   - plain MLM: the same kind of batches already collated in memory, MLM loss only (the floor a step cannot beat);
+   - online distillation: the teacher runs on the step's inputs (masked positions only, `Teacher.top_k`) instead
+     of reading its predictions; the inputs are the same rows in the teacher's ids, already collated in memory
+     (a real online run would tokenise and mask text instead of reading it);
+3. reads one epoch of the cache through a fresh `Stream` (every training row loaded from Parquet and mapped).
 
 It prints step(cache) / step(MLM) (goal <= 1.10: reading the cache and the KD loss are nearly free),
 step(online) / step(cache) (what the cache saves on every ablation), the Parquet reading throughput in masked
-positions per second against what a step consumes, and peak resident memory.
+positions per second against what a step consumes, the stage's own logged throughput against the benchmark's
+cache step (a check that the timed step is the stage's), and the peak resident memory of this process.
 
-    python bench/train.py                                       # small teacher and student on the CPU
-    python bench/train.py --preset base --device cuda --precision bf16
+The KD loss is `missing_mass: rest`, the default, on both KD paths: it needs the teacher's tempered
+log-partition at the loss temperature, which the cache records (its config lists that temperature) and which
+`Teacher.top_k` returns for the online step.
 
-The last line of stdout is one JSON object with every figure.
+Stage two has no device setting (it trains on this rank's GPU when there is one), so neither has this benchmark:
+hide the GPUs (CUDA_VISIBLE_DEVICES=) to measure the CPU on a GPU machine.
+
+    python bench/train.py --tiny                                  # smoke run, seconds
+    python bench/train.py                                         # small teacher and student
+    python bench/train.py --preset base --precision bf16          # BERT-base sizes, 120k vocabulary (a GPU)
+
+Everything but the figures goes to stderr; the last line of stdout is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -28,30 +48,258 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
+from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.distill.config import TrainConfig, load_train_config
+from mdkd.pipeline.distill.data import Sampler, Stream, collate
+from mdkd.pipeline.distill.deepspeed_setup import (
+    deepspeed_config,
+    init_distributed,
+    resolve_precision,
+)
+from mdkd.pipeline.distill.losses import kd_loss, mlm_loss
+from mdkd.pipeline.distill.student import build_student
+from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward
+from mdkd.pipeline.distill.vocab import Alignment
+from mdkd.pipeline.distributed import Ranks, pick_device
+from mdkd.pipeline.teacher_pass.config import TeacherSpec
+from mdkd.pipeline.teacher_pass.teachers import Teacher, inspect_teacher, pick_dtype
+from mdkd.stages import cache_logits
+from mdkd.stages import train as train_stage
 
-from mdkd.pipeline.distill.data import ShardRows, collate  # noqa: E402
-from mdkd.pipeline.distill.deepspeed_setup import deepspeed_config, init_distributed  # noqa: E402
-from mdkd.pipeline.distill.losses import kd_loss, mlm_loss  # noqa: E402
-from mdkd.pipeline.cache.manifest import load_manifest  # noqa: E402
-from mdkd.pipeline.distill.student import build_student  # noqa: E402
-from mdkd.pipeline.teacher_pass.teachers import Teacher, inspect_teacher  # noqa: E402
-from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer  # noqa: E402
-from mdkd.pipeline.distill.config import TrainConfig  # noqa: E402
-from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward  # noqa: E402
-from mdkd.pipeline.teacher_pass.config import TeacherSpec  # noqa: E402
-from mdkd.stages import cache_logits  # noqa: E402
-from mdkd.stages.train import _build_vocabulary, _sampler, select_teachers  # noqa: E402
-from mdkd.pipeline.distill.vocab import Alignment  # noqa: E402
+TEACHER, LANGUAGE = "teacher", "de"
+TEMPERATURE, TOP_K, ALPHA = 2.0, 8, 0.5
+MISSING_MASS = "rest"  # needs the cached log-partition at TEMPERATURE: the cache config below asks for it
+WARMUP = 2  # untimed steps of each kind before the timed ones
 
 PRESETS = {
-    "small": dict(teacher=dict(hidden=256, layers=4, heads=4), vocab=8000, student="tiny", documents=1200, micro=32),
-    "base": dict(teacher=dict(hidden=768, layers=12, heads=12), vocab=120000, student="base", documents=20000, micro=32),
+    "tiny": {"teacher": {"hidden": 32, "layers": 1, "heads": 2}, "vocab": 500, "documents": 80, "micro": 8,
+             "steps": 3, "student": {"preset": "tiny", "hidden_size": 64, "intermediate_size": 128}},
+    "small": {"teacher": {"hidden": 256, "layers": 4, "heads": 4}, "vocab": 8000, "documents": 1200, "micro": 32,
+              "steps": 30, "student": {"preset": "tiny"}},
+    "base": {"teacher": {"hidden": 768, "layers": 12, "heads": 12}, "vocab": 120000, "documents": 20000,
+             "micro": 32, "steps": 30, "student": {"preset": "base"}},
 }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark for `mdkd train` (see the module docstring).")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
+                        help="same as --preset tiny: a smoke run (its figures mean little)")
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed steps per kind, after {WARMUP} warm-up steps (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.steps = max(args.steps or PRESETS[args.preset]["steps"], 1)
+    return args
+
+
+# ---------------------------------------------------------------- inputs: corpus, teacher, cache, train config
+
+
+def build_cache(work: Path, preset: dict, seed: int) -> CacheReader:
+    """A generated corpus, a random BERT teacher and its cache, written by the real stage one."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sta", "ber", "gen", "tol", "vin", "der", "ung", "lich", "schaft"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(4000)]
+    text = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 200))) for _ in range(preset["documents"])]
+    (work / "de.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+    tokenizer = train_tokenizer("wordpiece", text[:2000], preset["vocab"], work / "teacher")
+    build_masked_lm("bert", tokenizer, work / "teacher", seed=seed, **preset["teacher"])
+    config = {
+        "corpus": [{"language": LANGUAGE, "path": str(work / "de.txt")}],
+        "teachers": [{"name": TEACHER, "model": str(work / "teacher"), "languages": [LANGUAGE]}],
+        "max_length": 128, "top_k": TOP_K, "temperatures": [TEMPERATURE], "shard_documents": 256,
+    }
+    (work / "cache.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    cache_logits.run(work / "cache.yaml", work / "cache")
+    return CacheReader(work / "cache")
+
+
+def write_train_config(work: Path, preset: dict, args) -> Path:
+    """The stage's config: as many steps as each kind below runs, no held-out documents, one checkpoint."""
+    steps = args.steps + WARMUP
+    config = {
+        "student": {**preset["student"], "dropout": 0.0},
+        "loss": {"temperature": TEMPERATURE, "top_k": TOP_K, "alpha": {"schedule": "constant", "start": ALPHA},
+                 "missing_mass": MISSING_MASS},
+        "train": {"steps": steps, "micro_batch_size": preset["micro"], "eval_fraction": 0.0,
+                  "checkpoint_every": steps, "seed": args.seed},
+        "precision": args.precision,
+    }
+    path = work / "train.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- 1. the real stage two
+
+
+def run_stage(config: Path, cache: CacheReader, out: Path) -> dict:
+    """A whole `mdkd train` run: its wall-clock time and the per-step throughput it logs."""
+    started = time.perf_counter()
+    train_stage.run(config, cache.dir, out)
+    seconds = time.perf_counter() - started
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    rates = [line["tokens_per_second"] for line in lines if line["split"] == "train"]
+    timed = rates[WARMUP:] or rates  # the first steps pay the warm-up, as in the benchmark's own steps
+    return {"seconds": seconds, "steps": len(rates), "tokens_per_second": _median(timed),
+            "all_tokens_per_second": rates}
+
+
+# ---------------------------------------------------------------- streams, engine, teacher
+
+
+def new_sampler(cache: CacheReader, config: TrainConfig, input_map: np.ndarray, target_map: np.ndarray,
+                temperature_column: int | None) -> Sampler:
+    """The run's one stream (teacher, language) and a sampler over it, seeded as the stage seeds them."""
+    stream = Stream(cache, TEACHER, LANGUAGE, seed=config.train.seed, eval_fraction=config.train.eval_fraction,
+                    top_k=config.loss.top_k, temperature_column=temperature_column, input_map=input_map,
+                    target_map=target_map)
+    return Sampler({stream.key: stream}, {LANGUAGE: 1.0}, {LANGUAGE: {TEACHER: 1.0}}, config.train.seed)
+
+
+def student_sampler(cache: CacheReader, config: TrainConfig, alignment: Alignment) -> Sampler:
+    """Rows mapped into the student vocabulary, with the log-partitions the loss reads (as `mdkd train`)."""
+    rest = config.loss.missing_mass == "rest"
+    column = cache.manifest.temperatures.index(config.loss.temperature) if rest else None
+    return new_sampler(cache, config, alignment.input_map(TEACHER), alignment.id_maps[TEACHER], column)
+
+
+def teacher_sampler(cache: CacheReader, config: TrainConfig) -> Sampler:
+    """The same rows in the same order, left in the teacher's ids (identity maps): the online step's inputs."""
+    identity = np.arange(cache.teacher(TEACHER).vocab_size, dtype=np.int64)
+    return new_sampler(cache, config, identity, identity, None)
+
+
+def build_engine(config: TrainConfig, alignment: Alignment, cache: CacheReader, precision: str, device):
+    import deepspeed
+
+    init_distributed(device)  # already started by the stage run in this process: then a no-op
+    student = build_student(config.student, len(alignment.tokens), cache.manifest.max_length, config.train.seed)
+    engine, *_ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
+                                      config=deepspeed_config(config, precision, device))
+    return engine
+
+
+def load_teacher(cache: CacheReader, device, precision: str) -> Teacher:
+    """The cached teacher, checked and loaded as stage one does, at the student's precision."""
+    spec = TeacherSpec(name=TEACHER, model=cache.teacher(TEACHER).model, languages=[LANGUAGE])
+    info, problems = inspect_teacher(spec, cache.manifest.top_k, cache.manifest.max_length)
+    assert info is not None and not problems, problems
+    return Teacher(info, device, pick_dtype(precision, device))
+
+
+# ---------------------------------------------------------------- 2. three kinds of step
+
+
+def timed(step, batch) -> float:
+    started = time.perf_counter()
+    step(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def to_device(batch: dict, device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def cache_step_fn(engine, sampler: Sampler, config: TrainConfig, seen: dict):
+    """The real path: draw and map rows from the cache, then `micro_batch_backward` (KD + MLM) and the step."""
+    languages = sampler.languages
+
+    def step(_):
+        examples = sampler.draw(config.train.micro_batch_size)
+        positions = sum(len(example.positions) for example in examples)
+        totals = StepTotals.zeros(len(languages))
+        micro_batch_backward(engine, examples, languages, ALPHA, config.loss, 1.0 / max(positions, 1), totals)
+        engine.step()
+        seen["positions"].append(positions)
+        seen["tokens"].append(totals.tokens.item())
+
+    return step
+
+
+def mlm_step_fn(engine):
+    def step(batch):
+        logits = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
+        engine.backward(mlm_loss(logits, batch["labels"]).mean())
+        engine.step()
+
+    return step
+
+
+def online_step_fn(engine, teacher: Teacher, alignment: Alignment, config: TrainConfig):
+    """The teacher sees its own ids; its top-k are mapped into the student vocabulary like cached ones, and its
+    tempered log-partition is what the cache would have held."""
+    device = engine.device
+    input_map = torch.from_numpy(alignment.input_map(TEACHER)).to(device)
+    target_map = torch.from_numpy(alignment.id_maps[TEACHER].astype(np.int64)).to(device)
+
+    def step(batch):
+        where = (batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
+        # The first three of what top_k returns: top-k log-probabilities, their ids, the tempered log-partitions.
+        values, ids, partitions = teacher.top_k(*where, k=config.loss.top_k, temperatures=[config.loss.temperature])[:3]
+        student_ids = input_map[batch["input_ids"].to(device)]
+        logits = engine(student_ids, *(tensor.to(device) for tensor in where[1:]))
+        kd = kd_loss(student_logits=logits, teacher_ids=target_map[ids.to(device).long()],
+                     teacher_logprobs=values.to(device), temperature=config.loss.temperature,
+                     missing_mass=config.loss.missing_mass, teacher_log_partition=partitions[:, 0].to(device))
+        mlm = mlm_loss(logits, input_map[batch["labels"].to(device)])
+        engine.backward(((1.0 - ALPHA) * mlm + ALPHA * kd).mean())
+        engine.step()
+
+    return step
+
+
+def step_timings(engine, teacher: Teacher, cache: CacheReader, alignment: Alignment, config: TrainConfig,
+                 steps: int) -> dict:
+    """Median step time of each kind, and of the per-step ratios. MLM and online steps see the same rows (two
+    samplers, one seed); the cache step draws the rows that follow them from the same stream."""
+    micro, count = config.train.micro_batch_size, steps + WARMUP
+    sampler, raw = student_sampler(cache, config, alignment), teacher_sampler(cache, config)
+    languages = sampler.languages
+    in_memory = [to_device(collate(sampler.draw(micro), languages), engine.device) for _ in range(count)]
+    online = [collate(raw.draw(micro), languages, pad_id=teacher.pad_id) for _ in range(count)]
+    seen = {"positions": [], "tokens": []}
+    kinds = {"mlm": (mlm_step_fn(engine), in_memory),
+             "cache": (cache_step_fn(engine, sampler, config, seen), [None] * count),  # it draws its own rows
+             "online": (online_step_fn(engine, teacher, alignment, config), online)}
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    # Interleaved: step i of every kind runs back to back, so a change in machine load hits every kind alike.
+    for index in range(count):
+        for name, (step, batches) in kinds.items():
+            seconds = timed(step, batches[index])
+            if index >= WARMUP:
+                times[name].append(seconds)
+    ratios = {"cache_over_mlm": [c / m for c, m in zip(times["cache"], times["mlm"])],
+              "online_over_cache": [o / c for o, c in zip(times["online"], times["cache"])]}
+    return {**{name: _median(values) for name, values in times.items()},
+            **{f"{name}_per_step": _median(values) for name, values in ratios.items()},
+            "positions_per_step": float(np.mean(seen["positions"])), "tokens_per_step": float(np.mean(seen["tokens"]))}
+
+
+# ---------------------------------------------------------------- 3. reading the cache
+
+
+def reading_throughput(cache: CacheReader, config: TrainConfig, alignment: Alignment) -> dict:
+    """One epoch of a fresh stream: every training row read from Parquet and mapped, as the sampler does it."""
+    stream = next(iter(student_sampler(cache, config, alignment).streams.values()))
+    started = time.perf_counter()
+    rows = sum(len(stream.training_rows(index)) for index in range(len(stream.shards)))
+    positions = sum(len(stream.example(*stream.next_row()).positions) for _ in range(rows))
+    seconds = time.perf_counter() - started
+    return {"rows": rows, "positions": positions, "seconds": seconds, "positions_per_second": positions / seconds}
+
+
+# ---------------------------------------------------------------- the benchmark and its report
 
 
 def peak_rss_mb() -> float:
@@ -62,148 +310,66 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def build_cache(work: Path, preset: dict, device: str, seed: int = 0) -> Path:
-    """A generated corpus, a random BERT teacher and its cache, written by the real stage one."""
-    rng = random.Random(seed)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sta", "ber", "gen", "tol", "vin", "der", "ung", "lich", "schaft"]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(4000)]
-    text = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 200))) for _ in range(preset["documents"])]
-    (work / "de.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
-    tokenizer = train_tokenizer("wordpiece", text[:2000], preset["vocab"], work / "teacher")
-    build_masked_lm("bert", tokenizer, work / "teacher", seed=seed, **preset["teacher"])
-    config = {
-        "corpus": [{"language": "de", "path": str(work / "de.txt")}],
-        "teachers": [{"name": "teacher", "model": str(work / "teacher"), "languages": ["de"]}],
-        "max_length": 128, "top_k": 8, "shard_documents": 256, "device": device,
-    }
-    (work / "cache.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    cache_logits.run(work / "cache.yaml", work / "cache")
-    return work / "cache"
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
-def time_steps(step, batches, warmup: int = 2) -> float:
-    """Median seconds per step over `batches` (after `warmup` untimed steps)."""
-    for batch in batches[:warmup]:
-        step(batch)
-    times = []
-    for batch in batches[warmup:]:
-        started = time.perf_counter()
-        step(batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per kind (after 2 warm-up steps)")
-    args = parser.parse_args()
+def benchmark(args, work: Path) -> dict:
     preset = PRESETS[args.preset]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-
-    with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch)
-        cache = build_cache(work, preset, str(device))
-        manifest = load_manifest(cache)
-        config = TrainConfig.model_validate({
-            "student": {"preset": preset["student"], "dropout": 0.0},
-            "loss": {"temperature": 2.0, "top_k": 8, "alpha": {"schedule": "constant", "start": 0.5}},
-            "train": {"steps": 10_000, "micro_batch_size": preset["micro"], "eval_fraction": 0.0},
-            "precision": args.precision,
-        })
-        selection = select_teachers(config, manifest)
-        shards = {("teacher", "de"): manifest["shards"]}
-        _build_vocabulary(cache, manifest, ["teacher"], shards, config, work / "vocab")
-        alignment = Alignment.load(work / "vocab", ["teacher"])
-        sampler = _sampler(cache, manifest, selection, shards, alignment, config)
-
-        # Parquet reading alone: every shard loaded and every row mapped, as the streams do.
-        started, positions = time.perf_counter(), 0
-        for shard in manifest["shards"]:
-            rows = ShardRows(cache / shard["path"], 8, manifest["top_k"])
-            for index in range(len(rows.input_offsets) - 1):
-                input_ids, where, labels, ids, logprobs = rows.row(index)
-                alignment.input_map("teacher")[input_ids], alignment.id_maps["teacher"][ids]
-                positions += len(where)
-        read_rate = positions / (time.perf_counter() - started)
-
-        init_distributed(device)
-        import deepspeed
-
-        student = build_student(config.student, len(alignment.tokens), manifest["max_length"], seed=0)
-        engine, *_ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
-                                          config=deepspeed_config(config, args.precision, device))
-        languages = ["de"]
-        count = args.steps + 2
-        cached_examples = [sampler.draw(preset["micro"]) for _ in range(count)]
-
-        def cache_step(_):
-            examples = sampler.draw(preset["micro"])  # the real path: read, map, then KD + MLM
-            micro_batch_backward(engine, examples, languages, 0.5, config.loss, 1.0 / 1000, StepTotals.zeros(1))
-            engine.step()
-
-        def mlm_step(batch):
-            logits = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
-            engine.backward(mlm_loss(logits, batch["labels"]).mean())
-            engine.step()
-
-        in_memory = [{k: v.to(device) for k, v in collate(e, languages).items()} for e in cached_examples]
-        info, _ = inspect_teacher(TeacherSpec(name="teacher", model=str(work / "teacher"), languages=["de"]), 8, 128)
-        teacher = Teacher(info, device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
-        raw = ShardRows(cache / manifest["shards"][0]["path"], 8, manifest["top_k"])
-        input_map, target_map = torch.from_numpy(alignment.input_map("teacher")), torch.from_numpy(alignment.id_maps["teacher"].astype("int64"))
-
-        def online_step(batch):
-            # The teacher sees its own ids; its top-k are mapped into the student vocabulary like cached ones.
-            teacher_ids = batch["teacher_input_ids"]
-            values, ids = teacher.top_k(teacher_ids, batch["attention_mask"], batch["rows"], batch["cols"], 8)
-            logits = engine(input_map.to(device)[teacher_ids.to(device)], batch["attention_mask"], batch["rows"], batch["cols"])
-            kd = kd_loss(logits, target_map.to(device)[ids.to(device).long()], values.to(device), 2.0)
-            mlm = mlm_loss(logits, input_map.to(device)[batch["teacher_labels"].to(device)])
-            engine.backward((0.5 * kd + 0.5 * mlm).mean())
-            engine.step()
-
-        online_batches = []
-        for step_index in range(count):
-            rows = [raw.row((step_index * preset["micro"] + i) % (len(raw.input_offsets) - 1)) for i in range(preset["micro"])]
-            longest = max(len(r[0]) for r in rows)
-            teacher_ids = torch.full((len(rows), longest), teacher.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(teacher_ids)
-            row_index, col_index, labels = [], [], []
-            for i, (ids, where, lab, _, _) in enumerate(rows):
-                teacher_ids[i, : len(ids)] = torch.from_numpy(ids.astype("int64"))
-                mask[i, : len(ids)] = 1
-                row_index += [i] * len(where)
-                col_index += where.tolist()
-                labels += lab.tolist()
-            online_batches.append({"teacher_input_ids": teacher_ids, "attention_mask": mask, "rows": torch.tensor(row_index),
-                                   "cols": torch.tensor(col_index), "teacher_labels": torch.tensor(labels)})
-
-        seconds_mlm = time_steps(mlm_step, in_memory)
-        seconds_cache = time_steps(cache_step, list(range(count)))
-        seconds_online = time_steps(online_step, online_batches)
-        positions_per_step = sum(len(e.positions) for e in cached_examples[-1])
-
-    figures = {
-        "preset": args.preset, "device": str(device), "precision": args.precision,
-        "student_vocabulary": len(alignment.tokens), "micro_batch_size": preset["micro"],
-        "step_seconds_mlm": seconds_mlm, "step_seconds_cache": seconds_cache, "step_seconds_online": seconds_online,
-        "cache_over_mlm": seconds_cache / seconds_mlm, "online_over_cache": seconds_online / seconds_cache,
-        "read_positions_per_second": read_rate, "positions_per_step": positions_per_step,
-        "positions_consumed_per_second": positions_per_step / seconds_cache, "peak_rss_mb": peak_rss_mb(),
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    device = pick_device("auto", Ranks.from_env())  # what stage two itself picks
+    cache = build_cache(work, preset, args.seed)
+    config_path = write_train_config(work, preset, args)
+    config = load_train_config(config_path)
+    stage = run_stage(config_path, cache, work / "run")
+    alignment = Alignment.load(work / "run" / "vocab", [TEACHER])
+    reading = reading_throughput(cache, config, alignment)
+    precision = resolve_precision(config.precision, device)
+    engine = build_engine(config, alignment, cache, precision, device)
+    steps = step_timings(engine, load_teacher(cache, device, precision), cache, alignment, config, args.steps)
+    return {
+        "preset": args.preset, "device": str(device), "precision": precision, "missing_mass": config.loss.missing_mass,
+        "student_vocabulary": len(alignment.tokens), "micro_batch_size": config.train.micro_batch_size,
+        "timed_steps": args.steps,
+        "step_seconds_mlm": steps["mlm"], "step_seconds_cache": steps["cache"], "step_seconds_online": steps["online"],
+        "cache_over_mlm": steps["cache"] / steps["mlm"], "online_over_cache": steps["online"] / steps["cache"],
+        "cache_over_mlm_per_step": steps["cache_over_mlm_per_step"],
+        "online_over_cache_per_step": steps["online_over_cache_per_step"],
+        "read_positions_per_second": reading["positions_per_second"], "read_rows": reading["rows"],
+        "positions_per_step": steps["positions_per_step"],
+        "positions_consumed_per_second": steps["positions_per_step"] / steps["cache"],
+        "bench_cache_tokens_per_second": steps["tokens_per_step"] / steps["cache"],
+        "stage_seconds": stage["seconds"], "stage_steps": stage["steps"],
+        "stage_tokens_per_second": stage["tokens_per_second"],
+        "stage_all_tokens_per_second": stage["all_tokens_per_second"],
+        "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
     }
-    print(f"step time: plain MLM {seconds_mlm * 1e3:.1f} ms, from the cache {seconds_cache * 1e3:.1f} ms, "
-          f"online teacher {seconds_online * 1e3:.1f} ms")
-    print(f"cache / MLM = {figures['cache_over_mlm']:.3f} (goal <= 1.10); online / cache = {figures['online_over_cache']:.2f}")
-    print(f"Parquet reading: {read_rate:,.0f} masked positions/s; a step consumes {figures['positions_consumed_per_second']:,.0f}/s")
+
+
+def report(figures: dict) -> None:
+    print(f"{figures['preset']} preset on {figures['device']}, {figures['precision']}, student vocabulary "
+          f"{figures['student_vocabulary']:,}, micro-batch {figures['micro_batch_size']}, KD missing mass "
+          f"{figures['missing_mass']}; median of {figures['timed_steps']} timed steps per kind")
+    print(f"step time: plain MLM {figures['step_seconds_mlm'] * 1e3:.1f} ms, from the cache "
+          f"{figures['step_seconds_cache'] * 1e3:.1f} ms, online teacher {figures['step_seconds_online'] * 1e3:.1f} ms")
+    print(f"cache / MLM = {figures['cache_over_mlm']:.3f} (goal <= 1.10); online / cache = "
+          f"{figures['online_over_cache']:.2f} (medians of the step-by-step ratios: "
+          f"{figures['cache_over_mlm_per_step']:.3f} and {figures['online_over_cache_per_step']:.2f})")
+    print(f"Parquet reading: {figures['read_positions_per_second']:,.0f} masked positions/s; a step consumes "
+          f"{figures['positions_consumed_per_second']:,.0f}/s")
+    print(f"the stage's own log: {figures['stage_tokens_per_second']:,.0f} tokens/s per step (median), the "
+          f"benchmark's cache step {figures['bench_cache_tokens_per_second']:,.0f}; whole `mdkd train` run of "
+          f"{figures['stage_steps']} steps {figures['stage_seconds']:.1f} s (set-up, checkpoint and export included)")
     print(f"peak RSS {figures['peak_rss_mb']:.0f} MB")
     print(json.dumps(figures))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    # The stages and DeepSpeed print to stdout; the figures alone go there, the JSON line last.
+    with tempfile.TemporaryDirectory(prefix="mdkd-bench-train-") as scratch, contextlib.redirect_stdout(sys.stderr):
+        figures = benchmark(args, Path(scratch))
+    report(figures)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -78,3 +80,27 @@ def pick_device(requested: str, ranks: Ranks) -> torch.device:
             device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
+
+
+@contextmanager
+def transformers_console(ranks: Ranks) -> Iterator[None]:
+    """Let transformers print its load reports and weight loading/writing bars only where mdkd shows progress (rank 0
+    on a terminal); restore its settings after.
+
+    Off a terminal (a batch job's log, a pipe) the report's table and the bar frames are noise, and a checkpoint
+    that lacks weights is refused with one line anyway.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    if ranks.progress_enabled():
+        yield
+        return
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()

@@ -38,10 +38,6 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest |
     ranks = Ranks.from_env()
     config = load_cache_config(config_path)
     start_process_group(ranks)
-    if not ranks.is_main:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # rank-0-only console: no weight-loading bars from the others
 
     # Setup. Everything here is cheap next to the teacher pass and fails before any weights are loaded.
     # Rank 0 reads the corpus once and tells the others what it found.

@@ -27,7 +27,7 @@ from mdkd.pipeline.distill.losses import alpha_at
 from mdkd.pipeline.distill.student import build_student, export_student
 from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward, rank_micro_batches
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, TokenTally, build_alignment, teacher_token_shares
-from mdkd.pipeline.distributed import Ranks, barrier, pick_device
+from mdkd.pipeline.distributed import Ranks, barrier, pick_device, transformers_console
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.evaluation import MetricSums, held_out_windows, score_windows
 from mdkd.pipeline.files import write_json_atomic
@@ -296,6 +296,7 @@ def _export(engine, alignment: Alignment, folder: Path, ranks: Ranks) -> None:
     gathered = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None) if engine.zero_optimization_partition_weights() else None
     with gathered if gathered is not None else torch.no_grad():
         if ranks.is_main:
-            export_student(student, alignment.tokens, bool(alignment.stats.get("lowercase")), folder)
+            with transformers_console(ranks):
+                export_student(student, alignment.tokens, bool(alignment.stats.get("lowercase")), folder)
     barrier(ranks)
 

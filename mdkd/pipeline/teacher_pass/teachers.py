@@ -12,8 +12,7 @@ the full forward, which gives the same numbers at a higher cost.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from mdkd.pipeline.cache.manifest import special_token_ids
-from mdkd.pipeline.distributed import Ranks
+from mdkd.pipeline.distributed import Ranks, transformers_console
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sha256_of_files
 from mdkd.pipeline.teacher_pass.config import TeacherSpec
@@ -176,29 +175,6 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
-@contextmanager
-def _transformers_console(show: bool) -> Iterator[None]:
-    """Let transformers print its load report and weight-loading bars only when `show`; restore its settings after.
-
-    Off a terminal (a batch job's log, a pipe) the report's table and the bar frames are noise, and a checkpoint
-    that lacks weights is refused with one line anyway.
-    """
-    from transformers.utils import logging as transformers_logging
-
-    if show:
-        yield
-        return
-    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
-
-
 def newly_initialised(model: nn.Module, missing_keys: set[str]) -> list[str]:
     """The weights transformers initialised at random because the checkpoint lacks them, head first.
 
@@ -231,7 +207,7 @@ class Teacher:
 
         spec = info.spec
         try:
-            with _transformers_console(Ranks.from_env().progress_enabled()):
+            with transformers_console(Ranks.from_env()):
                 model, loading = AutoModelForMaskedLM.from_pretrained(
                     spec.model, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code,
                     output_loading_info=True,
