@@ -118,7 +118,7 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path.home() / ".cache" / "mdkd" / "demo",
               show_default=True, help="Where the demo keeps its corpus, teachers, cache, runs and report.")
 @click.option("--corpus", "corpus_dir", type=existing_dir, default=None,
-              help="A folder of <language>.txt files (one document per line) instead of Debian's fortunes.")
+              help="A folder of <language>.txt files (one document per line) instead of text from Debian's packages.")
 @click.option("--overwrite", is_flag=True, help="Replace a demo in the workdir that was run with other settings.")
 def demo(quick: bool, workdir: Path, corpus_dir: Path | None, overwrite: bool) -> None:
     """The MergeDistill experiment in miniature, offline: teachers, one cache, four students, a report.
