@@ -1,18 +1,35 @@
-"""`mdkd eval`: metrics against hand-computed values, teachers read from the cache, runs and model folders."""
+"""`mdkd eval`: metrics against hand-computed values, teachers read from the cache on the student's positions,
+the teachers a run was trained with, runs and model folders, and the demo's summary of eval.json."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import train_config, write_config
+
 from mdkd.cli import cli
-from mdkd.pipeline.evaluation import MetricSums, model_sums, teacher_sums
+from mdkd.pipeline.cache.documents import save_held_out
+from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.cache.shards import CachedPredictions
+from mdkd.pipeline.evaluation import (
+    KINDS,
+    Comparison,
+    HeldOutWindows,
+    MetricSums,
+    compare_on_windows,
+    model_sums,
+    position_kinds,
+    score_windows,
+    teacher_sums,
+)
+from mdkd.stages import demo
+from mdkd.stages import evaluate as evaluate_stage
 
 
 def test_model_metrics_by_hand():
@@ -46,34 +63,172 @@ def test_sums_pool_across_batches():
     assert a.result()["accuracy"] == 0.8 and a.result()["perplexity"] == pytest.approx(math.exp(3 / 5))
 
 
+# A hand-made cached row in teacher ids: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, ordinary tokens 5, 6, 7. The model
+# (any student) has every teacher token but 7, so positions labelled 7 cannot be scored on it.
+MASK, UNK = 4, 1
+TARGET_MAP = np.array([0, 1, 2, 3, 4, 5, 6, -1])
+INPUT_MAP = np.where(TARGET_MAP < 0, UNK, TARGET_MAP)
+ROW = CachedPredictions(
+    input_ids=np.array([2, 4, 6, 7, 4, 5, 3]),
+    positions=np.array([1, 2, 3, 4, 5]),
+    # pos 1 masked, 2 kept, 3 kept (label 7: left out), 4 masked (label 7: left out), 5 random (5 in place of 6)
+    labels=np.array([5, 6, 7, 7, 6]),
+    # the teacher's top-1: right, wrong, right, right, right
+    topk_ids=np.array([[5, 6], [5, 6], [7, 5], [7, 6], [6, 5]]),
+    topk_logprobs=np.log(np.array([[0.6, 0.3]] * 5)),
+    log_partitions=None,
+)
+MODEL_TOP1 = [5, 6, 0, 0, 5]  # right, right (copies the kept token), -, -, wrong (copies the random token)
+
+
+def _hand_made_logits(input_ids, attention_mask, rows, cols):
+    logits = torch.zeros(len(cols), 7)
+    logits[torch.arange(len(cols)), torch.tensor(MODEL_TOP1)[: len(cols)]] = 5.0
+    return logits
+
+
+def test_position_kinds_come_from_the_cached_input_and_the_mask_id():
+    inputs, labels = np.array([4, 6, 5, 7]), np.array([5, 6, 6, 7])
+    assert [KINDS[k] for k in position_kinds(inputs, labels, MASK)] == ["mask", "keep", "random", "keep"]
+    assert [KINDS[k] for k in position_kinds(inputs, labels, None)] == ["random", "keep", "random", "keep"]
+
+
+def test_student_and_teacher_share_one_denominator():
+    """Labels the student cannot spell leave both sides. The old scoring dropped them from the student's sums only:
+    teacher 4/5 = 0.8 against the student's 2/3 on other positions; on the same 3 positions the teacher has 2/3."""
+    windows = HeldOutWindows("t", "de", [ROW])
+    model, teacher = score_windows(_hand_made_logits, windows, INPUT_MAP, TARGET_MAP, [])
+    assert model.positions == teacher.positions == 3
+    assert model.result()["accuracy"] == pytest.approx(2 / 3)
+    assert teacher.result()["accuracy"] == pytest.approx(2 / 3)
+
+    result = compare_on_windows(_hand_made_logits, windows, INPUT_MAP, TARGET_MAP, [], MASK, unk_id=UNK).result()
+    assert (result["positions"], result["left_out"], result["accuracy_ratio"]) == (3, 2, pytest.approx(1.0))
+    assert result["unknown_input_share"] == pytest.approx(1 / 7)  # the input token 7
+    by_kind = {kind: (r["positions"], r["left_out"], r["model"].get("accuracy"), r["teacher"].get("accuracy"))
+               for kind, r in result["by_kind"].items()}
+    assert by_kind == {"mask": (1, 1, 1.0, 1.0), "random": (1, 0, 0.0, 1.0), "keep": (1, 1, 1.0, 0.0)}
+
+
+def test_a_summary_over_teachers_is_position_weighted_on_both_sides():
+    one, two = Comparison(), Comparison()
+    one.model["mask"], one.teacher["mask"] = MetricSums(positions=10, correct=1), MetricSums(positions=10, correct=5)
+    two.model["keep"], two.teacher["keep"] = MetricSums(positions=30, correct=27), MetricSums(positions=30, correct=3)
+    one.add(two)
+    result = one.result()
+    assert result["positions"] == result["model"]["positions"] == result["teacher"]["positions"] == 40
+    assert result["model"]["accuracy"] == pytest.approx(28 / 40)
+    assert result["teacher"]["accuracy"] == pytest.approx(8 / 40)
+    assert result["accuracy_ratio"] == pytest.approx(28 / 8)
+
+
 def test_a_teacher_scored_on_its_own_windows_agrees_with_its_cache(training_cache, teachers_dir, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(cli, ["eval", str(teachers_dir / "de_bert"), "--cache", str(training_cache),
                                       "--eval-fraction", "0.3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    assert report["scope"] == "all cached teachers"  # a plain model folder: every teacher's windows
+    assert set(report["languages"]["de"]["windows"]) == {"de_bert", "multi_xlmr"}
     own = report["languages"]["de"]["windows"]["de_bert"]
-    assert own["model"]["positions"] == own["teacher"]["positions"] > 0
+    assert own["positions"] == own["model"]["positions"] == own["teacher"]["positions"] > 0 and own["left_out"] == 0
     assert own["model"]["agreement"] == 1.0
     assert own["model"]["accuracy"] == pytest.approx(own["teacher"]["accuracy"])
     assert own["model"]["perplexity"] >= own["teacher"]["perplexity"] * (1 - 1e-6), "the cache gives a lower bound"
-    assert "de" in result.stdout and "de_bert acc" in result.stdout
+    assert sum(own["by_kind"][kind]["positions"] for kind in KINDS) == own["positions"]
+    for kind in KINDS:
+        assert own["by_kind"][kind]["positions"] > 0, kind
+        assert own["by_kind"][kind]["model"]["accuracy"] == pytest.approx(own["by_kind"][kind]["teacher"]["accuracy"])
+    assert "de_bert" in result.stdout and "teacher acc" in result.stdout and "keep acc" in result.stdout
     assert report["languages"]["de"]["raw_text"]["positions"] > 0
 
 
-def test_eval_of_a_run_writes_eval_json(training_cache, tmp_path):
+def _fake_run(folder, student, cache, teachers: dict | None):
+    """A run folder as `mdkd train` leaves it, with `student` (any masked LM folder) as its exported student."""
+    folder.mkdir()
+    shutil.copytree(student, folder / "student")
+    (folder / "run.json").write_text(json.dumps({"complete": True, "cache": str(cache)}))
+    write_config(folder / "config.yaml", train_config(teachers=teachers))
+    reader = CacheReader(cache)
+    save_held_out(folder / "heldout.json", 0.3, (d for s in reader.manifest.shards for d in reader.doc_ids(s)))
+    return folder
+
+
+def test_a_run_is_scored_on_the_windows_of_the_teachers_it_was_trained_with(training_cache, teachers_dir, tmp_path):
+    """A run taught German by de_bert alone, on a cache where multi_xlmr also holds German (and Russian): the old
+    scoring pooled the student over both teachers' German windows and added Russian. Here the "student" is de_bert
+    itself, so on its teacher's windows it matches the teacher exactly, position for position."""
+    run = _fake_run(tmp_path / "run", teachers_dir / "de_bert", training_cache, {"de": "de_bert"})
+    result = CliRunner().invoke(cli, ["eval", str(run)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval.json").read_text())
+    assert report["scope"] == "the teachers the run was trained with"
+    assert set(report["languages"]) == {"de"}
+    german = report["languages"]["de"]
+    assert german["teachers"] == ["de_bert"] and set(german["windows"]) == {"de_bert"}
+    assert german["summary"]["positions"] == german["windows"]["de_bert"]["positions"] > 0
+    assert german["summary"]["model"]["accuracy"] == pytest.approx(german["summary"]["teacher"]["accuracy"])
+
+    everything = evaluate_stage.run(run, all_teachers=True)  # `mdkd eval RUN --all-teachers`
+    assert everything["scope"] == "all cached teachers"
+    assert set(everything["languages"]) == {"de", "ru"}
+    assert set(everything["languages"]["de"]["windows"]) == {"de_bert", "multi_xlmr"}
+    assert everything["languages"]["de"]["summary"]["positions"] == sum(
+        w["positions"] for w in everything["languages"]["de"]["windows"].values())
+    assert json.loads((run / "eval.json").read_text())["scope"] == "all cached teachers"
+
+
+def test_a_run_without_teachers_in_its_config_is_scored_on_every_teacher_of_a_language(training_cache, tmp_path):
     config = write_config(tmp_path / "train.yaml", train_config(train={"eval_fraction": 0.3}))
-    trained = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out", str(tmp_path / "run")])
+    trained = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache),
+                                       "--out", str(tmp_path / "run")])
     assert trained.exit_code == 0, trained.output
-    heldout_lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"heldout"' in l]
-    assert [l["step"] for l in heldout_lines] == [4, 8] and "de" in heldout_lines[-1]["per_language"]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    heldout_lines = [json.loads(line) for line in metrics if '"heldout"' in line]
+    assert [line["step"] for line in heldout_lines] == [4, 8] and "de" in heldout_lines[-1]["per_language"]
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert set(report["languages"]) == {"de", "ru"}
     assert set(report["languages"]["de"]["windows"]) == {"de_bert", "multi_xlmr"}
     for language in report["languages"].values():
-        assert 0 <= language["model"]["accuracy"] <= 1 and language["model"]["perplexity"] > 1
+        summary = language["summary"]
+        assert summary["positions"] == summary["model"]["positions"] == summary["teacher"]["positions"]
+        assert summary["positions"] == sum(w["positions"] for w in language["windows"].values())
+        assert 0 <= summary["model"]["accuracy"] <= 1 and summary["model"]["perplexity"] > 1
+    assert "all: de_bert+multi_xlmr" in result.stdout
+
+
+def _scored(positions: int, student: float, teacher: float) -> dict:
+    def side(accuracy: float) -> dict:
+        return {"positions": positions, "accuracy": accuracy}
+
+    return {"positions": positions, "left_out": 0, "model": side(student), "teacher": side(teacher),
+            "accuracy_ratio": student / teacher,
+            "by_kind": {kind: {"positions": positions // 3, "model": side(student), "teacher": side(teacher)}
+                        for kind in KINDS}}
+
+
+def test_the_demo_summary_holds_each_student_against_its_own_teachers(tmp_path):
+    """mono_taught is scored on de_bert's windows, multi_taught on multi_xlmr's. The old summary set each pooled
+    student beside both teachers; now each student stands beside its own teacher on the same positions."""
+    runs = []
+    for name, teacher, student, teacher_accuracy in [("mono_taught", "de_bert", 0.30, 0.60),
+                                                     ("multi_taught", demo.MULTI, 0.20, 0.25)]:
+        (tmp_path / name).mkdir()
+        scored = _scored(300, student, teacher_accuracy)
+        german = {"teachers": [teacher], "windows": {teacher: scored}, "summary": scored,
+                  "raw_text": {"positions": 100, "accuracy": student / 2}}
+        report = {"scope": "the teachers the run was trained with", "languages": {"de": german}}
+        (tmp_path / name / "eval.json").write_text(json.dumps(report))
+        runs.append(tmp_path / name)
+    summary = demo.summarise(runs, ["de"])
+    assert "Held-out masked-token accuracy" in summary
+    rows = [line.split()[:7] for line in summary.splitlines()]
+    assert ["de", "de_bert", "mono_taught", "300", "0.300", "0.600", "0.50"] in rows
+    assert ["de", demo.MULTI, "multi_taught", "300", "0.200", "0.250", "0.80"] in rows
+    assert not any("mono_taught" in line and demo.MULTI in line for line in summary.splitlines()[:4])
+    assert "did worse than when taught by the multilingual one" in summary and "(-0.300 mean" in summary
 
 
 @pytest.mark.parametrize(

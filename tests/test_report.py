@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import train_config, write_config
+
 from mdkd.cli import cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -19,7 +19,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def sweep(tmp_path_factory, training_cache):
     """A 2-run sweep over k' against the training cache (trained, evaluated, reported)."""
     root = tmp_path_factory.mktemp("sweep")
-    config = write_config(root / "base.yaml", train_config(train={"steps": 6, "checkpoint_every": 3, "eval_fraction": 0.3}))
+    config = write_config(root / "base.yaml",
+                          train_config(train={"steps": 6, "checkpoint_every": 3, "eval_fraction": 0.3}))
     result = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out",
                                       str(root / "out"), "--sweep", "loss.top_k=2,8"])
     assert result.exit_code == 0, result.output
@@ -34,7 +35,18 @@ def test_sweep_trains_every_combination_and_reports(sweep):
         assert (out / name / "eval.json").exists()
     rows = list(csv.DictReader((out / "report" / "report.csv").open()))
     assert [(r["run"], r["loss.top_k"]) for r in rows] == [("loss.top_k=2", "2"), ("loss.top_k=8", "8")]
-    assert {"acc de", "acc ru"} <= set(rows[0])
+    # Per (language, teacher): the student's accuracy on that teacher's windows and its ratio to the teacher's on the
+    # same positions; no pooled per-language column, and no held-out columns when every run has eval.json.
+    pairs = ["de/de_bert", "de/multi_xlmr", "ru/multi_xlmr"]
+    assert [h for h in rows[0] if h.startswith(("acc ", "ratio ", "heldout "))] == [
+        f"{column} {pair}" for pair in pairs for column in ("acc", "ratio")]
+    for row in rows:
+        report = json.loads((out / row["run"] / "eval.json").read_text())
+        for pair in pairs:
+            language, teacher = pair.split("/")
+            scored = report["languages"][language]["windows"][teacher]
+            assert float(row[f"acc {pair}"]) == pytest.approx(scored["model"]["accuracy"])
+            assert scored["model"]["positions"] == scored["teacher"]["positions"]
     markdown = (out / "report" / "report.md").read_text()
     assert markdown.startswith("| run | loss.top_k | steps |")
     for plot in ("loss_curves.png", "accuracy.png"):
@@ -57,13 +69,28 @@ def test_report_reads_a_run_that_is_still_going(sweep, tmp_path):
     shutil.copytree(sweep / "out" / "loss.top_k=2", going)
     (going / "eval.json").unlink()
     lines = (going / "metrics.jsonl").read_text().splitlines()
-    (going / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (going / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # steps 1-3 and the held-out line of step 3
     status = json.loads((going / "run.json").read_text())
     (going / "run.json").write_text(json.dumps({**status, "complete": False}))
-    result = CliRunner().invoke(cli, ["report", str(sweep / "out" / "loss.top_k=8"), str(going), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(cli, ["report", str(sweep / "out" / "loss.top_k=8"), str(going),
+                                      "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((tmp_path / "r" / "report.csv").open()))
     assert rows[1]["run"] == "going" and rows[1]["complete"] == "False" and rows[1]["steps"] == "3"
+    # Without eval.json: no comparison with the teachers, the training's held-out accuracy instead.
+    assert rows[1]["acc de/de_bert"] == "" and rows[0]["acc de/de_bert"] != ""
+    assert rows[1]["heldout acc de"] != "" and rows[0]["heldout acc de"] == ""
+
+
+def test_an_eval_json_from_before_the_like_for_like_scoring_is_not_reported(sweep, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(sweep / "out" / "loss.top_k=2", old)
+    report = json.loads((old / "eval.json").read_text())
+    (old / "eval.json").write_text(json.dumps({k: v for k, v in report.items() if k != "scope"}))
+    result = CliRunner().invoke(cli, ["report", str(old), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    row = next(csv.DictReader((tmp_path / "r" / "report.csv").open()))
+    assert not any(key.startswith("acc ") for key in row) and row["heldout acc de"] != ""
 
 
 @pytest.mark.parametrize(
@@ -83,7 +110,8 @@ def test_invalid_sweep_is_refused_before_any_training(tmp_path, training_cache):
     config = write_config(tmp_path / "base.yaml", train_config())
     result = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out",
                                       str(tmp_path / "out"), "--sweep", "loss.top_k=4,0"])
-    assert result.exit_code == 2 and "loss.top_k=0: loss.top_k: Input should be greater than or equal to 1" in result.stderr
+    assert result.exit_code == 2
+    assert "loss.top_k=0: loss.top_k: Input should be greater than or equal to 1" in result.stderr
     assert not (tmp_path / "out" / "loss.top_k=4" / "run.json").exists()
 
 

@@ -1,6 +1,12 @@
 """Metrics at masked positions, for a student or any HF masked LM, and for teachers read from the cache.
 
-Model metrics (on windows whose labels the model's vocabulary can spell):
+A model and a teacher are compared on exactly the same positions: those of the teacher's held-out windows whose
+label the model's vocabulary can spell. A position whose label it cannot spell is left out of both sides and
+counted (`left_out`), so the two accuracies share one denominator. Every comparison is also split by what stage
+one's masking did at the position (`KINDS`): replaced by the mask token, replaced by a random token, or kept
+unchanged (the cached input there is the label itself, a random draw of the original included).
+
+Model metrics:
 - accuracy: the model's top-1 equals the original token;
 - perplexity: exp(mean cross-entropy against the original token);
 - agreement: the model's top-1 equals the teacher's top-1 (positions where the teacher's top-1 maps to a token);
@@ -42,7 +48,7 @@ class MetricSums:
     kl: float = 0.0
     topk_mass: dict[float, float] = field(default_factory=dict)  # temperature -> summed tempered top-k mass
 
-    def add(self, other: "MetricSums") -> None:
+    def add(self, other: MetricSums) -> None:
         for name in self.__dataclass_fields__:
             if name != "topk_mass":
                 setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -125,22 +131,112 @@ def held_out_windows(cache: CacheReader, teacher: str, language: str, is_held_ou
     return HeldOutWindows(teacher, language, list(cache.select_rows(teacher, language, is_held_out, limit, top_k)))
 
 
+KINDS = ("mask", "random", "keep")  # what stage one's masking did at a position
+
+
+def position_kinds(inputs: np.ndarray, labels: np.ndarray, mask_id: int | None) -> np.ndarray:
+    """Index into KINDS per position, from the cached input there (teacher ids): the teacher's mask token is
+    "mask", the label itself is "keep" (a random draw that hit the original included), anything else "random"."""
+    kinds = np.full(len(labels), KINDS.index("random"), dtype=np.int64)
+    kinds[inputs == labels] = KINDS.index("keep")
+    if mask_id is not None:
+        kinds[inputs == mask_id] = KINDS.index("mask")
+    return kinds
+
+
+@dataclass
+class Comparison:
+    """A model and a teacher on the same positions of the teacher's windows, split by position kind; `left_out`
+    counts the positions left out of both (label not in the model's vocabulary), `unk_labels` the scored
+    positions whose label is the teacher's unknown token, `unknown_inputs` / `input_tokens` the window tokens the
+    model could not spell (they reached it as its [UNK])."""
+
+    model: dict[str, MetricSums] = field(default_factory=lambda: {kind: MetricSums() for kind in KINDS})
+    teacher: dict[str, MetricSums] = field(default_factory=lambda: {kind: MetricSums() for kind in KINDS})
+    left_out: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    unk_labels: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    unknown_inputs: int = 0
+    input_tokens: int = 0
+
+    def add(self, other: Comparison) -> None:
+        for kind in KINDS:
+            self.model[kind].add(other.model[kind])
+            self.teacher[kind].add(other.teacher[kind])
+            self.left_out[kind] += other.left_out[kind]
+            self.unk_labels[kind] += other.unk_labels[kind]
+        self.unknown_inputs += other.unknown_inputs
+        self.input_tokens += other.input_tokens
+
+    def totals(self) -> tuple[MetricSums, MetricSums]:
+        """(model, teacher) sums over every kind: the same positions on both sides."""
+        model, teacher = MetricSums(), MetricSums()
+        for kind in KINDS:
+            model.add(self.model[kind])
+            teacher.add(self.teacher[kind])
+        return model, teacher
+
+    def result(self) -> dict:
+        model, teacher = self.totals()
+        result = _side_by_side(model, teacher, sum(self.left_out.values()), sum(self.unk_labels.values()))
+        if self.input_tokens:
+            result["unknown_input_share"] = self.unknown_inputs / self.input_tokens
+        result["by_kind"] = {kind: _side_by_side(self.model[kind], self.teacher[kind], self.left_out[kind],
+                                                 self.unk_labels[kind]) for kind in KINDS}
+        return result
+
+
+def _side_by_side(model: MetricSums, teacher: MetricSums, left_out: int, unk_labels: int) -> dict:
+    result = {"positions": int(model.positions), "left_out": int(left_out), "unk_labels": int(unk_labels),
+              "model": model.result(), "teacher": teacher.result()}
+    if model.positions and teacher.correct:
+        result["accuracy_ratio"] = model.correct / teacher.correct  # same denominator: the ratio of the accuracies
+    return result
+
+
 def score_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray, target_map: np.ndarray,
                   temperatures: list[float], batch_size: int = 32, pad_id: int = 0) -> tuple[MetricSums, MetricSums]:
-    """(model sums, teacher sums) over held-out windows. `logits_fn(input_ids, attention_mask, rows, cols)` gives
-    the model's logits at masked positions; `input_map` takes teacher ids to model ids ([UNK] where the model has
-    no such token), `target_map` likewise but with -1, so labels and targets it cannot spell are left out."""
-    model, teacher = MetricSums(), MetricSums()
+    """(model sums, teacher sums) over held-out windows, both on the same positions (see `compare_on_windows`)."""
+    return compare_on_windows(logits_fn, windows, input_map, target_map, temperatures, None, batch_size,
+                              pad_id).totals()
+
+
+def compare_on_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray, target_map: np.ndarray,
+                       temperatures: list[float], mask_id: int | None = None, batch_size: int = 32, pad_id: int = 0,
+                       unk_id: int | None = None) -> Comparison:
+    """The model against the teacher on the teacher's held-out windows, position for position.
+
+    `logits_fn(input_ids, attention_mask, rows, cols)` gives the model's logits at masked positions; `input_map`
+    takes teacher ids to model ids ([UNK] where the model has no such token), `target_map` likewise but with -1.
+    A position whose label maps to -1 is left out of both the model's and the teacher's sums; the teacher's
+    top-k ids the model cannot spell count for nothing on the model's side. `mask_id` (the teacher's) and the
+    cached inputs say each position's kind; `unk_id` (the teacher's) counts labels that are its unknown token."""
+    comparison = Comparison()
     for start in range(0, len(windows.rows), batch_size):
         rows = windows.rows[start : start + batch_size]
-        # Labels and targets go through target_map: what the model cannot spell is -1 and left out.
         examples = [Example.from_cached(windows.language, cached, input_map, target_map, target_map, None)
                     for cached in rows]
         batch = collate(examples, [windows.language], pad_id)
         with torch.no_grad():
             logits = logits_fn(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"]).float().cpu()
-        model.add(model_sums(logits, batch["labels"], batch["topk_ids"], batch["topk_logprobs"], temperatures))
+        labels = np.concatenate([r.labels for r in rows])
+        kinds = position_kinds(np.concatenate([r.input_ids[r.positions] for r in rows]), labels, mask_id)
+        known = batch["labels"].numpy() >= 0
+        topk_ids = np.concatenate([r.topk_ids for r in rows])
+        topk_logprobs = np.concatenate([r.topk_logprobs for r in rows])
         partitions = None if rows[0].log_partitions is None else np.concatenate([r.log_partitions for r in rows])
-        teacher.add(teacher_sums(np.concatenate([r.topk_ids for r in rows]), np.concatenate([r.topk_logprobs for r in rows]),
-                                 np.concatenate([r.labels for r in rows]), partitions, temperatures))
-    return model, teacher
+        comparison.input_tokens += sum(len(r.input_ids) for r in rows)
+        comparison.unknown_inputs += int(sum((target_map[r.input_ids] < 0).sum() for r in rows))
+        for index, kind in enumerate(KINDS):
+            here = kinds == index
+            scored = here & known
+            comparison.left_out[kind] += int((here & ~known).sum())
+            if unk_id is not None:
+                comparison.unk_labels[kind] += int((labels[scored] == unk_id).sum())
+            if not scored.any():
+                continue
+            chosen = torch.from_numpy(scored)
+            comparison.model[kind].add(model_sums(logits[chosen], batch["labels"][chosen], batch["topk_ids"][chosen],
+                                                  batch["topk_logprobs"][chosen], temperatures))
+            comparison.teacher[kind].add(teacher_sums(topk_ids[scored], topk_logprobs[scored], labels[scored],
+                                                      None if partitions is None else partitions[scored], temperatures))
+    return comparison

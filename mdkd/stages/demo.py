@@ -2,7 +2,8 @@
 
 Recipe, each step skipped when its output is already there (so a rerun, or a rerun after Ctrl-C, picks up
 where it stopped):
-1. corpus: real running text from Debian's fortunes packages (or --corpus DIR), one document per line;
+1. corpus: real running text from Debian's packages (LibreOffice help, translated manual pages, fortunes; see
+   mdkd/demo/corpus.py), language-filtered, one paragraph per line (or --corpus DIR);
 2. teachers: one monolingual BERT per language with its own WordPiece vocabulary, and one multilingual
    XLM-R-style teacher with one shared SentencePiece (Unigram) vocabulary, each pre-trained briefly here on its
    own data (held-out documents excluded) and saved as an ordinary HF folder;
@@ -22,7 +23,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from mdkd.demo.fortunes import fetch_packages, write_corpus
+from mdkd.demo.corpus import fetch_packages, write_corpus
 from mdkd.demo.tiny_models import build_masked_lm, pretrain_masked_lm, train_tokenizer
 from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.errors import UserError
@@ -106,7 +107,7 @@ def run(workdir: Path, corpus_dir: Path | None, quick: bool, settings: DemoSetti
 
 
 def _corpus(folder: Path, given: Path | None, languages: list[str], settings: DemoSettings) -> list[str]:
-    """folder/<language>.txt for each language, from --corpus or from the fortunes packages."""
+    """folder/<language>.txt for each language, from --corpus or from Debian's packages (mdkd.demo.corpus)."""
     marker = folder / "corpus.json"
     if marker.exists():
         return json.loads(marker.read_text())["languages"]
@@ -115,17 +116,19 @@ def _corpus(folder: Path, given: Path | None, languages: list[str], settings: De
         if not files:
             raise UserError(f"--corpus {given} holds no <language>.txt files (one document per line)")
         folder.mkdir(parents=True, exist_ok=True)
-        counts = {}
+        counts, record = {}, {}
         for path in files:
-            lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()][: settings.documents]
+            text = path.read_text(encoding="utf-8")
+            lines = [line for line in text.splitlines() if line.strip()][: settings.documents]
             (folder / path.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
             counts[path.stem] = len(lines)
         source = str(given)
     else:
         roots = fetch_packages(languages, folder.parent / "packages")
-        counts = write_corpus(roots, folder, settings.documents)
-        source = "Debian fortunes packages: " + ", ".join(sorted(counts))
-    write_json_atomic(marker, {"languages": sorted(counts), "documents": counts, "source": source})
+        record = write_corpus(roots, folder, documents_per_language=settings.documents)
+        counts = {language: stats["documents"] for language, stats in record.items()}
+        source = "Debian packages: " + ", ".join(deb for stats in record.values() for deb in stats["packages"])
+    write_json_atomic(marker, {"languages": sorted(counts), "documents": counts, "source": source, "stats": record})
     return sorted(counts)
 
 
@@ -190,34 +193,75 @@ def _write_yaml(path: Path, data: dict) -> Path:
 
 
 def summarise(runs: list[Path], languages: list[str]) -> str:
-    """Per-language held-out accuracy of every student and teacher, and plain statements of what came out."""
-    evals = {run.name: json.loads((run / "eval.json").read_text()) for run in runs}
-    rows = ["language  " + "  ".join(f"{name:>12}" for name in evals) + f"  {'own teacher':>12}  {MULTI:>12}"]
+    """Each student against each of its teachers on that teacher's held-out windows (the same positions for both,
+    so like for like), the ratio of their accuracies, raw-text accuracy, and plain statements of what came out.
+
+    Students taught by different teachers are scored on different windows, so the statements that compare
+    students use the ratio student / teacher accuracy (position-weighted over each student's teachers' windows of
+    a language): how much of its own teachers' accuracy each student kept."""
+
+    def cell(value, width: int, digits: int = 3) -> str:
+        return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+    evals, outdated = {}, []
+    for run in runs:
+        report = json.loads((run / "eval.json").read_text())
+        if "scope" in report:
+            evals[run.name] = report
+        else:
+            outdated.append(run.name)
+    title = ("Held-out masked-token accuracy: each student against each of its teachers on that teacher's held-out "
+             "windows (the same positions for both; ratio = student / teacher):")
+    header = (f"{'language':<8}  {'teacher':<12}  {'student':<12}  {'positions':>9}  {'student':>7}  {'teacher':>7}  "
+              f"{'ratio':>5}  {'keep acc s/t':>12}")
+    lines = [title, header]
+    ratio: dict[str, dict[str, float]] = {}  # student -> language -> ratio over its teachers' windows
+    for language in languages:
+        for teacher in sorted({t for e in evals.values() for t in e["languages"].get(language, {}).get("windows", {})}):
+            for name, report in evals.items():
+                scored = report["languages"].get(language, {}).get("windows", {}).get(teacher)
+                if not scored or "accuracy" not in scored["model"]:
+                    continue
+                keep = scored["by_kind"]["keep"]
+                keep_cell = (f"{keep['model']['accuracy']:.3f}/{keep['teacher']['accuracy']:.3f}"
+                             if keep["positions"] else "-")
+                lines.append(f"{language:<8}  {teacher:<12}  {name:<12}  {scored['positions']:>9}  "
+                             f"{scored['model']['accuracy']:7.3f}  {scored['teacher']['accuracy']:7.3f}  "
+                             f"{cell(scored.get('accuracy_ratio'), 5, 2)}  {keep_cell:>12}")
+        for name, report in evals.items():
+            summary = report["languages"].get(language, {}).get("summary", {})
+            if summary.get("accuracy_ratio") is not None:
+                ratio.setdefault(name, {})[language] = summary["accuracy_ratio"]
+    lines += ["", "Raw held-out text, each student with its own tokenizer and fresh masking (accuracy):",
+              "language  " + "  ".join(f"{name:>12}" for name in evals)]
+    for language in languages:
+        raw = [e["languages"].get(language, {}).get("raw_text", {}).get("accuracy") for e in evals.values()]
+        lines.append(f"{language:<8}  " + "  ".join(cell(v, 12) for v in raw))
     best_counts: dict[str, int] = {}
     for language in languages:
-        accuracy = {name: e["languages"].get(language, {}).get("model", {}).get("accuracy") for name, e in evals.items()}
-        windows = next(iter(evals.values()))["languages"].get(language, {}).get("windows", {})
-        own = windows.get(f"{language}_bert", {}).get("teacher", {}).get("accuracy")
-        multi = windows.get(MULTI, {}).get("teacher", {}).get("accuracy")
-        cells = [f"{v:12.3f}" if v is not None else f"{'-':>12}" for v in [*accuracy.values(), own, multi]]
-        rows.append(f"{language:<8}  " + "  ".join(cells))
-        scored = {k: v for k, v in accuracy.items() if v is not None}
+        scored = {name: by_language[language] for name, by_language in ratio.items() if language in by_language}
         if scored:
             best = max(scored, key=scored.get)
             best_counts[best] = best_counts.get(best, 0) + 1
-    mean = {name: _mean([e["languages"].get(l, {}).get("model", {}).get("accuracy") for l in languages]) for name, e in evals.items()}
-    lines = ["Held-out masked-token accuracy (students on every teacher's windows of the language; teachers from the cache):",
-             *rows, "", "Mean over languages: " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if v is not None)]
-    lines.append("Best student per language: " + ", ".join(f"{k} ({v} of {len(languages)})" for k, v in sorted(best_counts.items())))
+    mean = {name: _mean([ratio.get(name, {}).get(language) for language in languages]) for name in evals}
+    lines += ["", "Mean over languages of student / teacher accuracy (each student against its own teachers, on the "
+              "same positions): " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if v is not None)]
+    lines.append("Best student per language (by that ratio): "
+                 + ", ".join(f"{k} ({v} of {len(languages)})" for k, v in sorted(best_counts.items())))
     if mean.get("mono_taught") is not None and mean.get("multi_taught") is not None:
         gap = mean["mono_taught"] - mean["multi_taught"]
         verdict = "better" if gap > 0 else "worse" if gap < 0 else "no different"
-        lines.append(f"Taught by the monolingual teachers, the student did {verdict} than when taught by the multilingual "
-                     f"one ({gap:+.3f} mean accuracy).")
+        lines.append(f"Taught by the monolingual teachers, the student did {verdict} than when taught by the "
+                     f"multilingual one, each against its own teachers ({gap:+.3f} mean student/teacher accuracy "
+                     "ratio).")
     if mean.get("mlm_only") is not None:
         kd_best = max((v for k, v in mean.items() if k != "mlm_only" and v is not None), default=None)
         if kd_best is not None:
-            lines.append(f"Best distilled student vs the MLM-only baseline: {kd_best - mean['mlm_only']:+.3f} mean accuracy.")
+            lines.append(f"Best distilled student vs the MLM-only baseline: {kd_best - mean['mlm_only']:+.3f} mean "
+                         "student/teacher accuracy ratio.")
+    if outdated:
+        lines.append("Not summarised (eval.json from an older mdkd; delete it and rerun the demo): "
+                     + ", ".join(outdated))
     return "\n".join(lines)
 
 

@@ -4,10 +4,13 @@ TARGET is a run folder (its exported student, its held-out documents and its cac
 (then --cache and --heldout RUN or --eval-fraction say what to score it on), so a teacher or an outside model is
 scored on exactly the data a student is.
 
-Recipe: load the model; for every language and every teacher that cached it, score the model on that teacher's
-held-out windows (the exact masked inputs the teacher saw, mapped into the model's vocabulary by canonical
-token) and read the teacher's own metrics from the cache; then score the model on the raw held-out text with its
-own tokenizer and fresh masking; save eval.json and print a table.
+Recipe: load the model; choose the teachers whose windows it is scored on (a run's: the teachers its config
+trained it with, per language; a plain model folder, or --all-teachers: every teacher that cached the
+language); for each language and each of those teachers, score the model on the teacher's held-out windows (the
+exact masked inputs the teacher saw, mapped into the model's vocabulary by canonical token) and read the
+teacher's own metrics from the cache on exactly the same positions, split by position kind (mask / random /
+keep); then score the model on the raw held-out text with its own tokenizer and fresh masking; save eval.json and
+print a table.
 """
 
 from __future__ import annotations
@@ -22,8 +25,16 @@ from mdkd.pipeline.cache.documents import fraction_rule, load_held_out
 from mdkd.pipeline.cache.manifest import MANIFEST_NAME, Manifest
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.vocab import TeacherVocabulary, map_by_canonical
+from mdkd.pipeline.distributed import Ranks, transformers_console
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.evaluation import MetricSums, held_out_windows, model_sums, score_windows
+from mdkd.pipeline.evaluation import (
+    KINDS,
+    Comparison,
+    MetricSums,
+    compare_on_windows,
+    held_out_windows,
+    model_sums,
+)
 from mdkd.pipeline.files import write_json_atomic
 from mdkd.pipeline.teacher_pass.config import CorpusSource, MaskingConfig
 from mdkd.pipeline.teacher_pass.corpus import Document, read_language
@@ -35,11 +46,13 @@ RAW_TEXT_SEED = 1234  # fresh masking of raw text: a fixed seed, so two models s
 
 
 def run(target: Path, *, cache_dir: Path | None = None, heldout_run: Path | None = None,
-        eval_fraction: float | None = None, max_rows: int = 2000, out_file: Path | None = None) -> dict:
+        eval_fraction: float | None = None, max_rows: int = 2000, out_file: Path | None = None,
+        all_teachers: bool = False) -> dict:
     """Score TARGET (a run folder or a model folder); write eval.json (a run's by default) and return the report."""
     model_dir, cache_dir, is_held_out, out_file = _resolve(target, cache_dir, heldout_run, eval_fraction, out_file)
     cache = CacheReader(cache_dir)
     manifest = cache.manifest
+    scope, teachers_of = teacher_scope(target, manifest, all_teachers)
     model, tokenizer = _load_model(model_dir)
     adapter = ADAPTERS.get(model.config.model_type)
     own = TeacherVocabulary.from_tokenizer("model", model_dir, tokenizer)
@@ -48,28 +61,61 @@ def run(target: Path, *, cache_dir: Path | None = None, heldout_run: Path | None
     def logits_fn(input_ids, attention_mask, rows, cols):
         return masked_logits(model, adapter, input_ids, attention_mask, rows, cols, torch.device("cpu"))
 
+    maps: dict[str, np.ndarray] = {}  # teacher -> its ids in the model's (-1: the model cannot spell it)
     languages: dict[str, dict] = {}
-    pooled: dict[str, MetricSums] = {}  # the model over every teacher's windows of a language
-    for name, entry in manifest.teachers.items():
-        target_map = map_by_canonical(TeacherVocabulary.from_cache(cache, name), own)
-        input_map = np.where(target_map < 0, unk, target_map)
-        for language in entry.languages:
+    for language, names in teachers_of.items():
+        summary, windows_scored = Comparison(), {}
+        for name in names:
+            if name not in maps:
+                maps[name] = map_by_canonical(TeacherVocabulary.from_cache(cache, name), own)
+            target_map = maps[name]
+            input_map = np.where(target_map < 0, unk, target_map)
             windows = held_out_windows(cache, name, language, is_held_out, max_rows)
             if not windows.rows:
                 continue
-            student, teacher = score_windows(logits_fn, windows, input_map, target_map, manifest.temperatures,
-                                             pad_id=tokenizer.pad_token_id or 0)
-            languages.setdefault(language, {"windows": {}})["windows"][name] = {"model": student.result(), "teacher": teacher.result()}
-            pooled.setdefault(language, MetricSums()).add(student)
+            specials = manifest.teachers[name].special_token_ids
+            comparison = compare_on_windows(logits_fn, windows, input_map, target_map, manifest.temperatures,
+                                            specials.get("mask"), pad_id=tokenizer.pad_token_id or 0,
+                                            unk_id=specials.get("unk"))
+            windows_scored[name] = comparison.result()
+            summary.add(comparison)
+        if windows_scored:
+            languages[language] = {"teachers": list(windows_scored), "windows": windows_scored,
+                                   "summary": summary.result()}
     if not languages:
-        raise UserError(f"no held-out windows in {cache_dir} (raise eval_fraction when training, or pass --eval-fraction)")
+        raise UserError(f"no held-out windows in {cache_dir} for the teachers scored ({scope}; raise eval_fraction "
+                        "when training, or pass --eval-fraction)")
     for language, result in languages.items():
-        result["model"] = pooled[language].result()
         result["raw_text"] = _raw_text(model, adapter, tokenizer, manifest, language, is_held_out, max_rows)
-    report = {"model": str(model_dir), "cache": str(cache_dir), "languages": languages}
+    report = {"model": str(model_dir), "cache": str(cache_dir), "scope": scope, "languages": languages}
     if out_file is not None:
         write_json_atomic(out_file, report)
     return report
+
+
+def teacher_scope(target: Path, manifest: Manifest, all_teachers: bool) -> tuple[str, dict[str, list[str]]]:
+    """(what the scope is, {language: the teachers whose windows are scored, in cache order}).
+
+    A run folder: the teachers its resolved config.yaml trained it with (every teacher that cached the language
+    when the config leaves `teachers` out); anything else, or `all_teachers`: every teacher that cached it."""
+    cached = manifest.languages()
+    if all_teachers or not (target / "run.json").exists():
+        return "all cached teachers", cached
+    from mdkd.pipeline.distill.config import load_train_config
+    from mdkd.stages.train import plan_against_cache
+
+    config_path = target / "config.yaml"
+    if not config_path.exists():
+        raise UserError(f"run {target} has no config.yaml, so the teachers it was trained with are unknown "
+                        "(pass --all-teachers to score every cached teacher)")
+    selection, _ = plan_against_cache(load_train_config(config_path), manifest)
+    scope = {language: [name for name in cached[language] if name in weights]
+             for language, weights in selection.items() if language in cached}
+    scope = {language: names for language, names in scope.items() if names}
+    if not scope:
+        raise UserError(f"the cache holds none of the teachers run {target} was trained with "
+                        "(give the run's cache, or pass --all-teachers)")
+    return "the teachers the run was trained with", scope
 
 
 def _resolve(target: Path, cache_dir, heldout_run, eval_fraction, out_file):
@@ -103,9 +149,10 @@ def _load_model(folder: Path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     try:
-        model = AutoModelForMaskedLM.from_pretrained(folder).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:  # transformers raises many types for an unusable folder
+        with transformers_console(Ranks.from_env()):
+            model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 -- transformers raises many types for an unusable folder
         raise UserError(f"cannot load a masked LM and tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
     if not (folder / "tokenizer.json").exists():
         raise UserError(f"{folder} has no tokenizer.json (mdkd compares tokens through a fast tokenizer's file)")
@@ -143,21 +190,38 @@ def _raw_text(model, adapter, tokenizer, manifest: Manifest, language: str, is_h
 
 
 def render(report: dict) -> str:
-    """Rows: languages; columns: the model, then each teacher on its own windows."""
-    teachers = sorted({name for result in report["languages"].values() for name in result["windows"]})
-    headers = ["language", "model acc", "model ppl", "agree", "KL", "raw acc", "raw ppl"]
-    headers += [f"{name} acc" for name in teachers] + [f"{name} ppl>=" for name in teachers]
+    """One row per (language, teacher): the model and the teacher on the same positions of that teacher's windows,
+    accuracy overall and per position kind (model/teacher); then, when a language has several teachers, their
+    position-weighted summary; the model's raw-text figures on each language's first row."""
+    headers = ["language", "windows", "positions", "left out", "acc", "teacher acc", "ratio",
+               *[f"{kind} acc" for kind in KINDS], "agree", "KL", "ppl", "teacher ppl>=", "raw acc", "raw ppl"]
     lines = [headers]
     for language in sorted(report["languages"]):
         result = report["languages"][language]
-        model, raw = result["model"], result["raw_text"]
-        row = [language, _f(model.get("accuracy")), _f(model.get("perplexity"), 1), _f(model.get("agreement")),
-               _f(model.get("kl")), _f(raw.get("accuracy")), _f(raw.get("perplexity"), 1)]
-        row += [_f(result["windows"].get(n, {}).get("teacher", {}).get("accuracy")) for n in teachers]
-        row += [_f(result["windows"].get(n, {}).get("teacher", {}).get("perplexity"), 1) for n in teachers]
-        lines.append(row)
+        raw = result.get("raw_text", {})
+        entries = list(result["windows"].items())
+        if len(entries) > 1:
+            entries.append(("all: " + "+".join(result["teachers"]), result["summary"]))
+        for index, (name, scored) in enumerate(entries):
+            model, teacher = scored["model"], scored["teacher"]
+            row = [language, name, scored["positions"], scored["left_out"], _f(model.get("accuracy")),
+                   _f(teacher.get("accuracy")), _f(scored.get("accuracy_ratio"), 2)]
+            row += [_pair(scored["by_kind"][kind]) for kind in KINDS]
+            row += [_f(model.get("agreement")), _f(model.get("kl")), _f(model.get("perplexity"), 1),
+                    _f(teacher.get("perplexity"), 1)]
+            row += [_f(raw.get("accuracy")), _f(raw.get("perplexity"), 1)] if index == 0 else ["", ""]
+            lines.append(row)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(headers))]
-    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    table = "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                      for line in lines)
+    return (f"Scored on the held-out windows of {report.get('scope', 'every cached teacher')}; model and teacher on "
+            "the same positions (left out: labels the model cannot spell); <kind> acc = model/teacher.\n" + table)
+
+
+def _pair(scored: dict) -> str:
+    if not scored["positions"]:
+        return "-"
+    return f"{_f(scored['model'].get('accuracy'))}/{_f(scored['teacher'].get('accuracy'))}"
 
 
 def _f(value, digits: int = 3) -> str:

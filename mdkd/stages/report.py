@@ -3,7 +3,7 @@
 Recipe: read what each run folder holds now (its resolved config, metrics.jsonl, eval.json when `mdkd eval` has
 run, run.json), so a run still going is reported as far as it got; find the config keys whose values differ
 between the runs (the ablation axes); write a table (Markdown and CSV) and two PNG plots: KD and MLM loss curves
-per run, and per-language accuracy of each student beside the teachers.
+per run, and per (language, teacher) the accuracy of each student beside that teacher's on the same positions.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ def load_run(folder: Path) -> dict:
     if not (folder / "run.json").exists() or not (folder / "config.yaml").exists():
         raise UserError(f"{folder} is not an mdkd run folder (no run.json and config.yaml from `mdkd train`)")
     metrics_path = folder / "metrics.jsonl"
-    lines = [json.loads(l) for l in metrics_path.read_text(encoding="utf-8").splitlines() if l.strip()] if metrics_path.exists() else []
-    train = [l for l in lines if l.get("split", "train") == "train"]
+    text = metrics_path.read_text(encoding="utf-8") if metrics_path.exists() else ""
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    train = [line for line in lines if line.get("split", "train") == "train"]
     if not train:
         raise UserError(f"run {folder} has no metrics yet (no training step logged in metrics.jsonl)")
     evaluation = folder / "eval.json"
@@ -33,9 +34,18 @@ def load_run(folder: Path) -> dict:
         "config": yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")),
         "status": json.loads((folder / "run.json").read_text(encoding="utf-8")),
         "train": train,
-        "heldout": [l for l in lines if l.get("split") == "heldout"],
-        "eval": json.loads(evaluation.read_text(encoding="utf-8")) if evaluation.exists() else None,
+        "heldout": [line for line in lines if line.get("split") == "heldout"],
+        "eval": _current_eval(evaluation),
     }
+
+
+def _current_eval(path: Path) -> dict | None:
+    """eval.json in today's layout (student and teacher on the same positions); None when absent or written by
+    an older mdkd, whose pooled figures are not comparable (rerun `mdkd eval RUN`)."""
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return report if "scope" in report else None
 
 
 def _flatten(value, prefix: str = "") -> dict:
@@ -54,35 +64,50 @@ def differing_keys(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
-def _accuracy(run: dict) -> dict[str, float]:
-    """Per-language student accuracy: from eval.json when there is one, else the latest held-out evaluation."""
-    if run["eval"]:
-        return {l: r["model"]["accuracy"] for l, r in run["eval"]["languages"].items() if "accuracy" in r["model"]}
-    if run["heldout"]:
-        return {l: r["accuracy"] for l, r in run["heldout"][-1]["per_language"].items() if "accuracy" in r}
-    return {}
+def comparisons(run: dict) -> dict[tuple[str, str], dict]:
+    """{(language, teacher): the student against that teacher on the same positions of its windows} from eval.json:
+    positions, student accuracy, teacher accuracy, their ratio."""
+    found = {}
+    for language, result in ((run["eval"] or {}).get("languages") or {}).items():
+        for name, scored in result["windows"].items():
+            if "accuracy" in scored["model"]:
+                found[(language, name)] = {"positions": scored["positions"], "student": scored["model"]["accuracy"],
+                                           "teacher": scored["teacher"]["accuracy"],
+                                           "ratio": scored.get("accuracy_ratio")}
+    return found
 
 
-def _teacher_accuracy(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """{teacher: {language: accuracy}} read from the cache by `mdkd eval` (the same in every run's eval.json)."""
-    teachers: dict[str, dict[str, float]] = {}
-    for run in runs:
-        for language, result in ((run["eval"] or {}).get("languages") or {}).items():
-            for name, window in result["windows"].items():
-                if "accuracy" in window["teacher"]:
-                    teachers.setdefault(name, {})[language] = window["teacher"]["accuracy"]
-    return teachers
+def _heldout_accuracy(run: dict) -> dict[str, float]:
+    """Per-language student accuracy from the latest held-out evaluation during training (over the windows of the
+    run's teachers, student only): what a run without eval.json shows."""
+    if not run["heldout"]:
+        return {}
+    return {language: r["accuracy"] for language, r in run["heldout"][-1]["per_language"].items() if "accuracy" in r}
+
+
+def _pairs(runs: list[dict]) -> list[tuple[str, str]]:
+    return sorted({pair for run in runs for pair in comparisons(run)})
 
 
 def table(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per run: the ablation axes, progress, losses, then per (language, teacher) the student's accuracy
+    on that teacher's held-out windows and its ratio to the teacher's on the same positions; runs without
+    eval.json add held-out accuracy columns from training."""
     axes = differing_keys(runs)
-    languages = sorted({l for run in runs for l in _accuracy(run)})
-    headers = ["run", *axes, "steps", "complete", "loss", "kd_loss", "mlm_loss", *[f"acc {l}" for l in languages]]
+    pairs = _pairs(runs)
+    fallback = [run for run in runs if run["eval"] is None]
+    languages = sorted({language for run in fallback for language in _heldout_accuracy(run)})
+    headers = ["run", *axes, "steps", "complete", "loss", "kd_loss", "mlm_loss"]
+    headers += [f"{column} {language}/{teacher}" for language, teacher in pairs for column in ("acc", "ratio")]
+    headers += [f"heldout acc {language}" for language in languages]
     rows = []
     for run in runs:
-        flat, last, accuracy = _flatten(run["config"]), run["train"][-1], _accuracy(run)
-        rows.append([run["name"], *[flat.get(k) for k in axes], last["step"], bool(run["status"].get("complete")),
-                     last["loss"], last["kd_loss"], last["mlm_loss"], *[accuracy.get(l) for l in languages]])
+        flat, last, compared = _flatten(run["config"]), run["train"][-1], comparisons(run)
+        heldout = _heldout_accuracy(run) if run["eval"] is None else {}
+        row = [run["name"], *[flat.get(k) for k in axes], last["step"], bool(run["status"].get("complete")),
+               last["loss"], last["kd_loss"], last["mlm_loss"]]
+        row += [compared.get(pair, {}).get(column) for pair in pairs for column in ("student", "ratio")]
+        rows.append(row + [heldout.get(language) for language in languages])
     return headers, rows
 
 
@@ -110,10 +135,11 @@ def plot_losses(runs: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for run in runs:
-        steps = [l["step"] for l in run["train"]]
-        for axis, key in zip(axes, ("kd_loss", "mlm_loss")):
-            axis.plot(steps, [l[key] for l in run["train"]], label=run["name"], linewidth=1.2)
-    for axis, title in zip(axes, ("KD loss (τ² · KL, masked positions)", "MLM loss (cross-entropy, masked positions)")):
+        steps = [line["step"] for line in run["train"]]
+        for axis, key in zip(axes, ("kd_loss", "mlm_loss"), strict=True):
+            axis.plot(steps, [line[key] for line in run["train"]], label=run["name"], linewidth=1.2)
+    titles = ("KD loss (τ² · KL, masked positions)", "MLM loss (cross-entropy, masked positions)")
+    for axis, title in zip(axes, titles, strict=True):
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("loss")
@@ -126,35 +152,38 @@ def plot_losses(runs: list[dict], path: Path) -> None:
 
 
 def plot_accuracy(runs: list[dict], path: Path) -> bool:
-    """Grouped bars per language: each student, then each teacher; False when no run has been evaluated."""
+    """Grouped bars per (language, teacher): each student's accuracy on that teacher's held-out windows, with a
+    black line across its bar at the teacher's accuracy on the same positions; False when no run has eval.json."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [(f"student: {run['name']}", _accuracy(run)) for run in runs]
-    series += [(f"teacher: {name}", accuracy) for name, accuracy in sorted(_teacher_accuracy(runs).items())]
-    series = [(label, values) for label, values in series if values]
+    series = [(run["name"], comparisons(run)) for run in runs]
+    series = [(name, compared) for name, compared in series if compared]
     if not series:
         return False
-    languages = sorted({l for _, values in series for l in values})
-    colours = {label: f"C{index % 10}" for index, (label, _) in enumerate(series)}
-    most = max(sum(1 for _, values in series if language in values) for language in languages)
+    pairs = _pairs(runs)
+    colours = {name: f"C{index % 10}" for index, (name, _) in enumerate(series)}
+    most = max(sum(1 for _, compared in series if pair in compared) for pair in pairs)
     width = 0.8 / most
-    figure, axis = plt.subplots(figsize=(min(16, 3 + len(languages) * (0.3 * most + 0.6)), 4.5))
+    figure, axis = plt.subplots(figsize=(min(18, 3 + len(pairs) * (0.3 * most + 0.6)), 4.8))
     drawn = set()
-    for position, language in enumerate(languages):
-        # Only the students and teachers that have a figure for this language get a bar, centred on it.
-        present = [(label, values[language]) for label, values in series if language in values]
-        for slot, (label, value) in enumerate(present):
-            axis.bar(position + (slot - (len(present) - 1) / 2) * width, value, width, color=colours[label],
-                     label=None if label in drawn else label, hatch="//" if label.startswith("teacher") else None,
-                     edgecolor="black", linewidth=0.4)
-            drawn.add(label)
-    axis.set_xticks(range(len(languages)), languages)
-    axis.set_xlabel("language")
+    for position, pair in enumerate(pairs):
+        # Only the students scored on this teacher's windows get a bar, centred on the group.
+        present = [(name, compared[pair]) for name, compared in series if pair in compared]
+        for slot, (name, scored) in enumerate(present):
+            x = position + (slot - (len(present) - 1) / 2) * width
+            axis.bar(x, scored["student"], width, color=colours[name], edgecolor="black", linewidth=0.4,
+                     label=None if name in drawn else f"student: {name}")
+            axis.hlines(scored["teacher"], x - width / 2, x + width / 2, colors="black", linewidth=2,
+                        label=None if "teacher" in drawn else "its teacher, same positions")
+            drawn.update((name, "teacher"))
+    axis.set_xticks(range(len(pairs)), [f"{language}\n{teacher}" for language, teacher in pairs], fontsize=8)
+    axis.set_xlabel("language and the teacher whose held-out windows are scored")
     axis.set_ylabel("masked-token accuracy (held-out)")
-    axis.set_title("Students against teachers, per language")
+    axis.set_title("Students against each teacher\n(the same positions of that teacher's held-out windows)",
+                   fontsize=10)
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     figure.tight_layout()
