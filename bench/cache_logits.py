@@ -106,12 +106,39 @@ LOG_FILE = "logs/cache-logits.rank0.jsonl"  # the stage's per-unit events (a one
 # figure is then honest (projection, log-softmax and top-k over all 120k ids, as with a multilingual BERT).
 # The last four keys are the defaults of the flags of the same names.
 PRESETS = {
-    "tiny": {"hidden": 32, "layers": 1, "heads": 2, "vocab": 1_000, "word_types": 3_000,
-             "documents": 48, "shard_documents": 16, "repeats": 1, "full_repeats": 1},
-    "small": {"hidden": 128, "layers": 2, "heads": 2, "vocab": 8_000, "word_types": 20_000,
-              "documents": 512, "shard_documents": 128, "repeats": 5, "full_repeats": 2},
-    "base": {"hidden": 768, "layers": 12, "heads": 12, "vocab": 120_000, "word_types": 200_000,
-             "documents": 4096, "shard_documents": 128, "repeats": 5, "full_repeats": 2},
+    "tiny": {
+        "hidden": 32,
+        "layers": 1,
+        "heads": 2,
+        "vocab": 1_000,
+        "word_types": 3_000,
+        "documents": 48,
+        "shard_documents": 16,
+        "repeats": 1,
+        "full_repeats": 1,
+    },
+    "small": {
+        "hidden": 128,
+        "layers": 2,
+        "heads": 2,
+        "vocab": 8_000,
+        "word_types": 20_000,
+        "documents": 512,
+        "shard_documents": 128,
+        "repeats": 5,
+        "full_repeats": 2,
+    },
+    "base": {
+        "hidden": 768,
+        "layers": 12,
+        "heads": 12,
+        "vocab": 120_000,
+        "word_types": 200_000,
+        "documents": 4096,
+        "shard_documents": 128,
+        "repeats": 5,
+        "full_repeats": 2,
+    },
 }
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["an", "en", "in", "on", "ar", "er", "or", "st"]
 
@@ -119,23 +146,40 @@ SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["an", "en"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark for `mdkd cache-logits` (see the module docstring).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
-                        help="same as --preset tiny: a smoke run of a few seconds (its figures mean little)")
+    parser.add_argument(
+        "--tiny",
+        dest="preset",
+        action="store_const",
+        const="tiny",
+        help="same as --preset tiny: a smoke run of a few seconds (its figures mean little)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--documents", type=int, default=None, help="corpus size N (default: the preset's)")
-    parser.add_argument("--shard-documents", type=int, default=None,
-                        help="documents per shard (default: the preset's); small enough that N documents make "
-                             "several shards, so the prefetch and writer threads overlap with the teacher as they "
-                             "do in a long run")
+    parser.add_argument(
+        "--shard-documents",
+        type=int,
+        default=None,
+        help="documents per shard (default: the preset's); small enough that N documents make "
+        "several shards, so the prefetch and writer threads overlap with the teacher as they "
+        "do in a long run",
+    )
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--batch-tokens", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved timing rounds; the fastest counts (default: the preset's)")
-    parser.add_argument("--full-repeats", type=int, default=None,
-                        help="rounds that also time the head passes (the full forward is the slowest pass; its "
-                             "lead is large; default: the preset's)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved timing rounds; the fastest counts (default: the preset's)",
+    )
+    parser.add_argument(
+        "--full-repeats",
+        type=int,
+        default=None,
+        help="rounds that also time the head passes (the full forward is the slowest pass; its "
+        "lead is large; default: the preset's)",
+    )
     parser.add_argument("--rss-factor", type=int, default=4, help="the second peak-RSS run uses this many x N")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -176,8 +220,9 @@ def build_teacher(preset: dict, words: list[str], folder: Path) -> tuple[int, in
     """Train a WordPiece tokenizer on the word list and save a random BERT for it; return (vocab, parameters)."""
     lines = [" ".join(words[i : i + 50]) for i in range(0, len(words), 50)]
     tokenizer = train_tokenizer("wordpiece", lines, preset["vocab"], folder)
-    model = build_masked_lm("bert", tokenizer, folder, hidden=preset["hidden"], layers=preset["layers"],
-                            heads=preset["heads"])
+    model = build_masked_lm(
+        "bert", tokenizer, folder, hidden=preset["hidden"], layers=preset["layers"], heads=preset["heads"]
+    )
     return len(tokenizer), sum(p.numel() for p in model.parameters())
 
 
@@ -208,8 +253,13 @@ def run_stage(config: Path, out: Path) -> dict:
         manifest = stage.run(config, out)
         total = time.perf_counter() - started
     units = [json.loads(line) for line in (out / LOG_FILE).read_text(encoding="utf-8").splitlines() if line]
-    return {"out": out, "manifest": manifest, "total_s": total, "units": units,
-            "units_s": sum(unit["seconds"] for unit in units)}
+    return {
+        "out": out,
+        "manifest": manifest,
+        "total_s": total,
+        "units": units,
+        "units_s": sum(unit["seconds"] for unit in units),
+    }
 
 
 def one_off_costs(config_path: Path) -> tuple[dict[str, float], Teacher]:
@@ -236,8 +286,13 @@ def shard_counts(cache: CacheReader) -> dict:
     """Tokens read from the shards themselves; rows, masked positions and bytes from the manifest."""
     manifest = cache.manifest
     tokens = sum(len(cache.rows(shard).input_ids) for shard in manifest.shards)
-    return {"tokens": tokens, "rows": manifest.totals.rows, "masked_positions": manifest.totals.masked_positions,
-            "bytes": manifest.totals.bytes, "shards": len(manifest.shards)}
+    return {
+        "tokens": tokens,
+        "rows": manifest.totals.rows,
+        "masked_positions": manifest.totals.masked_positions,
+        "bytes": manifest.totals.bytes,
+        "shards": len(manifest.shards),
+    }
 
 
 # ---------------------------------------------------------------- 2-3. bare teacher forward on the same batches
@@ -247,7 +302,7 @@ def cached_unit(cache: CacheReader, shard) -> PreparedUnit:
     """A unit as the stage had it before scoring, read back from its shard (rows in the stage's order)."""
     table = cache.table(shard)
     decoded = cache.rows(shard)
-    names = zip(*(table.column(name).to_pylist() for name in ("doc_id", "window", "copy")))
+    names = zip(*(table.column(name).to_pylist() for name in ("doc_id", "window", "copy")), strict=False)
     rows = []
     for index, (doc_id, window, copy) in enumerate(names):
         cached = decoded.row(index)
@@ -267,8 +322,14 @@ def forward_batches(units: list[PreparedUnit], config: CacheConfig, pad_id: int)
 def difference_from_cache(teacher: Teacher, cache: CacheReader, unit: PreparedUnit, config: CacheConfig) -> float:
     """Largest |log-prob| difference between `score_unit` now and what the run cached for the same unit: a check
     that the rebuilt rows are the run's and the teacher is loaded as the stage loads it (0 on a CPU)."""
-    predictions = score_unit(teacher, unit, k=config.top_k, temperatures=config.temperatures,
-                             batch_tokens=config.batch_tokens, batch_size=config.batch_size)
+    predictions = score_unit(
+        teacher,
+        unit,
+        k=config.top_k,
+        temperatures=config.temperatures,
+        batch_tokens=config.batch_tokens,
+        batch_size=config.batch_size,
+    )
     return float(np.abs(predictions.topk_logprobs - cache.rows(cache.manifest.shards[0]).topk_logprobs).max())
 
 
@@ -293,8 +354,14 @@ def unit_work_pass(teacher: Teacher, units: list[tuple[str, PreparedUnit]], conf
     seconds = {"score_unit": 0.0, "build_table": 0.0}
     for language, unit in units:
         started = time.perf_counter()
-        predictions = score_unit(teacher, unit, k=config.top_k, temperatures=config.temperatures,
-                                 batch_tokens=config.batch_tokens, batch_size=config.batch_size)
+        predictions = score_unit(
+            teacher,
+            unit,
+            k=config.top_k,
+            temperatures=config.temperatures,
+            batch_tokens=config.batch_tokens,
+            batch_size=config.batch_size,
+        )
         scored = time.perf_counter()
         build_table(unit.rows, language, predictions, config.logprobs_dtype)
         seconds["score_unit"] += scored - started
@@ -373,8 +440,9 @@ def max_rss_mb() -> float:
 
 def peak_rss(config: Path, out: Path) -> dict:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, __file__, "--rss-child", str(config), str(out)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(config), str(out)], capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"peak-RSS run failed:\n{result.stderr[-3000:]}")
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - started}
@@ -413,8 +481,11 @@ def say(line: str) -> None:
 
 
 def benchmark(args, preset: dict, scratch: Path) -> dict:
-    figures = {"command": " ".join(["python", *sys.argv]), "machine": machine(torch.device(args.device_name)),
-               "mdkd": str(Path(mdkd.__file__).parent)}
+    figures = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": machine(torch.device(args.device_name)),
+        "mdkd": str(Path(mdkd.__file__).parent),
+    }
     say(f"mdkd measured: {figures['mdkd']}")
     words = make_words(preset["word_types"], args.seed)
     figures["setup"] = setup_section(args, preset, words, scratch)
@@ -430,13 +501,23 @@ def benchmark(args, preset: dict, scratch: Path) -> dict:
 def machine(device: torch.device) -> dict:
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    result = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "torch": torch.__version__, "python": platform.python_version()}
-    say(f"machine: {cpu}, {result['cpu_count']} CPUs, torch {result['torch']} with {result['torch_threads']} "
-        f"threads, GPU: {result['gpu'] or 'none'}")
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    result = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    say(
+        f"machine: {cpu}, {result['cpu_count']} CPUs, torch {result['torch']} with {result['torch_threads']} "
+        f"threads, GPU: {result['gpu'] or 'none'}"
+    )
     return result
 
 
@@ -445,19 +526,36 @@ def setup_section(args, preset: dict, words: list[str], scratch: Path) -> dict:
     vocab, parameters = build_teacher(preset, words, scratch / "teacher")
     write_corpus(scratch / "corpus.txt", words, args.documents, args.seed)
     write_config(scratch / "cache.yaml", scratch / "corpus.txt", scratch / "teacher", args)
-    result = {"preset": args.preset, "hidden": preset["hidden"], "layers": preset["layers"],
-              "heads": preset["heads"], "vocab": vocab, "parameters": parameters, "documents": args.documents,
-              "shard_documents": args.shard_documents, "max_length": args.max_length, "top_k": args.top_k,
-              "batch_tokens": args.batch_tokens, "device": args.device_name, "dtype": args.dtype,
-              "temperatures": load_cache_config(scratch / "cache.yaml").temperatures,  # the stage's default
-              "repeats": args.repeats, "full_repeats": args.full_repeats, "seconds": time.perf_counter() - started}
-    say(f"teacher: random BERT ({args.preset}), hidden {preset['hidden']}, {preset['layers']} layers, "
+    result = {
+        "preset": args.preset,
+        "hidden": preset["hidden"],
+        "layers": preset["layers"],
+        "heads": preset["heads"],
+        "vocab": vocab,
+        "parameters": parameters,
+        "documents": args.documents,
+        "shard_documents": args.shard_documents,
+        "max_length": args.max_length,
+        "top_k": args.top_k,
+        "batch_tokens": args.batch_tokens,
+        "device": args.device_name,
+        "dtype": args.dtype,
+        "temperatures": load_cache_config(scratch / "cache.yaml").temperatures,  # the stage's default
+        "repeats": args.repeats,
+        "full_repeats": args.full_repeats,
+        "seconds": time.perf_counter() - started,
+    }
+    say(
+        f"teacher: random BERT ({args.preset}), hidden {preset['hidden']}, {preset['layers']} layers, "
         f"{preset['heads']} heads, vocab {vocab:,}, {parameters / 1e6:.1f}M parameters; device {args.device_name}, "
-        f"dtype {args.dtype} (built in {result['seconds']:.1f} s, not counted below)")
-    say(f"corpus: {args.documents} generated documents in shards of {args.shard_documents}; max_length "
+        f"dtype {args.dtype} (built in {result['seconds']:.1f} s, not counted below)"
+    )
+    say(
+        f"corpus: {args.documents} generated documents in shards of {args.shard_documents}; max_length "
         f"{args.max_length}, top_k {args.top_k}, log-partitions at tau {result['temperatures']}, batch_tokens "
         f"{args.batch_tokens}; fastest of {args.repeats} "
-        f"interleaved rounds ({args.full_repeats} for the head passes)")
+        f"interleaved rounds ({args.full_repeats} for the head passes)"
+    )
     return result
 
 
@@ -476,13 +574,17 @@ def timing_sections(config_path: Path, scratch: Path, args) -> dict:
     counts = shard_counts(cache)
     identical = len({tuple(s.sha256 for s in run["manifest"].shards) for run in [cold, *rounds["runs"]]}) == 1
     end_to_end = end_to_end_section(cold, rounds["runs"], one_offs, counts, identical)
-    return {"cache": cache, "end_to_end": end_to_end,
-            "bare_forward": bare_section(end_to_end, rounds, len(batches), difference),
-            "head": head_section(rounds["masked"], rounds["full"], head_difference(teacher, batches[0]))}
+    return {
+        "cache": cache,
+        "end_to_end": end_to_end,
+        "bare_forward": bare_section(end_to_end, rounds, len(batches), difference),
+        "head": head_section(rounds["masked"], rounds["full"], head_difference(teacher, batches[0])),
+    }
 
 
-def timed_rounds(config_path: Path, scratch: Path, teacher: Teacher, units: list, batches: list, config: CacheConfig,
-                 args) -> dict[str, list]:
+def timed_rounds(
+    config_path: Path, scratch: Path, teacher: Teacher, units: list, batches: list, config: CacheConfig, args
+) -> dict[str, list]:
     """Each round runs the stage into a fresh folder, then the bare pass; the first --full-repeats rounds also
     time the stage's unit work alone and the two head passes."""
     rounds: dict[str, list] = {"runs": [], "bare": [], "unit_work": [], "masked": [], "full": []}
@@ -502,23 +604,38 @@ def end_to_end_section(cold: dict, runs: list[dict], one_offs: dict, counts: dic
     steady = best["total_s"] - one_off
     # The stage logs each unit's tokens_per_second (its scoring and table building, main thread only).
     unit_rates = sorted(unit["tokens_per_second"] for unit in best["units"])
-    result = {"total_s": best["total_s"], "one_off_s": one_off, "steady_s": steady,
-              "all_total_s": [run["total_s"] for run in runs], "cold_run_s": cold["total_s"],
-              "one_offs_s": one_offs, "units_s": best["units_s"], "units": len(best["units"]),
-              "logged_unit_tokens_per_s_median": unit_rates[len(unit_rates) // 2], "counts": counts,
-              "tokens_per_s": counts["tokens"] / best["total_s"],
-              "tokens_per_s_without_one_offs": counts["tokens"] / steady,
-              "tokens_per_s_in_units": counts["tokens"] / best["units_s"], "shards_identical_across_rounds": identical}
+    result = {
+        "total_s": best["total_s"],
+        "one_off_s": one_off,
+        "steady_s": steady,
+        "all_total_s": [run["total_s"] for run in runs],
+        "cold_run_s": cold["total_s"],
+        "one_offs_s": one_offs,
+        "units_s": best["units_s"],
+        "units": len(best["units"]),
+        "logged_unit_tokens_per_s_median": unit_rates[len(unit_rates) // 2],
+        "counts": counts,
+        "tokens_per_s": counts["tokens"] / best["total_s"],
+        "tokens_per_s_without_one_offs": counts["tokens"] / steady,
+        "tokens_per_s_in_units": counts["tokens"] / best["units_s"],
+        "shards_identical_across_rounds": identical,
+    }
     parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.2f}" for name, seconds in one_offs.items())
-    say(f"[1] end-to-end stage run(): {best['total_s']:.2f} s (rounds: {_seconds(result['all_total_s'])}; first, "
-        f"cold run {cold['total_s']:.2f} s), of which one-off {one_off:.2f} s ({parts}; timed apart)")
-    say(f"    {counts['tokens']:,} tokens (counted in the shards) in {counts['rows']:,} rows, "
+    say(
+        f"[1] end-to-end stage run(): {best['total_s']:.2f} s (rounds: {_seconds(result['all_total_s'])}; first, "
+        f"cold run {cold['total_s']:.2f} s), of which one-off {one_off:.2f} s ({parts}; timed apart)"
+    )
+    say(
+        f"    {counts['tokens']:,} tokens (counted in the shards) in {counts['rows']:,} rows, "
         f"{counts['masked_positions']:,} masked positions, {counts['shards']} shards; shards byte-identical "
-        f"across rounds: {'yes' if identical else 'NO'}")
-    say(f"    throughput: {result['tokens_per_s']:,.0f} tokens/s with one-offs, "
+        f"across rounds: {'yes' if identical else 'NO'}"
+    )
+    say(
+        f"    throughput: {result['tokens_per_s']:,.0f} tokens/s with one-offs, "
         f"{result['tokens_per_s_without_one_offs']:,.0f} tokens/s without; the stage's log: {len(best['units'])} "
         f"units in {best['units_s']:.2f} s ({result['tokens_per_s_in_units']:,.0f} tokens/s, median unit "
-        f"{result['logged_unit_tokens_per_s_median']:,.0f})")
+        f"{result['logged_unit_tokens_per_s_median']:,.0f})"
+    )
     return result
 
 
@@ -527,54 +644,85 @@ def bare_section(end_to_end: dict, rounds: dict, batches: int, difference: float
     bare = min(bare_s)
     one_off = end_to_end["one_off_s"]
     # The same ratio within each round (its two timings minutes apart at most): the spread shows machine noise.
-    per_round = [(run["total_s"] - one_off) / seconds for run, seconds in zip(rounds["runs"], bare_s)]
+    per_round = [(run["total_s"] - one_off) / seconds for run, seconds in zip(rounds["runs"], bare_s, strict=False)]
     unit_work = min(rounds["unit_work"], key=lambda work: work["total"])
-    result = {"seconds": bare, "all_s": bare_s, "batches": batches,
-              "model_load_s": end_to_end["one_offs_s"]["model_load"],
-              "tokens_per_s": end_to_end["counts"]["tokens"] / bare,
-              "overhead_ratio_with_one_offs": end_to_end["total_s"] / bare,
-              "overhead_ratio_without_one_offs": end_to_end["steady_s"] / bare, "goal": OVERHEAD_GOAL,
-              "overhead_ratio_without_one_offs_per_round": per_round,
-              "unit_work_alone_s": unit_work, "all_unit_work_alone_s": [work["total"] for work in rounds["unit_work"]],
-              "unit_work_alone_over_bare": unit_work["total"] / bare,
-              "logged_units_over_bare": end_to_end["units_s"] / bare,
-              "logged_units_over_unit_work_alone": end_to_end["units_s"] / unit_work["total"],
-              "max_abs_logprob_difference_vs_cache": difference}
-    say(f"[2] bare teacher.top_k over the same {batches} batches: {bare:.2f} s (rounds: {_seconds(bare_s)}; "
+    result = {
+        "seconds": bare,
+        "all_s": bare_s,
+        "batches": batches,
+        "model_load_s": end_to_end["one_offs_s"]["model_load"],
+        "tokens_per_s": end_to_end["counts"]["tokens"] / bare,
+        "overhead_ratio_with_one_offs": end_to_end["total_s"] / bare,
+        "overhead_ratio_without_one_offs": end_to_end["steady_s"] / bare,
+        "goal": OVERHEAD_GOAL,
+        "overhead_ratio_without_one_offs_per_round": per_round,
+        "unit_work_alone_s": unit_work,
+        "all_unit_work_alone_s": [work["total"] for work in rounds["unit_work"]],
+        "unit_work_alone_over_bare": unit_work["total"] / bare,
+        "logged_units_over_bare": end_to_end["units_s"] / bare,
+        "logged_units_over_unit_work_alone": end_to_end["units_s"] / unit_work["total"],
+        "max_abs_logprob_difference_vs_cache": difference,
+    }
+    say(
+        f"[2] bare teacher.top_k over the same {batches} batches: {bare:.2f} s (rounds: {_seconds(bare_s)}; "
         f"warmed up) = {result['tokens_per_s']:,.0f} tokens/s; largest |log-prob difference| from the cache "
-        f"{difference:.1e}")
-    say(f"    overhead, end-to-end / bare: {result['overhead_ratio_with_one_offs']:.2f} with one-offs, "
+        f"{difference:.1e}"
+    )
+    say(
+        f"    overhead, end-to-end / bare: {result['overhead_ratio_with_one_offs']:.2f} with one-offs, "
         f"{result['overhead_ratio_without_one_offs']:.2f} without (goal <= {OVERHEAD_GOAL}); round by round, "
-        f"without one-offs: {_seconds(per_round)}")
+        f"without one-offs: {_seconds(per_round)}"
+    )
     other = end_to_end["steady_s"] - end_to_end["units_s"]
-    say(f"    where the steady run's {end_to_end['steady_s']:.2f} s went: logged unit work "
+    say(
+        f"    where the steady run's {end_to_end['steady_s']:.2f} s went: logged unit work "
         f"{end_to_end['units_s']:.2f} s ({result['logged_units_over_bare']:.2f} x bare), other {other:.2f} s "
-        "(first unit's tokenising and masking, last shard's write, thread hand-offs, identity and manifest)")
-    say(f"    the same unit work alone, no threads beside it: score_unit {unit_work['score_unit']:.2f} s + build_table "
+        "(first unit's tokenising and masking, last shard's write, thread hand-offs, identity and manifest)"
+    )
+    say(
+        f"    the same unit work alone, no threads beside it: score_unit {unit_work['score_unit']:.2f} s + build_table "
         f"{unit_work['build_table']:.2f} s ({result['unit_work_alone_over_bare']:.2f} x bare); inside the run it "
-        f"took {result['logged_units_over_unit_work_alone']:.2f} x that")
+        f"took {result['logged_units_over_unit_work_alone']:.2f} x that"
+    )
     return result
 
 
 def head_section(masked_s: list[float], full_s: list[float], difference: float) -> dict:
-    per_round = [full / masked for full, masked in zip(full_s, masked_s)]  # back-to-back passes in one round
-    result = {"masked_only_s": min(masked_s), "full_forward_s": min(full_s), "all_masked_only_s": masked_s,
-              "all_full_forward_s": full_s, "full_over_masked": min(full_s) / min(masked_s),
-              "full_over_masked_per_round": per_round, "max_abs_logit_difference": difference}
-    say(f"[3] head (masked_logits): masked-only {result['masked_only_s']:.2f} s, full forward "
+    per_round = [
+        full / masked for full, masked in zip(full_s, masked_s, strict=False)
+    ]  # back-to-back passes in one round
+    result = {
+        "masked_only_s": min(masked_s),
+        "full_forward_s": min(full_s),
+        "all_masked_only_s": masked_s,
+        "all_full_forward_s": full_s,
+        "full_over_masked": min(full_s) / min(masked_s),
+        "full_over_masked_per_round": per_round,
+        "max_abs_logit_difference": difference,
+    }
+    say(
+        f"[3] head (masked_logits): masked-only {result['masked_only_s']:.2f} s, full forward "
         f"{result['full_forward_s']:.2f} s (rounds: {_seconds(full_s)}); full / masked-only = "
         f"{result['full_over_masked']:.2f} (round by round: {_seconds(per_round)}), i.e. the masked-only head saves "
-        f"{1 - 1 / result['full_over_masked']:.0%}; largest |logit difference| between the two {difference:.1e}")
+        f"{1 - 1 / result['full_over_masked']:.0%}; largest |logit difference| between the two {difference:.1e}"
+    )
     return result
 
 
 def bytes_section(cache: CacheReader, scratch: Path, counts: dict) -> dict:
     positions = counts["masked_positions"]
     half = float16_bytes(cache, scratch / "cache-float16")
-    result = {"float32": counts["bytes"] / positions, "float16": half / positions,
-              "float32_total_bytes": counts["bytes"], "float16_total_bytes": half, "masked_positions": positions}
-    say(f"[4] bytes per cached position: float32 {result['float32']:.1f} B, float16 {result['float16']:.1f} B "
-        f"(all shard bytes, every column included, / {positions:,} masked positions)")
+    result = {
+        "float32": counts["bytes"] / positions,
+        "float16": half / positions,
+        "float32_total_bytes": counts["bytes"],
+        "float16_total_bytes": half,
+        "masked_positions": positions,
+    }
+    say(
+        f"[4] bytes per cached position: float32 {result['float32']:.1f} B, float16 {result['float16']:.1f} B "
+        f"(all shard bytes, every column included, / {positions:,} masked positions)"
+    )
     return result
 
 
@@ -588,12 +736,16 @@ def rss_section(scratch: Path, words: list[str], args) -> dict:
         runs[str(documents)] = peak_rss(config, scratch / f"rss-{documents}")
     small, large = runs[str(args.documents)], runs[str(big)]
     growth = large["peak_rss_mb"] / small["peak_rss_mb"] - 1
-    say(f"[5] peak RSS of the whole stage (fresh process each): {args.documents} documents "
+    say(
+        f"[5] peak RSS of the whole stage (fresh process each): {args.documents} documents "
         f"{small['peak_rss_mb']:.0f} MB, {big} documents {large['peak_rss_mb']:.0f} MB ({growth:+.0%}); "
-        f"imports alone {small['rss_after_imports_mb']:.0f} MB")
+        f"imports alone {small['rss_after_imports_mb']:.0f} MB"
+    )
     if small["peak_gpu_allocated_mb"] is not None:
-        say(f"    peak GPU memory allocated by torch: {small['peak_gpu_allocated_mb']:.0f} MB and "
-            f"{large['peak_gpu_allocated_mb']:.0f} MB")
+        say(
+            f"    peak GPU memory allocated by torch: {small['peak_gpu_allocated_mb']:.0f} MB and "
+            f"{large['peak_gpu_allocated_mb']:.0f} MB"
+        )
     say(f"    cold processes, start-up and imports included: {small['seconds']:.1f} s and {large['seconds']:.1f} s")
     return {"runs": runs, "growth": growth}
 

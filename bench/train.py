@@ -77,23 +77,50 @@ MISSING_MASS = "rest"  # needs the cached log-partition at TEMPERATURE: the cach
 WARMUP = 2  # untimed steps of each kind before the timed ones
 
 PRESETS = {
-    "tiny": {"teacher": {"hidden": 32, "layers": 1, "heads": 2}, "vocab": 500, "documents": 80, "micro": 8,
-             "steps": 3, "student": {"preset": "tiny", "hidden_size": 64, "intermediate_size": 128}},
-    "small": {"teacher": {"hidden": 256, "layers": 4, "heads": 4}, "vocab": 8000, "documents": 1200, "micro": 32,
-              "steps": 30, "student": {"preset": "tiny"}},
-    "base": {"teacher": {"hidden": 768, "layers": 12, "heads": 12}, "vocab": 120000, "documents": 20000,
-             "micro": 32, "steps": 30, "student": {"preset": "base"}},
+    "tiny": {
+        "teacher": {"hidden": 32, "layers": 1, "heads": 2},
+        "vocab": 500,
+        "documents": 80,
+        "micro": 8,
+        "steps": 3,
+        "student": {"preset": "tiny", "hidden_size": 64, "intermediate_size": 128},
+    },
+    "small": {
+        "teacher": {"hidden": 256, "layers": 4, "heads": 4},
+        "vocab": 8000,
+        "documents": 1200,
+        "micro": 32,
+        "steps": 30,
+        "student": {"preset": "tiny"},
+    },
+    "base": {
+        "teacher": {"hidden": 768, "layers": 12, "heads": 12},
+        "vocab": 120000,
+        "documents": 20000,
+        "micro": 32,
+        "steps": 30,
+        "student": {"preset": "base"},
+    },
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark for `mdkd train` (see the module docstring).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
-                        help="same as --preset tiny: a smoke run (its figures mean little)")
+    parser.add_argument(
+        "--tiny",
+        dest="preset",
+        action="store_const",
+        const="tiny",
+        help="same as --preset tiny: a smoke run (its figures mean little)",
+    )
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"timed steps per kind, after {WARMUP} warm-up steps (default: the preset's)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timed steps per kind, after {WARMUP} warm-up steps (default: the preset's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.steps = max(args.steps or PRESETS[args.preset]["steps"], 1)
@@ -115,7 +142,10 @@ def build_cache(work: Path, preset: dict, seed: int) -> CacheReader:
     config = {
         "corpus": [{"language": LANGUAGE, "path": str(work / "de.txt")}],
         "teachers": [{"name": TEACHER, "model": str(work / "teacher"), "languages": [LANGUAGE]}],
-        "max_length": 128, "top_k": TOP_K, "temperatures": [TEMPERATURE], "shard_documents": 256,
+        "max_length": 128,
+        "top_k": TOP_K,
+        "temperatures": [TEMPERATURE],
+        "shard_documents": 256,
     }
     (work / "cache.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     cache_logits.run(work / "cache.yaml", work / "cache")
@@ -127,10 +157,19 @@ def write_train_config(work: Path, preset: dict, args) -> Path:
     steps = args.steps + WARMUP
     config = {
         "student": {**preset["student"], "dropout": 0.0},
-        "loss": {"temperature": TEMPERATURE, "top_k": TOP_K, "alpha": {"schedule": "constant", "start": ALPHA},
-                 "missing_mass": MISSING_MASS},
-        "train": {"steps": steps, "micro_batch_size": preset["micro"], "eval_fraction": 0.0,
-                  "checkpoint_every": steps, "seed": args.seed},
+        "loss": {
+            "temperature": TEMPERATURE,
+            "top_k": TOP_K,
+            "alpha": {"schedule": "constant", "start": ALPHA},
+            "missing_mass": MISSING_MASS,
+        },
+        "train": {
+            "steps": steps,
+            "micro_batch_size": preset["micro"],
+            "eval_fraction": 0.0,
+            "checkpoint_every": steps,
+            "seed": args.seed,
+        },
         "precision": args.precision,
     }
     path = work / "train.yaml"
@@ -149,19 +188,36 @@ def run_stage(config: Path, cache: CacheReader, out: Path) -> dict:
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
     rates = [line["tokens_per_second"] for line in lines if line["split"] == "train"]
     timed = rates[WARMUP:] or rates  # the first steps pay the warm-up, as in the benchmark's own steps
-    return {"seconds": seconds, "steps": len(rates), "tokens_per_second": _median(timed),
-            "all_tokens_per_second": rates}
+    return {
+        "seconds": seconds,
+        "steps": len(rates),
+        "tokens_per_second": _median(timed),
+        "all_tokens_per_second": rates,
+    }
 
 
 # ---------------------------------------------------------------- streams, engine, teacher
 
 
-def new_sampler(cache: CacheReader, config: TrainConfig, input_map: np.ndarray, target_map: np.ndarray,
-                temperature_column: int | None) -> Sampler:
+def new_sampler(
+    cache: CacheReader,
+    config: TrainConfig,
+    input_map: np.ndarray,
+    target_map: np.ndarray,
+    temperature_column: int | None,
+) -> Sampler:
     """The run's one stream (teacher, language) and a sampler over it, seeded as the stage seeds them."""
-    stream = Stream(cache, TEACHER, LANGUAGE, seed=config.train.seed, eval_fraction=config.train.eval_fraction,
-                    top_k=config.loss.top_k, temperature_column=temperature_column, input_map=input_map,
-                    target_map=target_map)
+    stream = Stream(
+        cache,
+        TEACHER,
+        LANGUAGE,
+        seed=config.train.seed,
+        eval_fraction=config.train.eval_fraction,
+        top_k=config.loss.top_k,
+        temperature_column=temperature_column,
+        input_map=input_map,
+        target_map=target_map,
+    )
     return Sampler({stream.key: stream}, {LANGUAGE: 1.0}, {LANGUAGE: {TEACHER: 1.0}}, config.train.seed)
 
 
@@ -183,8 +239,9 @@ def build_engine(config: TrainConfig, alignment: Alignment, cache: CacheReader, 
 
     init_distributed(device)  # already started by the stage run in this process: then a no-op
     student = build_student(config.student, len(alignment.tokens), cache.manifest.max_length, config.train.seed)
-    engine, *_ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
-                                      config=deepspeed_config(config, precision, device))
+    engine, *_ = deepspeed.initialize(
+        model=student, model_parameters=student.parameters(), config=deepspeed_config(config, precision, device)
+    )
     return engine
 
 
@@ -249,9 +306,14 @@ def online_step_fn(engine, teacher: Teacher, alignment: Alignment, config: Train
         values, ids, partitions = teacher.top_k(*where, k=config.loss.top_k, temperatures=[config.loss.temperature])[:3]
         student_ids = input_map[batch["input_ids"].to(device)]
         logits = engine(student_ids, *(tensor.to(device) for tensor in where[1:]))
-        kd = kd_loss(student_logits=logits, teacher_ids=target_map[ids.to(device).long()],
-                     teacher_logprobs=values.to(device), temperature=config.loss.temperature,
-                     missing_mass=config.loss.missing_mass, teacher_log_partition=partitions[:, 0].to(device))
+        kd = kd_loss(
+            student_logits=logits,
+            teacher_ids=target_map[ids.to(device).long()],
+            teacher_logprobs=values.to(device),
+            temperature=config.loss.temperature,
+            missing_mass=config.loss.missing_mass,
+            teacher_log_partition=partitions[:, 0].to(device),
+        )
         mlm = mlm_loss(logits, input_map[batch["labels"].to(device)])
         engine.backward(((1.0 - ALPHA) * mlm + ALPHA * kd).mean())
         engine.step()
@@ -259,8 +321,9 @@ def online_step_fn(engine, teacher: Teacher, alignment: Alignment, config: Train
     return step
 
 
-def step_timings(engine, teacher: Teacher, cache: CacheReader, alignment: Alignment, config: TrainConfig,
-                 steps: int) -> dict:
+def step_timings(
+    engine, teacher: Teacher, cache: CacheReader, alignment: Alignment, config: TrainConfig, steps: int
+) -> dict:
     """Median step time of each kind, and of the per-step ratios. MLM and online steps see the same rows (two
     samplers, one seed); the cache step draws the rows that follow them from the same stream."""
     micro, count = config.train.micro_batch_size, steps + WARMUP
@@ -269,9 +332,11 @@ def step_timings(engine, teacher: Teacher, cache: CacheReader, alignment: Alignm
     in_memory = [to_device(collate(sampler.draw(micro), languages), engine.device) for _ in range(count)]
     online = [collate(raw.draw(micro), languages, pad_id=teacher.pad_id) for _ in range(count)]
     seen = {"positions": [], "tokens": []}
-    kinds = {"mlm": (mlm_step_fn(engine), in_memory),
-             "cache": (cache_step_fn(engine, sampler, config, seen), [None] * count),  # it draws its own rows
-             "online": (online_step_fn(engine, teacher, alignment, config), online)}
+    kinds = {
+        "mlm": (mlm_step_fn(engine), in_memory),
+        "cache": (cache_step_fn(engine, sampler, config, seen), [None] * count),  # it draws its own rows
+        "online": (online_step_fn(engine, teacher, alignment, config), online),
+    }
     times: dict[str, list[float]] = {name: [] for name in kinds}
     # Interleaved: step i of every kind runs back to back, so a change in machine load hits every kind alike.
     for index in range(count):
@@ -279,11 +344,16 @@ def step_timings(engine, teacher: Teacher, cache: CacheReader, alignment: Alignm
             seconds = timed(step, batches[index])
             if index >= WARMUP:
                 times[name].append(seconds)
-    ratios = {"cache_over_mlm": [c / m for c, m in zip(times["cache"], times["mlm"])],
-              "online_over_cache": [o / c for o, c in zip(times["online"], times["cache"])]}
-    return {**{name: _median(values) for name, values in times.items()},
-            **{f"{name}_per_step": _median(values) for name, values in ratios.items()},
-            "positions_per_step": float(np.mean(seen["positions"])), "tokens_per_step": float(np.mean(seen["tokens"]))}
+    ratios = {
+        "cache_over_mlm": [c / m for c, m in zip(times["cache"], times["mlm"], strict=False)],
+        "online_over_cache": [o / c for o, c in zip(times["online"], times["cache"], strict=False)],
+    }
+    return {
+        **{name: _median(values) for name, values in times.items()},
+        **{f"{name}_per_step": _median(values) for name, values in ratios.items()},
+        "positions_per_step": float(np.mean(seen["positions"])),
+        "tokens_per_step": float(np.mean(seen["tokens"])),
+    }
 
 
 # ---------------------------------------------------------------- 3. reading the cache
@@ -328,38 +398,59 @@ def benchmark(args, work: Path) -> dict:
     engine = build_engine(config, alignment, cache, precision, device)
     steps = step_timings(engine, load_teacher(cache, device, precision), cache, alignment, config, args.steps)
     return {
-        "preset": args.preset, "device": str(device), "precision": precision, "missing_mass": config.loss.missing_mass,
-        "student_vocabulary": len(alignment.tokens), "micro_batch_size": config.train.micro_batch_size,
+        "preset": args.preset,
+        "device": str(device),
+        "precision": precision,
+        "missing_mass": config.loss.missing_mass,
+        "student_vocabulary": len(alignment.tokens),
+        "micro_batch_size": config.train.micro_batch_size,
         "timed_steps": args.steps,
-        "step_seconds_mlm": steps["mlm"], "step_seconds_cache": steps["cache"], "step_seconds_online": steps["online"],
-        "cache_over_mlm": steps["cache"] / steps["mlm"], "online_over_cache": steps["online"] / steps["cache"],
+        "step_seconds_mlm": steps["mlm"],
+        "step_seconds_cache": steps["cache"],
+        "step_seconds_online": steps["online"],
+        "cache_over_mlm": steps["cache"] / steps["mlm"],
+        "online_over_cache": steps["online"] / steps["cache"],
         "cache_over_mlm_per_step": steps["cache_over_mlm_per_step"],
         "online_over_cache_per_step": steps["online_over_cache_per_step"],
-        "read_positions_per_second": reading["positions_per_second"], "read_rows": reading["rows"],
+        "read_positions_per_second": reading["positions_per_second"],
+        "read_rows": reading["rows"],
         "positions_per_step": steps["positions_per_step"],
         "positions_consumed_per_second": steps["positions_per_step"] / steps["cache"],
         "bench_cache_tokens_per_second": steps["tokens_per_step"] / steps["cache"],
-        "stage_seconds": stage["seconds"], "stage_steps": stage["steps"],
+        "stage_seconds": stage["seconds"],
+        "stage_steps": stage["steps"],
         "stage_tokens_per_second": stage["tokens_per_second"],
         "stage_all_tokens_per_second": stage["all_tokens_per_second"],
-        "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
     }
 
 
 def report(figures: dict) -> None:
-    print(f"{figures['preset']} preset on {figures['device']}, {figures['precision']}, student vocabulary "
-          f"{figures['student_vocabulary']:,}, micro-batch {figures['micro_batch_size']}, KD missing mass "
-          f"{figures['missing_mass']}; median of {figures['timed_steps']} timed steps per kind")
-    print(f"step time: plain MLM {figures['step_seconds_mlm'] * 1e3:.1f} ms, from the cache "
-          f"{figures['step_seconds_cache'] * 1e3:.1f} ms, online teacher {figures['step_seconds_online'] * 1e3:.1f} ms")
-    print(f"cache / MLM = {figures['cache_over_mlm']:.3f} (goal <= 1.10); online / cache = "
-          f"{figures['online_over_cache']:.2f} (medians of the step-by-step ratios: "
-          f"{figures['cache_over_mlm_per_step']:.3f} and {figures['online_over_cache_per_step']:.2f})")
-    print(f"Parquet reading: {figures['read_positions_per_second']:,.0f} masked positions/s; a step consumes "
-          f"{figures['positions_consumed_per_second']:,.0f}/s")
-    print(f"the stage's own log: {figures['stage_tokens_per_second']:,.0f} tokens/s per step (median), the "
-          f"benchmark's cache step {figures['bench_cache_tokens_per_second']:,.0f}; whole `mdkd train` run of "
-          f"{figures['stage_steps']} steps {figures['stage_seconds']:.1f} s (set-up, checkpoint and export included)")
+    print(
+        f"{figures['preset']} preset on {figures['device']}, {figures['precision']}, student vocabulary "
+        f"{figures['student_vocabulary']:,}, micro-batch {figures['micro_batch_size']}, KD missing mass "
+        f"{figures['missing_mass']}; median of {figures['timed_steps']} timed steps per kind"
+    )
+    print(
+        f"step time: plain MLM {figures['step_seconds_mlm'] * 1e3:.1f} ms, from the cache "
+        f"{figures['step_seconds_cache'] * 1e3:.1f} ms, online teacher {figures['step_seconds_online'] * 1e3:.1f} ms"
+    )
+    print(
+        f"cache / MLM = {figures['cache_over_mlm']:.3f} (goal <= 1.10); online / cache = "
+        f"{figures['online_over_cache']:.2f} (medians of the step-by-step ratios: "
+        f"{figures['cache_over_mlm_per_step']:.3f} and {figures['online_over_cache_per_step']:.2f})"
+    )
+    print(
+        f"Parquet reading: {figures['read_positions_per_second']:,.0f} masked positions/s; a step consumes "
+        f"{figures['positions_consumed_per_second']:,.0f}/s"
+    )
+    print(
+        f"the stage's own log: {figures['stage_tokens_per_second']:,.0f} tokens/s per step (median), the "
+        f"benchmark's cache step {figures['bench_cache_tokens_per_second']:,.0f}; whole `mdkd train` run of "
+        f"{figures['stage_steps']} steps {figures['stage_seconds']:.1f} s (set-up, checkpoint and export included)"
+    )
     print(f"peak RSS {figures['peak_rss_mb']:.0f} MB")
     print(json.dumps(figures))
 

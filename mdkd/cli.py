@@ -36,13 +36,21 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 
 @click.group(cls=MdkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mdkd")
-@click.option("--local_rank", "--local-rank", type=int, hidden=True, help="Set by the deepspeed launcher; LOCAL_RANK is read instead.")
+@click.option(
+    "--local_rank",
+    "--local-rank",
+    type=int,
+    hidden=True,
+    help="Set by the deepspeed launcher; LOCAL_RANK is read instead.",
+)
 def cli(local_rank: int | None) -> None:
     """Merge several masked language models into one student by knowledge distillation (MergeDistill)."""
 
 
 @cli.command("cache-logits")
-@click.option("--config", "config_path", type=existing_file, required=True, help="YAML config (see docs/configuration.md).")
+@click.option(
+    "--config", "config_path", type=existing_file, required=True, help="YAML config (see docs/configuration.md)."
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache in --out that was built from a different config.")
 def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
@@ -56,14 +64,24 @@ def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
 
 
 @cli.command("train")
-@click.option("--config", "config_path", type=existing_file, required=True, help="YAML train config (see docs/configuration.md).")
-@click.option("--cache", "cache_dir", type=existing_dir, required=True, help="A complete cache from `mdkd cache-logits`.")
+@click.option(
+    "--config", "config_path", type=existing_file, required=True, help="YAML train config (see docs/configuration.md)."
+)
+@click.option(
+    "--cache", "cache_dir", type=existing_dir, required=True, help="A complete cache from `mdkd cache-logits`."
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
-@click.option("--resume", default=None, metavar="auto|PATH", help="Continue from the latest checkpoint (auto) or a given one.")
+@click.option(
+    "--resume", default=None, metavar="auto|PATH", help="Continue from the latest checkpoint (auto) or a given one."
+)
 @click.option("--overwrite", is_flag=True, help="Replace a run in --out (a different config, or an unfinished one).")
-@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2", help="Run a grid of ablations into --out (repeatable).")
+@click.option(
+    "--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2", help="Run a grid of ablations into --out (repeatable)."
+)
 @click.option("--sweep-file", type=existing_file, default=None, help="YAML mapping dotted keys to lists of values.")
-def train(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None, overwrite: bool, sweeps, sweep_file) -> None:
+def train(
+    config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None, overwrite: bool, sweeps, sweep_file
+) -> None:
     """Build the merged vocabulary from the cache and train the student with DeepSpeed on the cached soft targets.
 
     Runs in one process as is; launch under torchrun or deepspeed for several GPUs or nodes. With --sweep, trains
@@ -87,22 +105,47 @@ def train(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None,
 @click.argument("target", type=existing_dir)
 @click.option("--cache", "cache_dir", type=existing_dir, default=None, help="Cache to score on (default: the run's).")
 @click.option("--heldout", "heldout_run", type=existing_dir, default=None, help="Use this run's held-out documents.")
-@click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Or hold out by doc_id hash.")
-@click.option("--max-rows", type=click.IntRange(min=1), default=2000, show_default=True, help="Held-out rows per teacher and language.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="eval.json path (default: RUN/eval.json).")
+@click.option(
+    "--eval-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Or hold out by doc_id hash."
+)
+@click.option(
+    "--max-rows",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Held-out rows per teacher and language.",
+)
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="eval.json path (default: RUN/eval.json).",
+)
 def evaluate(target: Path, cache_dir, heldout_run, eval_fraction, max_rows: int, out_file) -> None:
     """Score a run's student (or any HF masked LM folder) per language against the teachers, on held-out data."""
     from mdkd.stages import evaluate as stage
 
-    report = stage.run(target, cache_dir=cache_dir, heldout_run=heldout_run, eval_fraction=eval_fraction,
-                       max_rows=max_rows, out_file=out_file)
+    report = stage.run(
+        target,
+        cache_dir=cache_dir,
+        heldout_run=heldout_run,
+        eval_fraction=eval_fraction,
+        max_rows=max_rows,
+        out_file=out_file,
+    )
     click.echo(stage.render(report))
 
 
 @cli.command("report")
 @click.argument("runs", nargs=-1, required=True, type=existing_dir)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where report.md, report.csv and the PNG plots go (default: report/ beside the first run).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where report.md, report.csv and the PNG plots go (default: report/ beside the first run).",
+)
 def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
     """Compare runs: a table of runs x metrics with the config keys that differ, loss curves, accuracy bars."""
     from mdkd.stages import report as stage
@@ -115,10 +158,20 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
 
 @cli.command("demo")
 @click.option("--quick", is_flag=True, help="A smaller run (a few minutes on 2 CPU cores).")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path.home() / ".cache" / "mdkd" / "demo",
-              show_default=True, help="Where the demo keeps its corpus, teachers, cache, runs and report.")
-@click.option("--corpus", "corpus_dir", type=existing_dir, default=None,
-              help="A folder of <language>.txt files (one document per line) instead of text from Debian's packages.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path.home() / ".cache" / "mdkd" / "demo",
+    show_default=True,
+    help="Where the demo keeps its corpus, teachers, cache, runs and report.",
+)
+@click.option(
+    "--corpus",
+    "corpus_dir",
+    type=existing_dir,
+    default=None,
+    help="A folder of <language>.txt files (one document per line) instead of text from Debian's packages.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a demo in the workdir that was run with other settings.")
 def demo(quick: bool, workdir: Path, corpus_dir: Path | None, overwrite: bool) -> None:
     """The MergeDistill experiment in miniature, offline: teachers, one cache, four students, a report.
@@ -134,8 +187,13 @@ def demo(quick: bool, workdir: Path, corpus_dir: Path | None, overwrite: bool) -
 
 @cli.command("validate")
 @click.argument("config_path", type=existing_file)
-@click.option("--cache", "cache_dir", type=existing_dir, default=None,
-              help="Also check a train config against this cache (teachers, languages, k', temperature).")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=existing_dir,
+    default=None,
+    help="Also check a train config against this cache (teachers, languages, k', temperature).",
+)
 def validate(config_path: Path, cache_dir: Path | None) -> None:
     """Check a config file without loading any model; list every problem."""
     from mdkd.stages import validate as stage

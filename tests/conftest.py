@@ -40,7 +40,9 @@ def teachers_dir(tmp_path_factory) -> Path:
     german = sentences("de")
     everything = german + sentences("en") + sentences("ru")
     build_masked_lm("bert", train_tokenizer("wordpiece", german, 300, root / "de_bert"), root / "de_bert", seed=1)
-    build_masked_lm("xlm-roberta", train_tokenizer("unigram", everything, 400, root / "multi_xlmr"), root / "multi_xlmr", seed=2)
+    build_masked_lm(
+        "xlm-roberta", train_tokenizer("unigram", everything, 400, root / "multi_xlmr"), root / "multi_xlmr", seed=2
+    )
     return root
 
 
@@ -51,7 +53,9 @@ def corpus_dir(tmp_path) -> Path:
     folder.mkdir()
     german = make_documents("de", 24)
     german.insert(5, "")
-    (folder / "de.txt").write_bytes(("\n".join(german[:10]) + "\n").encode() + b"\xff\xfe broken line\n" + ("\n".join(german[10:]) + "\n").encode())
+    (folder / "de.txt").write_bytes(
+        ("\n".join(german[:10]) + "\n").encode() + b"\xff\xfe broken line\n" + ("\n".join(german[10:]) + "\n").encode()
+    )
     (folder / "ru.txt").write_text("\n".join(make_documents("ru", 16)) + "\n\n", encoding="utf-8")
     return folder
 
@@ -92,8 +96,13 @@ def training_cache(tmp_path_factory, teachers_dir) -> Path:
     (root / "de.txt").write_text("\n".join(make_documents("de", 60, seed=5)) + "\n", encoding="utf-8")
     (root / "ru.txt").write_text("\n".join(make_documents("ru", 40, seed=5)) + "\n", encoding="utf-8")
     config = cache_config(teachers_dir, root, top_k=8, shard_documents=16)
-    config["corpus"] = [{"language": "de", "path": str(root / "de.txt")}, {"language": "ru", "path": str(root / "ru.txt")}]
-    result = CliRunner().invoke(cli, ["cache-logits", "--config", str(write_config(root / "cache.yaml", config)), "--out", str(root / "cache")])
+    config["corpus"] = [
+        {"language": "de", "path": str(root / "de.txt")},
+        {"language": "ru", "path": str(root / "ru.txt")},
+    ]
+    result = CliRunner().invoke(
+        cli, ["cache-logits", "--config", str(write_config(root / "cache.yaml", config)), "--out", str(root / "cache")]
+    )
     assert result.exit_code == 0, result.output
     return root / "cache"
 
@@ -103,9 +112,18 @@ def train_config(**overrides) -> dict:
     config = {
         "student": {"preset": "tiny", "hidden_size": 64, "intermediate_size": 128, "dropout": 0.1},
         "loss": {"temperature": 2.0, "top_k": 8, "alpha": {"schedule": "linear", "start": 1.0}},
-        "train": {"steps": 8, "micro_batch_size": 8, "lr": 2.0e-3, "warmup": 0.1, "checkpoint_every": 4, "eval_fraction": 0.1},
+        "train": {
+            "steps": 8,
+            "micro_batch_size": 8,
+            "lr": 2.0e-3,
+            "warmup": 0.1,
+            "checkpoint_every": 4,
+            "eval_fraction": 0.1,
+        },
         "precision": "fp32",
     }
     for key, value in overrides.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+        config[key] = (
+            {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+        )
     return config

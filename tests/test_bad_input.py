@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import cache_config, write_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import cache_config, write_config
 from mdkd.cli import cli
 from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
 
@@ -75,7 +75,9 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, teachers_dir, corp
 
 
 def test_top_k_larger_than_a_vocabulary(tmp_path, teachers_dir, corpus_dir):
-    assert_one_line_error(run(tmp_path, cache_config(teachers_dir, corpus_dir, top_k=100000)), tmp_path / "out", "top_k 100000 is larger")
+    assert_one_line_error(
+        run(tmp_path, cache_config(teachers_dir, corpus_dir, top_k=100000)), tmp_path / "out", "top_k 100000 is larger"
+    )
 
 
 def test_invalid_config(tmp_path, teachers_dir, corpus_dir):
@@ -118,8 +120,12 @@ def test_real_process_prints_no_traceback(tmp_path, teachers_dir, corpus_dir):
     config["corpus"][0]["path"] = str(tmp_path / "gone.txt")
     path = write_config(tmp_path / "c.yaml", config)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "mdkd", "cache-logits", "--config", str(path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "mdkd", "cache-logits", "--config", str(path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: invalid config")
     assert not (tmp_path / "o").exists()
@@ -132,7 +138,9 @@ def run_train(tmp_path: Path, cache: Path, config: dict, *extra: str):
     from conftest import write_config
 
     path = write_config(tmp_path / "train.yaml", config)
-    return CliRunner().invoke(cli, ["train", "--config", str(path), "--cache", str(cache), "--out", str(tmp_path / "run"), *extra])
+    return CliRunner().invoke(
+        cli, ["train", "--config", str(path), "--cache", str(cache), "--out", str(tmp_path / "run"), *extra]
+    )
 
 
 def assert_train_error(result, tmp_path: Path, fragment: str) -> None:
@@ -179,7 +187,10 @@ def test_train_on_a_cache_that_fails_verification(tmp_path, training_cache):
         ({"teachers": {"ru": "de_bert"}}, "teacher 'de_bert' did not cache language 'ru'"),
         ({"loss": {"top_k": 9}}, "loss.top_k 9 is above the cached top_k 8"),
         ({"loss": {"temperature": 0}}, "loss.temperature: Input should be greater than 0"),
-        ({"student": {"preset": None, "hidden_size": 30, "num_layers": 1, "num_heads": 4, "intermediate_size": 8}}, "not divisible"),
+        (
+            {"student": {"preset": None, "hidden_size": 30, "num_layers": 1, "num_heads": 4, "intermediate_size": 8}},
+            "not divisible",
+        ),
         ({"train": {"steps": 10, "bogus": 1}}, "train.bogus: unknown key"),
     ],
 )
@@ -200,4 +211,6 @@ def test_train_into_a_run_folder_of_another_config(tmp_path, training_cache):
 def test_resume_with_nothing_to_resume(tmp_path, training_cache):
     from conftest import train_config
 
-    assert_train_error(run_train(tmp_path, training_cache, train_config(), "--resume", "auto"), tmp_path, "nothing to resume")
+    assert_train_error(
+        run_train(tmp_path, training_cache, train_config(), "--resume", "auto"), tmp_path, "nothing to resume"
+    )

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import cache_config, free_port, make_documents, write_config
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import cache_config, free_port, make_documents, write_config
 from mdkd.cli import cli
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -39,7 +39,9 @@ def built(tmp_path_factory, teachers_dir):
     corpus = root / "corpus"
     corpus.mkdir()
     german = make_documents("de", 20)
-    (corpus / "de.txt").write_bytes(("\n".join(german[:8]) + "\n\n").encode() + b"\xc3\x28 bad\n" + ("\n".join(german[8:]) + "\n").encode())
+    (corpus / "de.txt").write_bytes(
+        ("\n".join(german[:8]) + "\n\n").encode() + b"\xc3\x28 bad\n" + ("\n".join(german[8:]) + "\n").encode()
+    )
     (corpus / "ru.txt").write_text("\n".join(make_documents("ru", 10)) + "\n", encoding="utf-8")
     config = write_config(root / "cache.yaml", cache_config(teachers_dir, corpus))
     result = run_cli("cache-logits", "--config", str(config), "--out", str(root / "cache"))
@@ -55,7 +57,10 @@ def test_manifest_records_sources_teachers_and_shards(built):
     assert (de["documents"], de["skipped_invalid_utf8_lines"], de["skipped_blank_lines"]) == (20, 1, 1)
     assert de["fingerprint"].startswith("sha256:")
     teacher = manifest["teachers"]["de_bert"]
-    assert teacher["special_token_ids"]["mask"] == AutoTokenizer.from_pretrained(cache / "tokenizers" / "de_bert").mask_token_id
+    assert (
+        teacher["special_token_ids"]["mask"]
+        == AutoTokenizer.from_pretrained(cache / "tokenizers" / "de_bert").mask_token_id
+    )
     assert teacher["weights"].startswith("sha256:") and teacher["languages"] == ["de"]
     # 20 German documents in parts of 6: 4 parts for each teacher serving German, 2 Russian parts.
     assert sorted(s["path"] for s in manifest["shards"]) == sorted(
@@ -100,7 +105,7 @@ def test_labels_are_the_original_tokens_of_each_window(built):
         original = windows[row["window"]]
         assert row["labels"] == [original[p] for p in row["positions"]]
         unmasked = list(row["input_ids"])
-        for position, label in zip(row["positions"], row["labels"]):
+        for position, label in zip(row["positions"], row["labels"], strict=False):
             unmasked[position] = label
         assert unmasked == original
 
@@ -199,7 +204,11 @@ def test_inspect_reports_every_teacher_and_language(built):
     result = run_cli("cache", "inspect", str(built / "cache"), "--json")
     assert result.exit_code == 0
     *rows, shares = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(r["teacher"], r["language"]) for r in rows] == [("de_bert", "de"), ("multi_xlmr", "de"), ("multi_xlmr", "ru")]
+    assert [(r["teacher"], r["language"]) for r in rows] == [
+        ("de_bert", "de"),
+        ("multi_xlmr", "de"),
+        ("multi_xlmr", "ru"),
+    ]
     manifest = json.loads((built / "cache" / "manifest.json").read_text())
     for row in rows:
         assert 0 < row["mean_top1_probability"] <= row["mean_topk_mass"] <= 1
@@ -241,7 +250,9 @@ def test_kill_minus_nine_then_rerun_equals_an_uninterrupted_run(tmp_path, teache
     command = [sys.executable, "-m", "mdkd", "cache-logits", "--config", str(config), "--out"]
     subprocess.run(command + [str(reference)], check=True, env=ENV, capture_output=True)
     for kill_after_markers in (3, 60):
-        process = subprocess.Popen(command + [str(resumed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command + [str(resumed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             if len(list((resumed / ".progress").rglob("*.json"))) >= kill_after_markers:
@@ -261,13 +272,35 @@ def test_kill_minus_nine_then_rerun_equals_an_uninterrupted_run(tmp_path, teache
 def test_two_ranks_write_one_manifest_equal_to_one_rank(tmp_path, teachers_dir):
     config = _big_config(tmp_path, teachers_dir)
     single, double = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(single)], check=True, env=ENV, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    run = subprocess.run(torchrun + ["-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(double)], env=ENV, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(single)],
+        check=True,
+        env=ENV,
+        capture_output=True,
+    )
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
+    run = subprocess.run(
+        torchrun + ["-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(double)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert shard_hashes(double) == shard_hashes(single)
     assert run.stdout.count("cache complete") == 1, "console output comes from rank 0 only"
     logs = sorted(p.name for p in (double / "logs").iterdir())
     assert logs == ["cache-logits.rank0.jsonl", "cache-logits.rank1.jsonl"]
-    parts = {json.loads(line)["part"] % 2 for line in (double / "logs" / "cache-logits.rank1.jsonl").read_text().splitlines()}
+    parts = {
+        json.loads(line)["part"] % 2 for line in (double / "logs" / "cache-logits.rank1.jsonl").read_text().splitlines()
+    }
     assert parts == {1}, "rank 1 takes the odd parts"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO, cache_config, write_config
+
 from mdkd.cli import cli
 from mdkd.pipeline.config import ConfigError
 from mdkd.pipeline.errors import UserError
@@ -53,7 +53,9 @@ def test_hub_ids_are_kept_for_from_pretrained(tmp_path, corpus_dir):
 
 def test_content_hash_ignores_execution_settings_only(tmp_path, teachers_dir, corpus_dir):
     base = load_cache_config(write_config(tmp_path / "a.yaml", cache_config(teachers_dir, corpus_dir)))
-    batching = load_cache_config(write_config(tmp_path / "b.yaml", cache_config(teachers_dir, corpus_dir, batch_tokens=64, device="cpu")))
+    batching = load_cache_config(
+        write_config(tmp_path / "b.yaml", cache_config(teachers_dir, corpus_dir, batch_tokens=64, device="cpu"))
+    )
     k = load_cache_config(write_config(tmp_path / "c.yaml", cache_config(teachers_dir, corpus_dir, top_k=3)))
     assert base.content_hash() == batching.content_hash()
     assert base.content_hash() != k.content_hash()
@@ -65,7 +67,9 @@ def test_validate_command_lists_problems_and_exits_2(tmp_path, teachers_dir, cor
     assert result.exit_code == 2
     assert "2 problem(s)" in result.stderr
     assert "max_length" in result.stderr and "extra: unknown key" in result.stderr
-    ok = CliRunner().invoke(cli, ["validate", str(write_config(tmp_path / "ok.yaml", cache_config(teachers_dir, corpus_dir)))])
+    ok = CliRunner().invoke(
+        cli, ["validate", str(write_config(tmp_path / "ok.yaml", cache_config(teachers_dir, corpus_dir)))]
+    )
     assert ok.exit_code == 0 and "valid cache-logits config" in ok.stdout
 
 
@@ -77,7 +81,9 @@ def test_invalid_yaml_is_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and "not valid YAML" in result.stderr
 
 
-@pytest.mark.parametrize("config_file", sorted((REPO / "examples").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix())
+@pytest.mark.parametrize(
+    "config_file", sorted((REPO / "examples").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix()
+)
 def test_every_example_config_validates(tmp_path, config_file: Path):
     # Examples name teachers their own make_teachers.py builds; build them in a copy so the repo stays clean.
     copy = tmp_path / config_file.parent.name

@@ -18,8 +18,16 @@ def test_committed_page_is_the_generated_one():
 def test_the_walk_reaches_every_nested_model():
     names = {model.__name__ for model in config_reference.walk_models()}
     assert names == {
-        "CacheConfig", "CorpusSource", "TeacherSpec", "MaskingConfig",
-        "TrainConfig", "StudentConfig", "VocabConfig", "AlphaConfig", "LossConfig", "TrainLoopConfig",
+        "CacheConfig",
+        "CorpusSource",
+        "TeacherSpec",
+        "MaskingConfig",
+        "TrainConfig",
+        "StudentConfig",
+        "VocabConfig",
+        "AlphaConfig",
+        "LossConfig",
+        "TrainLoopConfig",
     }
 
 

@@ -15,8 +15,19 @@ from mdkd.demo import corpus
 from mdkd.pipeline.errors import UserError
 from mdkd.stages import demo
 
-TINY = demo.DemoSettings(documents=80, mono_vocab=200, multi_vocab=300, mono_steps=4, multi_steps=4, student_steps=4,
-                         batch_size=8, eval_fraction=0.2, hidden=32, layers=1, heads=2)
+TINY = demo.DemoSettings(
+    documents=80,
+    mono_vocab=200,
+    multi_vocab=300,
+    mono_steps=4,
+    multi_steps=4,
+    student_steps=4,
+    batch_size=8,
+    eval_fraction=0.2,
+    hidden=32,
+    layers=1,
+    heads=2,
+)
 
 
 GERMAN_MAN = r""".\" -*- coding: UTF-8 -*-
@@ -78,9 +89,11 @@ Taste <span class="keycode">F1</span> &amp; mehr.</p>
 
 def test_man_pages_become_plain_paragraphs():
     found = corpus.man_paragraphs(GERMAN_MAN)
-    assert ("Auflistung von Informationen über die DATEIen (Standardvorgabe ist das aktuelle Verzeichnis). Die "
-            "Einträge werden alphabetisch sortiert, falls weder -cftuvSUX noch --sort angegeben wurden— so einfach ist "
-            "das.") in found
+    assert (
+        "Auflistung von Informationen über die DATEIen (Standardvorgabe ist das aktuelle Verzeichnis). Die "
+        "Einträge werden alphabetisch sortiert, falls weder -cftuvSUX noch --sort angegeben wurden— so einfach ist "
+        "das."
+    ) in found
     # the option tag, the example, the table, the comment and the headings are gone
     assert "Einträge nicht ignorieren, die mit «.» beginnen, siehe stat(2)." in found
     assert not any(text.startswith(("-a", "ls -la", "Spalte", "BEZEICHNUNG", "a comment")) for text in found)
@@ -91,29 +104,41 @@ def test_man_pages_become_plain_paragraphs():
 def test_help_pages_become_plain_paragraphs():
     found = corpus.help_paragraphs(HELP_PAGE)
     assert found[0] == "Makrosicherheit"
-    assert found[1] == ("Der Dialog erscheint, wenn ein Dokument Makros enthält. Sie können ihn auch über Extras – "
-                        "Optionen… aufrufen, mit der Taste F1 & mehr.")  # one variant of the switch, <br> a space
+    assert found[1] == (
+        "Der Dialog erscheint, wenn ein Dokument Makros enthält. Sie können ihn auch über Extras – "
+        "Optionen… aufrufen, mit der Taste F1 & mehr."
+    )  # one variant of the switch, <br> a space
     assert "Click here to open the dialog, which was not translated yet." in found
-    assert not any(word in text for text in found for word in ("Sub Main", "So greifen", "Wählen Sie", "Hilfe für",
-                                                               "debug", "var x", "Index"))
+    assert not any(
+        word in text
+        for text in found
+        for word in ("Sub Main", "So greifen", "Wählen Sie", "Hilfe für", "debug", "var x", "Index")
+    )
 
 
-@pytest.mark.parametrize("language, text, expected", [
-    ("de", "Einträge nicht ignorieren, die mit einem Punkt beginnen.", True),
-    ("de", "Wählen Sie Format – Direkte Formatierung löschen.", True),  # one function word, and umlauts
-    ("de", "This paragraph was not translated yet, so the English original is shown.", False),
-    ("de", "Setzt das ausgewählte Objekt hinter den Text.", True),
-    ("de", "Zeigt das Ergebnis der Multiplikation von A1 und A2 an.", True),  # A1 is a cell, not the English `a`
-    ("ru", "Файловая система proc является псевдофайловой системой, которая предоставляет интерфейс.", True),
-    ("ru", "The proc filesystem is a pseudo-filesystem which provides an interface to kernel data structures.", False),
-    ("ru", "Поля структуры fanotify_event_info_pidfd описаны ниже.", True),  # an identifier is one word
-    ("zh", "与 -l 同时使用时，列出每个文件的作者。", True),
-    ("zh", "Specifies the properties of the selected table, for example, name and alignment.", False),
-    ("zh", "このコマンドはファイルの一覧を表示します。", False),  # Japanese
-    ("zh", "《清平调・其三》作者：李白名花倾国两相欢，常得君王带笑看。", True),  # ・ is no kana
-    ("en", "Actors will happen even in the best-regulated families. -- Japanese proverb", True),  # one word will do
-    ("en", "Die Einträge werden alphabetisch sortiert, falls nichts anderes angegeben ist.", False),
-])
+@pytest.mark.parametrize(
+    "language, text, expected",
+    [
+        ("de", "Einträge nicht ignorieren, die mit einem Punkt beginnen.", True),
+        ("de", "Wählen Sie Format – Direkte Formatierung löschen.", True),  # one function word, and umlauts
+        ("de", "This paragraph was not translated yet, so the English original is shown.", False),
+        ("de", "Setzt das ausgewählte Objekt hinter den Text.", True),
+        ("de", "Zeigt das Ergebnis der Multiplikation von A1 und A2 an.", True),  # A1 is a cell, not the English `a`
+        ("ru", "Файловая система proc является псевдофайловой системой, которая предоставляет интерфейс.", True),
+        (
+            "ru",
+            "The proc filesystem is a pseudo-filesystem which provides an interface to kernel data structures.",
+            False,
+        ),
+        ("ru", "Поля структуры fanotify_event_info_pidfd описаны ниже.", True),  # an identifier is one word
+        ("zh", "与 -l 同时使用时，列出每个文件的作者。", True),
+        ("zh", "Specifies the properties of the selected table, for example, name and alignment.", False),
+        ("zh", "このコマンドはファイルの一覧を表示します。", False),  # Japanese
+        ("zh", "《清平调・其三》作者：李白名花倾国两相欢，常得君王带笑看。", True),  # ・ is no kana
+        ("en", "Actors will happen even in the best-regulated families. -- Japanese proverb", True),  # one word will do
+        ("en", "Die Einträge werden alphabetisch sortiert, falls nichts anderes angegeben ist.", False),
+    ],
+)
 def test_the_language_filter_keeps_a_language_and_drops_english_fallbacks(language, text, expected):
     assert corpus.usable(text, language)
     assert corpus.is_language(text, language) is expected
@@ -127,10 +152,16 @@ def test_short_and_code_like_paragraphs_are_dropped():
 
 
 def test_fortunes_are_split_and_cleaned():
-    found = corpus.cookies("Ein Mathematiker und ein Physiker\nsitzen im Zug.\n%\n\x1b[33mFarbig\x1b[m und\tmit\x07 "
-                           "Steuerzeichen.\n%\n各家自扫门前雪，\n莫管他人瓦上霜。\n%\n")
-    assert found == ["Ein Mathematiker und ein Physiker sitzen im Zug.", "Farbig und mit Steuerzeichen.",
-                     "各家自扫门前雪，莫管他人瓦上霜。", ""]  # no space where a line broke between Chinese characters
+    found = corpus.cookies(
+        "Ein Mathematiker und ein Physiker\nsitzen im Zug.\n%\n\x1b[33mFarbig\x1b[m und\tmit\x07 "
+        "Steuerzeichen.\n%\n各家自扫门前雪，\n莫管他人瓦上霜。\n%\n"
+    )
+    assert found == [
+        "Ein Mathematiker und ein Physiker sitzen im Zug.",
+        "Farbig und mit Steuerzeichen.",
+        "各家自扫门前雪，莫管他人瓦上霜。",
+        "",
+    ]  # no space where a line broke between Chinese characters
 
 
 def _unpacked(root, language, help_page="", man_page="", cookies=""):
@@ -147,48 +178,69 @@ def _unpacked(root, language, help_page="", man_page="", cookies=""):
     (jokes / "off").mkdir(parents=True)
     (jokes / "witze").write_text(cookies, encoding="utf-8")
     (jokes / "witze.dat").write_bytes(b"\x00\x01binary index")
-    (jokes / "off" / "derb").write_text("Etwas Derbes, das hier nicht hingehört und nicht in den Korpus soll.\n%\n",
-                                        encoding="utf-8")
+    (jokes / "off" / "derb").write_text(
+        "Etwas Derbes, das hier nicht hingehört und nicht in den Korpus soll.\n%\n", encoding="utf-8"
+    )
     return [(source, root / source.package) for source in corpus.SOURCES[language]]
 
 
-GERMAN_COOKIES = ("Ein Mathematiker und ein Physiker sitzen im Zug und sehen ein schwarzes Schaf.\n%\n"
-                  "Der Dialog erscheint, wenn ein Dokument Makros enthält. Sie können ihn auch über Extras – Optionen… "
-                  "aufrufen, mit der Taste F1 & mehr.\n%\n"  # the help page's paragraph again
-                  "Nothing is as practical as a good theory, and this cookie says that in English.\n%\n")
-RUSSIAN_HELP = ('<div id="DisplayArea"><p>Диалоговое окно появляется, когда документ содержит макросы.</p>'
-                "<p>Click here to open the dialog, which was not translated yet.</p></div>")
+GERMAN_COOKIES = (
+    "Ein Mathematiker und ein Physiker sitzen im Zug und sehen ein schwarzes Schaf.\n%\n"
+    "Der Dialog erscheint, wenn ein Dokument Makros enthält. Sie können ihn auch über Extras – Optionen… "
+    "aufrufen, mit der Taste F1 & mehr.\n%\n"  # the help page's paragraph again
+    "Nothing is as practical as a good theory, and this cookie says that in English.\n%\n"
+)
+RUSSIAN_HELP = (
+    '<div id="DisplayArea"><p>Диалоговое окно появляется, когда документ содержит макросы.</p>'
+    "<p>Click here to open the dialog, which was not translated yet.</p></div>"
+)
 BILINGUAL = "Учиться, учиться и ещё раз учиться! 学而时习之，不亦说乎？温故而知新，可以为师矣。"
 
 
 def test_the_corpus_is_filtered_deduplicated_capped_and_deterministic(tmp_path):
-    roots = {"de": _unpacked(tmp_path / "p", "de", HELP_PAGE, GERMAN_MAN, GERMAN_COOKIES),
-             "ru": _unpacked(tmp_path / "p", "ru", RUSSIAN_HELP, RUSSIAN_MAN,
-                             f"Где любовь - там и слёзы, а где слёзы - там и любовь. -- Ихара Сайкаку\n%\n"
-                             f"{BILINGUAL}\n"),
-             "zh": _unpacked(tmp_path / "p", "zh",
-                             cookies=f"各家自扫门前雪，莫管他人瓦上霜。 --《谚语》\n%\n{BILINGUAL}\n")}
+    roots = {
+        "de": _unpacked(tmp_path / "p", "de", HELP_PAGE, GERMAN_MAN, GERMAN_COOKIES),
+        "ru": _unpacked(
+            tmp_path / "p",
+            "ru",
+            RUSSIAN_HELP,
+            RUSSIAN_MAN,
+            f"Где любовь - там и слёзы, а где слёзы - там и любовь. -- Ихара Сайкаку\n%\n{BILINGUAL}\n",
+        ),
+        "zh": _unpacked(tmp_path / "p", "zh", cookies=f"各家自扫门前雪，莫管他人瓦上霜。 --《谚语》\n%\n{BILINGUAL}\n"),
+    }
     stats = corpus.write_corpus(roots, tmp_path / "a")
-    text = {language: (tmp_path / "a" / f"{language}.txt").read_text(encoding="utf-8").splitlines()
-            for language in roots}
-    assert sorted(text["de"]) == sorted([
-        "Auflistung von Informationen über die DATEIen (Standardvorgabe ist das aktuelle Verzeichnis). Die Einträge "
-        "werden alphabetisch sortiert, falls weder -cftuvSUX noch --sort angegeben wurden— so einfach ist das.",
-        "Einträge nicht ignorieren, die mit «.» beginnen, siehe stat(2).",
-        "Weitere Informationen finden Sie unter der Projektseite.",
-        "Der Dialog erscheint, wenn ein Dokument Makros enthält. Sie können ihn auch über Extras – Optionen… aufrufen, "
-        "mit der Taste F1 & mehr.",
-        "Ein Mathematiker und ein Physiker sitzen im Zug und sehen ein schwarzes Schaf.",
-    ])  # no English, nothing from off/, the help page's paragraph once
-    assert sorted(text["ru"]) == sorted([
-        "Диалоговое окно появляется, когда документ содержит макросы.",
-        "Файловая система proc является псевдофайловой системой, которая предоставляет интерфейс к структурам данных "
-        "ядра.",
-        "Где любовь - там и слёзы, а где слёзы - там и любовь. -- Ихара Сайкаку",
-    ])  # the bilingual cookie passes both languages' filters, so it is in neither
+    text = {
+        language: (tmp_path / "a" / f"{language}.txt").read_text(encoding="utf-8").splitlines() for language in roots
+    }
+    assert sorted(text["de"]) == sorted(
+        [
+            "Auflistung von Informationen über die DATEIen (Standardvorgabe ist "
+            "das aktuelle Verzeichnis). Die Einträge "
+            "werden alphabetisch sortiert, falls weder -cftuvSUX noch --sort angegeben wurden— so einfach ist das.",
+            "Einträge nicht ignorieren, die mit «.» beginnen, siehe stat(2).",
+            "Weitere Informationen finden Sie unter der Projektseite.",
+            "Der Dialog erscheint, wenn ein Dokument Makros enthält. Sie können "
+            "ihn auch über Extras – Optionen… aufrufen, "
+            "mit der Taste F1 & mehr.",
+            "Ein Mathematiker und ein Physiker sitzen im Zug und sehen ein schwarzes Schaf.",
+        ]
+    )  # no English, nothing from off/, the help page's paragraph once
+    assert sorted(text["ru"]) == sorted(
+        [
+            "Диалоговое окно появляется, когда документ содержит макросы.",
+            "Файловая система proc является псевдофайловой системой, которая "
+            "предоставляет интерфейс к структурам данных "
+            "ядра.",
+            "Где любовь - там и слёзы, а где слёзы - там и любовь. -- Ихара Сайкаку",
+        ]
+    )  # the bilingual cookie passes both languages' filters, so it is in neither
     assert text["zh"] == ["各家自扫门前雪，莫管他人瓦上霜。 --《谚语》"]
     assert {key: stats["de"][key] for key in ("documents", "wrong_language", "duplicates")} == {
-        "documents": 5, "wrong_language": 3, "duplicates": 1}  # English from the help, the page and the cookies
+        "documents": 5,
+        "wrong_language": 3,
+        "duplicates": 1,
+    }  # English from the help, the page and the cookies
     assert stats["de"]["bytes"] == (tmp_path / "a" / "de.txt").stat().st_size
     assert (stats["ru"]["wrong_language"], stats["ru"]["duplicates"], stats["zh"]["duplicates"]) == (2, 1, 1)
     assert stats["de"]["packages"] == ["libreoffice-help-de", "manpages-de", "fortunes-de"]
@@ -224,8 +276,11 @@ def test_unpacked_packages_are_not_fetched_again(tmp_path, monkeypatch):
 
 def test_without_apt_lists_the_demo_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus.shutil, "which", lambda tool: f"/usr/bin/{tool}")
-    monkeypatch.setattr(corpus.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
-        a[0], 100, "", "E: Unable to locate package libreoffice-help-de\n"))
+    monkeypatch.setattr(
+        corpus.subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a[0], 100, "", "E: Unable to locate package libreoffice-help-de\n"),
+    )
     with pytest.raises(UserError, match=r"apt-get update.*give --corpus DIR"):
         corpus.fetch_packages(["de"], tmp_path)
 
@@ -242,8 +297,7 @@ def miniature(tmp_path_factory):
     given = root / "corpus"
     given.mkdir()
     for language in ("de", "en", "ru"):
-        (given / f"{language}.txt").write_text("\n".join(make_documents(language, 80, seed=3)) + "\n",
-                                               encoding="utf-8")
+        (given / f"{language}.txt").write_text("\n".join(make_documents(language, 80, seed=3)) + "\n", encoding="utf-8")
     result = demo.run(root / "work", given, quick=True, settings=TINY)
     return root, result
 
@@ -265,9 +319,14 @@ def test_the_miniature_demo_runs_every_step(miniature):
 def test_rerunning_the_demo_skips_finished_steps(miniature):
     root, _ = miniature
     work = root / "work" / "quick"
-    stamps = {p: p.stat().st_mtime_ns for p in [work / "teachers" / "de_bert" / "config.json",
-                                                 work / "cache" / "manifest.json",
-                                                 work / "runs" / "mono_taught" / "metrics.jsonl"]}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for p in [
+            work / "teachers" / "de_bert" / "config.json",
+            work / "cache" / "manifest.json",
+            work / "runs" / "mono_taught" / "metrics.jsonl",
+        ]
+    }
     demo.run(root / "work", root / "corpus", quick=True, settings=TINY)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 

@@ -105,8 +105,10 @@ def test_student_and_teacher_share_one_denominator():
     result = compare_on_windows(_hand_made_logits, windows, INPUT_MAP, TARGET_MAP, [], MASK, unk_id=UNK).result()
     assert (result["positions"], result["left_out"], result["accuracy_ratio"]) == (3, 2, pytest.approx(1.0))
     assert result["unknown_input_share"] == pytest.approx(1 / 7)  # the input token 7
-    by_kind = {kind: (r["positions"], r["left_out"], r["model"].get("accuracy"), r["teacher"].get("accuracy"))
-               for kind, r in result["by_kind"].items()}
+    by_kind = {
+        kind: (r["positions"], r["left_out"], r["model"].get("accuracy"), r["teacher"].get("accuracy"))
+        for kind, r in result["by_kind"].items()
+    }
     assert by_kind == {"mask": (1, 1, 1.0, 1.0), "random": (1, 0, 0.0, 1.0), "keep": (1, 1, 1.0, 0.0)}
 
 
@@ -124,8 +126,19 @@ def test_a_summary_over_teachers_is_position_weighted_on_both_sides():
 
 def test_a_teacher_scored_on_its_own_windows_agrees_with_its_cache(training_cache, teachers_dir, tmp_path):
     out = tmp_path / "eval.json"
-    result = CliRunner().invoke(cli, ["eval", str(teachers_dir / "de_bert"), "--cache", str(training_cache),
-                                      "--eval-fraction", "0.3", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(teachers_dir / "de_bert"),
+            "--cache",
+            str(training_cache),
+            "--eval-fraction",
+            "0.3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["scope"] == "all cached teachers"  # a plain model folder: every teacher's windows
@@ -174,14 +187,16 @@ def test_a_run_is_scored_on_the_windows_of_the_teachers_it_was_trained_with(trai
     assert set(everything["languages"]) == {"de", "ru"}
     assert set(everything["languages"]["de"]["windows"]) == {"de_bert", "multi_xlmr"}
     assert everything["languages"]["de"]["summary"]["positions"] == sum(
-        w["positions"] for w in everything["languages"]["de"]["windows"].values())
+        w["positions"] for w in everything["languages"]["de"]["windows"].values()
+    )
     assert json.loads((run / "eval.json").read_text())["scope"] == "all cached teachers"
 
 
 def test_a_run_without_teachers_in_its_config_is_scored_on_every_teacher_of_a_language(training_cache, tmp_path):
     config = write_config(tmp_path / "train.yaml", train_config(train={"eval_fraction": 0.3}))
-    trained = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache),
-                                       "--out", str(tmp_path / "run")])
+    trained = CliRunner().invoke(
+        cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out", str(tmp_path / "run")]
+    )
     assert trained.exit_code == 0, trained.output
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     heldout_lines = [json.loads(line) for line in metrics if '"heldout"' in line]
@@ -203,22 +218,34 @@ def _scored(positions: int, student: float, teacher: float) -> dict:
     def side(accuracy: float) -> dict:
         return {"positions": positions, "accuracy": accuracy}
 
-    return {"positions": positions, "left_out": 0, "model": side(student), "teacher": side(teacher),
-            "accuracy_ratio": student / teacher,
-            "by_kind": {kind: {"positions": positions // 3, "model": side(student), "teacher": side(teacher)}
-                        for kind in KINDS}}
+    return {
+        "positions": positions,
+        "left_out": 0,
+        "model": side(student),
+        "teacher": side(teacher),
+        "accuracy_ratio": student / teacher,
+        "by_kind": {
+            kind: {"positions": positions // 3, "model": side(student), "teacher": side(teacher)} for kind in KINDS
+        },
+    }
 
 
 def test_the_demo_summary_holds_each_student_against_its_own_teachers(tmp_path):
     """mono_taught is scored on de_bert's windows, multi_taught on multi_xlmr's. The old summary set each pooled
     student beside both teachers; now each student stands beside its own teacher on the same positions."""
     runs = []
-    for name, teacher, student, teacher_accuracy in [("mono_taught", "de_bert", 0.30, 0.60),
-                                                     ("multi_taught", demo.MULTI, 0.20, 0.25)]:
+    for name, teacher, student, teacher_accuracy in [
+        ("mono_taught", "de_bert", 0.30, 0.60),
+        ("multi_taught", demo.MULTI, 0.20, 0.25),
+    ]:
         (tmp_path / name).mkdir()
         scored = _scored(300, student, teacher_accuracy)
-        german = {"teachers": [teacher], "windows": {teacher: scored}, "summary": scored,
-                  "raw_text": {"positions": 100, "accuracy": student / 2}}
+        german = {
+            "teachers": [teacher],
+            "windows": {teacher: scored},
+            "summary": scored,
+            "raw_text": {"positions": 100, "accuracy": student / 2},
+        }
         report = {"scope": "the teachers the run was trained with", "languages": {"de": german}}
         (tmp_path / name / "eval.json").write_text(json.dumps(report))
         runs.append(tmp_path / name)

@@ -54,7 +54,9 @@ def test_stage_two_imports_nothing_of_the_teacher_pass(module):
 
 @pytest.mark.parametrize("module", _modules_under("pipeline/cache"))
 def test_the_cache_contract_depends_on_neither_stage(module):
-    leaked = sorted(m for m in _closure(module) if m.startswith(("mdkd.pipeline.teacher_pass", "mdkd.pipeline.distill")))
+    leaked = sorted(
+        m for m in _closure(module) if m.startswith(("mdkd.pipeline.teacher_pass", "mdkd.pipeline.distill"))
+    )
     assert not leaked, f"{module} reaches a stage through {leaked}"
 
 

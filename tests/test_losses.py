@@ -151,7 +151,8 @@ def test_duplicate_and_dropped_ids_against_dense_buckets(missing_mass, tau, k):
     assert all(len(set(row.tolist()) - {-1}) < (row >= 0).sum() for row in ids)  # a duplicate in every row
     got, grad = loss_and_grad(lambda s: kd_loss(s, ids, values, tau, missing_mass, partition), student.float())
     expected, expected_grad = loss_and_grad(
-        lambda s: bucket_reference(s, teacher, top, mapping, tau, missing_mass), student)
+        lambda s: bucket_reference(s, teacher, top, mapping, tau, missing_mass), student
+    )
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-5)
 
@@ -173,7 +174,8 @@ def test_row_without_targets_gives_zero_loss_and_zero_finite_gradient(missing_ma
     assert torch.isfinite(leaf.grad).all() and (leaf.grad[1] == 0).all()
     rows = [0, 2]
     others, others_grad = loss_and_grad(
-        lambda s: kd_loss(s, ids[rows], values[rows], 2.0, missing_mass, partition[rows]), student[rows])
+        lambda s: kd_loss(s, ids[rows], values[rows], 2.0, missing_mass, partition[rows]), student[rows]
+    )
     torch.testing.assert_close(loss[rows].detach(), others)
     torch.testing.assert_close(leaf.grad[rows], others_grad)
     # The same row with an unweighted sum: still zero and finite.
@@ -193,7 +195,8 @@ def test_student_rest_that_underflows_float32_is_finite_and_exact(tau):
     student.scatter_add_(1, top, torch.full(top.shape, 200.0, dtype=torch.float64))
     got, grad = loss_and_grad(lambda s: kd_loss(s, ids, values, tau, "rest", partition), student.float())
     expected, expected_grad = loss_and_grad(
-        lambda s: bucket_reference(s, teacher, top, torch.arange(50), tau, "rest"), student)
+        lambda s: bucket_reference(s, teacher, top, torch.arange(50), tau, "rest"), student
+    )
     assert torch.isfinite(got).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-5)
@@ -229,8 +232,9 @@ def test_hand_computed_tempered_rest_bucket():
     student = torch.tensor([[0.5, -1.0, 2.0]])
     s = torch.softmax(student[0] / 2.0, dim=0)
     expected = 4.0 * (top * math.log(top / s[0]) + rest * math.log(rest / (s[1] + s[2])))
-    got = kd_loss(student, torch.tensor([[0]]), torch.tensor([[math.log(0.6)]]), 2.0, "rest",
-                  torch.tensor([math.log(sum(roots))]))
+    got = kd_loss(
+        student, torch.tensor([[0]]), torch.tensor([[math.log(0.6)]]), 2.0, "rest", torch.tensor([math.log(sum(roots))])
+    )
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -271,8 +275,10 @@ def test_renormalize_ids_mapped_to_one_student_token_are_summed_and_dropped_ids_
     with_duplicates = torch.tensor([[3, 5, 3, -1], [7, 7, 7, 2]])
     merged_ids = torch.tensor([[3, 5, -1, -1], [7, 2, -1, -1]])
     merged_logprobs = torch.log(torch.tensor([[0.6, 0.3, 1.0, 1.0], [0.9, 0.1, 1.0, 1.0]]))
-    torch.testing.assert_close(kd_loss(student, with_duplicates, logprobs, 2.0, "renormalize"),
-                               kd_loss(student, merged_ids, merged_logprobs, 2.0, "renormalize"))
+    torch.testing.assert_close(
+        kd_loss(student, with_duplicates, logprobs, 2.0, "renormalize"),
+        kd_loss(student, merged_ids, merged_logprobs, 2.0, "renormalize"),
+    )
     ids, probs = merge_duplicates(with_duplicates, logprobs.exp())
     assert ids.tolist() == [[3, 5, -1, -1], [7, -1, -1, 2]]
     torch.testing.assert_close(probs, torch.tensor([[0.6, 0.3, 0.0, 0.0], [0.9, 0.0, 0.0, 0.1]]))

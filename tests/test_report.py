@@ -19,10 +19,23 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def sweep(tmp_path_factory, training_cache):
     """A 2-run sweep over k' against the training cache (trained, evaluated, reported)."""
     root = tmp_path_factory.mktemp("sweep")
-    config = write_config(root / "base.yaml",
-                          train_config(train={"steps": 6, "checkpoint_every": 3, "eval_fraction": 0.3}))
-    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out",
-                                      str(root / "out"), "--sweep", "loss.top_k=2,8"])
+    config = write_config(
+        root / "base.yaml", train_config(train={"steps": 6, "checkpoint_every": 3, "eval_fraction": 0.3})
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(config),
+            "--cache",
+            str(training_cache),
+            "--out",
+            str(root / "out"),
+            "--sweep",
+            "loss.top_k=2,8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root
 
@@ -39,7 +52,8 @@ def test_sweep_trains_every_combination_and_reports(sweep):
     # same positions; no pooled per-language column, and no held-out columns when every run has eval.json.
     pairs = ["de/de_bert", "de/multi_xlmr", "ru/multi_xlmr"]
     assert [h for h in rows[0] if h.startswith(("acc ", "ratio ", "heldout "))] == [
-        f"{column} {pair}" for pair in pairs for column in ("acc", "ratio")]
+        f"{column} {pair}" for pair in pairs for column in ("acc", "ratio")
+    ]
     for row in rows:
         report = json.loads((out / row["run"] / "eval.json").read_text())
         for pair in pairs:
@@ -57,8 +71,20 @@ def test_sweep_trains_every_combination_and_reports(sweep):
 def test_rerunning_a_sweep_skips_finished_runs(sweep, training_cache):
     metrics = sweep / "out" / "loss.top_k=8" / "metrics.jsonl"
     before = metrics.stat().st_mtime_ns
-    result = CliRunner().invoke(cli, ["train", "--config", str(sweep / "base.yaml"), "--cache", str(training_cache),
-                                      "--out", str(sweep / "out"), "--sweep", "loss.top_k=2,8"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(sweep / "base.yaml"),
+            "--cache",
+            str(training_cache),
+            "--out",
+            str(sweep / "out"),
+            "--sweep",
+            "loss.top_k=2,8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count("already complete; nothing to do") == 2
     assert metrics.stat().st_mtime_ns == before
@@ -72,8 +98,9 @@ def test_report_reads_a_run_that_is_still_going(sweep, tmp_path):
     (going / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # steps 1-3 and the held-out line of step 3
     status = json.loads((going / "run.json").read_text())
     (going / "run.json").write_text(json.dumps({**status, "complete": False}))
-    result = CliRunner().invoke(cli, ["report", str(sweep / "out" / "loss.top_k=8"), str(going),
-                                      "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        cli, ["report", str(sweep / "out" / "loss.top_k=8"), str(going), "--out", str(tmp_path / "r")]
+    )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((tmp_path / "r" / "report.csv").open()))
     assert rows[1]["run"] == "going" and rows[1]["complete"] == "False" and rows[1]["steps"] == "3"
@@ -108,8 +135,20 @@ def test_report_bad_input(tmp_path, prepare, fragment):
 
 def test_invalid_sweep_is_refused_before_any_training(tmp_path, training_cache):
     config = write_config(tmp_path / "base.yaml", train_config())
-    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out",
-                                      str(tmp_path / "out"), "--sweep", "loss.top_k=4,0"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(config),
+            "--cache",
+            str(training_cache),
+            "--out",
+            str(tmp_path / "out"),
+            "--sweep",
+            "loss.top_k=4,0",
+        ],
+    )
     assert result.exit_code == 2
     assert "loss.top_k=0: loss.top_k: Input should be greater than or equal to 1" in result.stderr
     assert not (tmp_path / "out" / "loss.top_k=4" / "run.json").exists()
@@ -117,8 +156,20 @@ def test_invalid_sweep_is_refused_before_any_training(tmp_path, training_cache):
 
 def test_a_sweep_value_the_cache_cannot_serve_is_refused_before_any_training(tmp_path, training_cache):
     config = write_config(tmp_path / "base.yaml", train_config())
-    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", str(training_cache), "--out",
-                                      str(tmp_path / "out"), "--sweep", "loss.temperature=2,4"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(config),
+            "--cache",
+            str(training_cache),
+            "--out",
+            str(tmp_path / "out"),
+            "--sweep",
+            "loss.temperature=2,4",
+        ],
+    )
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "loss.temperature=4: loss.temperature 4 was not recorded in the cache (it has 1, 2;" in result.stderr
     assert not (tmp_path / "out" / "loss.temperature=2" / "run.json").exists()

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import train_config, write_config
+
 from mdkd.cli import cli
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.teacher_pass.config import load_cache_config
@@ -49,11 +49,26 @@ def test_cached_log_partitions_and_entropies_match_the_full_distribution(trainin
 def _pure_kd(tmp_path: Path, cache: Path, name: str, missing_mass: str) -> dict:
     config = train_config(
         teachers={"ru": "multi_xlmr"},
-        loss={"temperature": 2.0, "top_k": 8, "alpha": {"schedule": "constant", "start": 1.0}, "missing_mass": missing_mass},
+        loss={
+            "temperature": 2.0,
+            "top_k": 8,
+            "alpha": {"schedule": "constant", "start": 1.0},
+            "missing_mass": missing_mass,
+        },
         train={"steps": 80, "micro_batch_size": 16, "lr": 3.0e-3, "checkpoint_every": 80, "eval_fraction": 0.2},
     )
-    result = CliRunner().invoke(cli, ["train", "--config", str(write_config(tmp_path / f"{name}.yaml", config)),
-                                      "--cache", str(cache), "--out", str(tmp_path / name)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(write_config(tmp_path / f"{name}.yaml", config)),
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path / name),
+        ],
+    )
     assert result.exit_code == 0, result.output
     evaluated = CliRunner().invoke(cli, ["eval", str(tmp_path / name)])
     assert evaluated.exit_code == 0, evaluated.output
@@ -96,11 +111,31 @@ def test_a_schema_1_cache_trains_with_renormalize_only(training_cache, tmp_path)
     cache = _as_schema_1(training_cache, tmp_path)
     runner = CliRunner()
     renormalize = train_config(loss={"missing_mass": "renormalize"}, train={"steps": 2})
-    result = runner.invoke(cli, ["train", "--config", str(write_config(tmp_path / "a.yaml", renormalize)),
-                                 "--cache", str(cache), "--out", str(tmp_path / "a")])
+    result = runner.invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(write_config(tmp_path / "a.yaml", renormalize)),
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["train", "--config", str(write_config(tmp_path / "b.yaml", train_config())),
-                                 "--cache", str(cache), "--out", str(tmp_path / "b")])
+    result = runner.invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(write_config(tmp_path / "b.yaml", train_config())),
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "error: loss.missing_mass 'rest' needs the tempered log-partitions that this schema-1 cache lacks (rebuild the "

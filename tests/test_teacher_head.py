@@ -33,7 +33,9 @@ def drop_weights(source: Path, target: Path, drop) -> Path:
         if path.name != "model.safetensors":
             (target / path.name).write_bytes(path.read_bytes())
     weights = load_file(source / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if not drop(k)}, target / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if not drop(k)}, target / "model.safetensors", metadata={"format": "pt"}
+    )
     return target
 
 
@@ -96,7 +98,8 @@ def test_cache_logits_refuses_a_teacher_without_a_head(tmp_path, teachers_dir, c
     assert_one_line_error(result, tmp_path / "out", f"teacher de_bert: checkpoint {encoder} has no masked-LM head")
     # Six keys are missing, but the decoder bias is the prediction bias: five weights, the first four named.
     assert (
-        "5 weights of BertForMaskedLM are newly initialised (cls.predictions.bias, cls.predictions.transform.LayerNorm.bias, "
+        "5 weights of BertForMaskedLM are newly initialised (cls.predictions.bias, "
+        "cls.predictions.transform.LayerNorm.bias, "
         "cls.predictions.transform.LayerNorm.weight, cls.predictions.transform.dense.bias, ...)"
     ) in result.stderr
     assert "give a *ForMaskedLM checkpoint" in result.stderr
@@ -104,7 +107,9 @@ def test_cache_logits_refuses_a_teacher_without_a_head(tmp_path, teachers_dir, c
     assert not list((tmp_path / "out").rglob("*.parquet"))
 
 
-def cache_in_a_process(tmp_path: Path, teachers_dir: Path, corpus_dir: Path, teacher: dict, **env) -> subprocess.CompletedProcess:
+def cache_in_a_process(
+    tmp_path: Path, teachers_dir: Path, corpus_dir: Path, teacher: dict, **env
+) -> subprocess.CompletedProcess:
     """`mdkd cache-logits` with one German teacher in a real process whose stdout and stderr are pipes."""
     tmp_path.mkdir(exist_ok=True)
     config = cache_config(teachers_dir, corpus_dir, device="cpu")
@@ -113,7 +118,10 @@ def cache_in_a_process(tmp_path: Path, teachers_dir: Path, corpus_dir: Path, tea
     path = write_config(tmp_path / "c.yaml", config)
     return subprocess.run(
         [sys.executable, "-m", "mdkd", "cache-logits", "--config", str(path), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
     )
 
 
@@ -122,7 +130,9 @@ def test_no_load_report_or_bars_off_a_terminal(tmp_path, teachers_dir, corpus_di
     # head): it is a fine teacher, and exactly what transformers writes a load report about.
     pretraining = tmp_path / "pretraining"
     BertForPreTraining.from_pretrained(teachers_dir / "de_bert").save_pretrained(pretraining)
-    done = cache_in_a_process(tmp_path, teachers_dir, corpus_dir, {"model": str(pretraining), "tokenizer": str(teachers_dir / "de_bert")})
+    done = cache_in_a_process(
+        tmp_path, teachers_dir, corpus_dir, {"model": str(pretraining), "tokenizer": str(teachers_dir / "de_bert")}
+    )
     assert done.returncode == 0, done.stderr
     console = done.stdout + done.stderr
     for noise in ("Loading weights", "LOAD REPORT", "UNEXPECTED", "[transformers]"):
@@ -143,7 +153,10 @@ def remote_code_checkpoint(source: Path, target: Path) -> Path:
     config.update(
         model_type="tiny-remote",
         architectures=["TinyRemoteForMaskedLM"],
-        auto_map={"AutoConfig": "tiny_remote.TinyRemoteConfig", "AutoModelForMaskedLM": "tiny_remote.TinyRemoteForMaskedLM"},
+        auto_map={
+            "AutoConfig": "tiny_remote.TinyRemoteConfig",
+            "AutoModelForMaskedLM": "tiny_remote.TinyRemoteForMaskedLM",
+        },
     )
     (target / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return target
@@ -153,11 +166,18 @@ def test_remote_code_runs_only_when_the_teacher_allows_it(tmp_path, teachers_dir
     remote = remote_code_checkpoint(teachers_dir / "de_bert", tmp_path / "remote")
     config = cache_config(teachers_dir, corpus_dir)
     config["teachers"][0]["model"] = str(remote)
-    assert_one_line_error(run(tmp_path, config), tmp_path / "out", "needs its own Python code to load (set trust_remote_code: true")
+    assert_one_line_error(
+        run(tmp_path, config), tmp_path / "out", "needs its own Python code to load (set trust_remote_code: true"
+    )
 
     # transformers copies the code into its modules cache: keep that inside the test's folder.
-    done = cache_in_a_process(tmp_path / "allowed", teachers_dir, corpus_dir, {"model": str(remote), "trust_remote_code": True},
-                              HF_MODULES_CACHE=str(tmp_path / "modules"))
+    done = cache_in_a_process(
+        tmp_path / "allowed",
+        teachers_dir,
+        corpus_dir,
+        {"model": str(remote), "trust_remote_code": True},
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+    )
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "allowed" / "out" / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["teachers"]["t"]["architecture"] == "TinyRemoteForMaskedLM"

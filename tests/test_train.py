@@ -14,14 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import free_port, train_config, write_config
+
 from mdkd.cli import cli
 from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.distill.config import StudentConfig
 from mdkd.pipeline.distill.data import Sampler, Stream, language_probabilities
 from mdkd.pipeline.distill.student import build_student
-from mdkd.pipeline.distill.config import StudentConfig
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, build_alignment
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -29,7 +29,9 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 
 def train(tmp_path: Path, cache: Path, config: dict, out: str = "run", *extra: str):
     path = write_config(tmp_path / f"{out}.yaml", config)
-    return CliRunner().invoke(cli, ["train", "--config", str(path), "--cache", str(cache), "--out", str(tmp_path / out), *extra])
+    return CliRunner().invoke(
+        cli, ["train", "--config", str(path), "--cache", str(cache), "--out", str(tmp_path / out), *extra]
+    )
 
 
 def metrics(run: Path) -> list[dict]:
@@ -45,8 +47,17 @@ def alignment(training_cache) -> Alignment:
 
 
 def _stream(cache: Path, alignment: Alignment, teacher: str, language: str, seed: int = 0, top_k: int = 5) -> Stream:
-    return Stream(CacheReader(cache), teacher, language, seed, 0.1, top_k, None, alignment.input_map(teacher),
-                  alignment.id_maps[teacher])
+    return Stream(
+        CacheReader(cache),
+        teacher,
+        language,
+        seed,
+        0.1,
+        top_k,
+        None,
+        alignment.input_map(teacher),
+        alignment.id_maps[teacher],
+    )
 
 
 @pytest.mark.parametrize("teacher", ["de_bert", "multi_xlmr"])
@@ -67,7 +78,9 @@ def test_inputs_labels_and_top_k_are_mapped_into_the_student_vocabulary(training
 
 def test_streams_skip_held_out_documents_and_cover_the_rest_each_epoch(training_cache, alignment):
     stream = _stream(training_cache, alignment, "multi_xlmr", "ru")
-    tables = [pq.read_table(training_cache / s.path, columns=["doc_id"]).column("doc_id").to_pylist() for s in stream.shards]
+    tables = [
+        pq.read_table(training_cache / s.path, columns=["doc_id"]).column("doc_id").to_pylist() for s in stream.shards
+    ]
     training = {(i, r) for i, ids in enumerate(tables) for r, d in enumerate(ids) if not held_out(d, 0.1)}
     assert 0 < len(training) < sum(len(t) for t in tables), "some, not all, documents are held out"
     first_epoch = [stream.next_row() for _ in range(len(training))]
@@ -78,9 +91,16 @@ def test_streams_skip_held_out_documents_and_cover_the_rest_each_epoch(training_
 
 def test_sampler_state_restores_the_same_examples(training_cache, alignment):
     def sampler():
-        streams = {s.key: s for s in (_stream(training_cache, alignment, t, l) for t, l in
-                                      [("de_bert", "de"), ("multi_xlmr", "de"), ("multi_xlmr", "ru")])}
-        return Sampler(streams, {"de": 0.6, "ru": 0.4}, {"de": {"de_bert": 1.0, "multi_xlmr": 3.0}, "ru": {"multi_xlmr": 1.0}}, 0)
+        streams = {
+            s.key: s
+            for s in (
+                _stream(training_cache, alignment, t, language)
+                for t, language in [("de_bert", "de"), ("multi_xlmr", "de"), ("multi_xlmr", "ru")]
+            )
+        }
+        return Sampler(
+            streams, {"de": 0.6, "ru": 0.4}, {"de": {"de_bert": 1.0, "multi_xlmr": 3.0}, "ru": {"multi_xlmr": 1.0}}, 0
+        )
 
     first = sampler()
     first.draw(37)
@@ -109,7 +129,16 @@ def test_training_writes_a_run_that_loads_and_fills_masks(training_cache, tmp_pa
     assert {"lr", "alpha", "loss", "kd_loss", "mlm_loss", "per_language", "tokens_per_second"} <= set(lines[0])
     assert lines[0]["alpha"] == 1.0 and lines[-1]["alpha"] == pytest.approx(1 - 7 / 8)
     # Warm-up 0.1 of 8 steps rounds to 1 step: the first step already learns, then lr decays linearly.
-    assert [round(m["lr"] / 2e-3, 6) for m in lines] == [1.0, 1.0, round(6 / 7, 6), round(5 / 7, 6), round(4 / 7, 6), round(3 / 7, 6), round(2 / 7, 6), round(1 / 7, 6)]
+    assert [round(m["lr"] / 2e-3, 6) for m in lines] == [
+        1.0,
+        1.0,
+        round(6 / 7, 6),
+        round(5 / 7, 6),
+        round(4 / 7, 6),
+        round(3 / 7, 6),
+        round(2 / 7, 6),
+        round(1 / 7, 6),
+    ]
     assert set(lines[0]["per_language"]) <= {"de", "ru"}
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step-0000004", "step-0000008"]
     assert json.loads((run / "run.json").read_text())["complete"] is True
@@ -156,7 +185,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(training_cache, tmp_path, 
     assert resumed.exit_code == 0, resumed.output
     again = metrics(crashed)
     assert [m["step"] for m in again] == list(range(1, 9))
-    for a, b in zip(full[4:], again[4:]):
+    for a, b in zip(full[4:], again[4:], strict=False):
         for key in ("loss", "kd_loss", "mlm_loss", "lr", "alpha"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
@@ -168,10 +197,18 @@ def test_a_checkpoint_of_another_config_is_refused(training_cache, tmp_path):
     assert train(tmp_path, training_cache, config).exit_code == 0
     assert train(tmp_path, training_cache, other, "other").exit_code == 0
     crashed = _crashed_copy(tmp_path / "run", tmp_path / "crashed", metrics(tmp_path / "run"))
-    result = train(tmp_path, training_cache, config, "crashed", "--resume", str(tmp_path / "other" / "checkpoints" / "step-0000004"))
+    result = train(
+        tmp_path,
+        training_cache,
+        config,
+        "crashed",
+        "--resume",
+        str(tmp_path / "other" / "checkpoints" / "step-0000004"),
+    )
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: checkpoint in {tmp_path / 'other' / 'checkpoints'} was written by a different config (start a new run instead)"
+        f"error: checkpoint in {tmp_path / 'other' / 'checkpoints'} was written by a different config "
+        "(start a new run instead)"
     ]
     assert not (crashed / "student").exists()
 
@@ -185,15 +222,34 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(training_cache, tmp
     env.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     path = write_config(tmp_path / "two.yaml", config)
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "mdkd", "train", "--config", str(path), "--cache", str(training_cache),
-         "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "mdkd",
+            "train",
+            "--config",
+            str(path),
+            "--cache",
+            str(training_cache),
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["masked_positions"] for m in one] == [m["masked_positions"] for m in two]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=False):
         # Tolerance: the two set-ups add the same gradients in a different order (float32 reduction).
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
         assert a["kd_loss"] == pytest.approx(b["kd_loss"], abs=1e-4)
@@ -224,7 +280,9 @@ def test_student_learns_to_agree_with_its_teacher(training_cache, tmp_path):
     run = tmp_path / "run"
     alignment = Alignment.load(run / "vocab", ["de_bert"])
     cache = CacheReader(training_cache)
-    stream = Stream(cache, "de_bert", "de", 0, 0.0, 8, None, alignment.input_map("de_bert"), alignment.id_maps["de_bert"])
+    stream = Stream(
+        cache, "de_bert", "de", 0, 0.0, 8, None, alignment.input_map("de_bert"), alignment.id_maps["de_bert"]
+    )
     settings = StudentConfig(preset="tiny", hidden_size=64, intermediate_size=128, dropout=0.1)
     initial = build_student(settings, len(alignment.tokens), cache.manifest.max_length, seed=0).eval()
     trained = build_student(settings, len(alignment.tokens), cache.manifest.max_length, seed=0)
@@ -243,11 +301,11 @@ def test_zero_stages_train_like_stage_0_and_export(training_cache, tmp_path, zer
     assert train(tmp_path, training_cache, base, "stage0").exit_code == 0
     result = train(tmp_path, training_cache, {**base, "zero_stage": zero_stage}, f"stage{zero_stage}")
     assert result.exit_code == 0, result.output
-    for a, b in zip(metrics(tmp_path / "stage0"), metrics(tmp_path / f"stage{zero_stage}")):
+    for a, b in zip(metrics(tmp_path / "stage0"), metrics(tmp_path / f"stage{zero_stage}"), strict=False):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)  # seen: within 5e-7 over 60 steps
     from transformers import AutoModelForMaskedLM
 
     exported = AutoModelForMaskedLM.from_pretrained(tmp_path / f"stage{zero_stage}" / "student")
     reference = AutoModelForMaskedLM.from_pretrained(tmp_path / "stage0" / "student")
-    for (name, p), (_, q) in zip(exported.named_parameters(), reference.named_parameters()):
+    for (name, p), (_, q) in zip(exported.named_parameters(), reference.named_parameters(), strict=False):
         assert p.shape == q.shape and torch.allclose(p, q, atol=1e-4), name

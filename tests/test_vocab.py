@@ -20,9 +20,9 @@ from mdkd.pipeline.distill.vocab import (
     Canonicaliser,
     Family,
     TeacherVocabulary,
+    TokenTally,
     build_alignment,
     map_by_canonical,
-    TokenTally,
     teacher_token_shares,
     why_never_emitted,
 )
@@ -32,15 +32,23 @@ FAMILIES = ("wordpiece", "unigram", "bytelevel")
 # Chinese text, so that every family holds CJK pieces: WordPiece as words of their own, Unigram and byte-level
 # BPE glued to their neighbours (the latter also as byte fragments).
 CHINESE = [
-    "我们今天去公园散步。", "他在图书馆读书，她在家里写信。", "这本书很好看，我已经读了两遍。",
-    "天气很好，我们去河边走走吧！", "学生们在教室里学习中文。",
+    "我们今天去公园散步。",
+    "他在图书馆读书，她在家里写信。",
+    "这本书很好看，我已经读了两遍。",
+    "天气很好，我们去河边走走吧！",
+    "学生们在教室里学习中文。",
 ]
 # Text for the student tokenizer: the training text plus what its normaliser and pre-tokenizer treat specially.
 PROBES = [
-    "Hello, world! It's 5€ (or $5) -- see https://example.org/a_b?c=d&e.", "中文 English, 混合。我们！",
+    "Hello, world! It's 5€ (or $5) -- see https://example.org/a_b?c=d&e.",
+    "中文 English, 混合。我们！",
     "tab\there, zero\u200bwidth, soft\u00adhyphen, NUL\x00, replacement \ufffd, ▁ literal, «quotes» … and ‰",
-    "THE The the İstanbul ÄÖÜ straße", "a" * (MAX_WORD_CHARS + 1), "b" * MAX_WORD_CHARS, "x" + "y" * (MAX_WORD_CHARS - 1),
-    "u\u0308ber über", "[MASK] [CLS] [de_bert:unused3] <0xE2> ##ing",
+    "THE The the İstanbul ÄÖÜ straße",
+    "a" * (MAX_WORD_CHARS + 1),
+    "b" * MAX_WORD_CHARS,
+    "x" + "y" * (MAX_WORD_CHARS - 1),
+    "u\u0308ber über",
+    "[MASK] [CLS] [de_bert:unused3] <0xE2> ##ing",
 ]
 
 
@@ -56,7 +64,9 @@ def trained_tokenizers(tmp_path_factory) -> dict:
 def trained(trained_tokenizers) -> dict[str, TeacherVocabulary]:
     """The three families read back the way stage two reads a cache's tokenizer copies."""
     return {
-        family: TeacherVocabulary.from_tokenizer_file(family, folder / "tokenizer.json", len(tokenizer), special_token_ids(tokenizer))
+        family: TeacherVocabulary.from_tokenizer_file(
+            family, folder / "tokenizer.json", len(tokenizer), special_token_ids(tokenizer)
+        )
         for family, (tokenizer, folder) in trained_tokenizers.items()
     }
 
@@ -68,12 +78,16 @@ def union(trained) -> Alignment:
 
 def test_families_are_detected(trained):
     assert {name: v.family.name for name, v in trained.items()} == {
-        "wordpiece": "wordpiece", "unigram": "sentencepiece", "bytelevel": "bytelevel"
+        "wordpiece": "wordpiece",
+        "unigram": "sentencepiece",
+        "bytelevel": "bytelevel",
     }
 
 
 def test_whole_words_and_continuations_meet_in_one_canonical_form(trained):
-    shared = set(trained["wordpiece"].canonical) & set(trained["unigram"].canonical) & set(trained["bytelevel"].canonical)
+    shared = (
+        set(trained["wordpiece"].canonical) & set(trained["unigram"].canonical) & set(trained["bytelevel"].canonical)
+    )
     # Frequent whole words of the text are word-start tokens in all three families.
     assert "the" in shared
     assert sum(1 for t in shared if t.isalpha() and len(t) > 1) >= 5
@@ -81,7 +95,11 @@ def test_whole_words_and_continuations_meet_in_one_canonical_form(trained):
     assert set(STUDENT_SPECIALS) <= shared
 
 
-WORDPIECE, SENTENCEPIECE, BYTELEVEL = Family("wordpiece", "##", False), Family("sentencepiece", "▁", False), Family("bytelevel", "", False)
+WORDPIECE, SENTENCEPIECE, BYTELEVEL = (
+    Family("wordpiece", "##", False),
+    Family("sentencepiece", "▁", False),
+    Family("bytelevel", "", False),
+)
 
 
 @pytest.mark.parametrize(
@@ -157,12 +175,19 @@ def test_punctuation_and_cjk_pieces_share_one_student_id(trained_tokenizers, uni
         for family, by_text in pieces.items():
             student_ids |= {int(union.id_maps[family][teacher_id]) for teacher_id in by_text.get(character, [])}
             forms_seen[family] += len(by_text.get(character, []))
-        assert student_ids <= {student.convert_tokens_to_ids(character)}, (character, [union.tokens[i] for i in student_ids])
+        assert student_ids <= {student.convert_tokens_to_ids(character)}, (
+            character,
+            [union.tokens[i] for i in student_ids],
+        )
         assert student.tokenize(f"a{character}a") == ["a", character, "a"]
     # Not vacuous: each family spells these characters, byte-level BPE in both forms (`æĪĳ`, `ĠæĪĳ`: 我).
     assert all(forms_seen[family] >= 5 for family in FAMILIES), forms_seen
     bytelevel = trained_tokenizers["bytelevel"][0].get_vocab()
-    assert union.id_maps["bytelevel"][bytelevel["æĪĳ"]] == union.id_maps["bytelevel"][bytelevel["ĠæĪĳ"]] == union.tokens.index("我")
+    assert (
+        union.id_maps["bytelevel"][bytelevel["æĪĳ"]]
+        == union.id_maps["bytelevel"][bytelevel["ĠæĪĳ"]]
+        == union.tokens.index("我")
+    )
 
 
 def test_lone_word_boundaries_become_one_token(trained_tokenizers, union):
@@ -189,8 +214,23 @@ def test_never_emitted_tokens_are_only_the_documented_kinds(union):
 
 def _union_with_extras(union: Alignment) -> list[str]:
     """The trained union plus tokens at the edges of the rules: case, length limit, symbols inside words."""
-    extras = ["The", "THE", "İstanbul", "a" * (MAX_WORD_CHARS + 1), "b" * MAX_WORD_CHARS, "##" + "y" * (MAX_WORD_CHARS - 1),
-              "##" + "y" * MAX_WORD_CHARS, "€", "##€", "x", "5", "##\u0308", "straße", "über", "▁"]
+    extras = [
+        "The",
+        "THE",
+        "İstanbul",
+        "a" * (MAX_WORD_CHARS + 1),
+        "b" * MAX_WORD_CHARS,
+        "##" + "y" * (MAX_WORD_CHARS - 1),
+        "##" + "y" * MAX_WORD_CHARS,
+        "€",
+        "##€",
+        "x",
+        "5",
+        "##\u0308",
+        "straße",
+        "über",
+        "▁",
+    ]
     return union.tokens + [token for token in extras if token not in union.tokens]
 
 
@@ -243,7 +283,9 @@ def test_id_maps_round_trip_and_specials_unify(trained, tmp_path):
     assert loaded.tokens == alignment.tokens
     assert all(np.array_equal(loaded.id_maps[n], alignment.id_maps[n]) for n in trained)
     stats = json.loads((tmp_path / "vocab" / "stats.json").read_text())
-    assert stats["shared_tokens"]["wordpiece"]["unigram"] == len(set(trained["wordpiece"].canonical) & set(trained["unigram"].canonical))
+    assert stats["shared_tokens"]["wordpiece"]["unigram"] == len(
+        set(trained["wordpiece"].canonical) & set(trained["unigram"].canonical)
+    )
     assert stats["lowercase"] is False
 
 
@@ -256,7 +298,9 @@ def test_size_cap_keeps_the_most_frequent_tokens(trained):
     ids = alignment.id_maps["wordpiece"]
     assert ids[vocabulary.canonical.index(words[0])] == DROPPED
     assert alignment.input_map("wordpiece")[vocabulary.canonical.index(words[0])] == alignment.unk_id
-    assert alignment.stats["teachers"]["wordpiece"]["tokens_dropped"] == len(vocabulary.canonical) - len(alignment.tokens)
+    assert alignment.stats["teachers"]["wordpiece"]["tokens_dropped"] == len(vocabulary.canonical) - len(
+        alignment.tokens
+    )
 
 
 def test_teacher_token_shares_on_a_hand_made_case():
@@ -275,7 +319,9 @@ def test_teacher_token_shares_on_a_hand_made_case():
     assert shares["input_tokens"] == 100 and shares["positions"] == 2
     assert shares["topk_mass"] == pytest.approx(0.9) and shares["mass_dropped"] == pytest.approx(0.05)
     assert shares["input"] == pytest.approx({"shared": 0.6, "never_emitted": 0.15, "dropped": 0.05, "special": 0.2})
-    assert shares["topk"] == pytest.approx({"shared": 1.1 / 1.8, "never_emitted": 0.5 / 1.8, "dropped": 0.1 / 1.8, "special": 0.1 / 1.8})
+    assert shares["topk"] == pytest.approx(
+        {"shared": 1.1 / 1.8, "never_emitted": 0.5 / 1.8, "dropped": 0.1 / 1.8, "special": 0.1 / 1.8}
+    )
     # wp shares `the` and `##s` with sp; its `cat` is its own.
     wp_tally = TokenTally(np.array([0, 0, 1, 1, 0, 4, 3, 1]), np.array([0, 0, 0, 0, 0, 0.25, 0.5, 0]), positions=1)
     wp_shares = teacher_token_shares(alignment, "wp", wp_tally)

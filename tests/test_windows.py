@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_documents, sentences
+
+from mdkd.demo.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
 from mdkd.pipeline.teacher_pass.config import MaskingConfig
 from mdkd.pipeline.teacher_pass.corpus import Document
 from mdkd.pipeline.teacher_pass.masking import Masker
 from mdkd.pipeline.teacher_pass.teachers import ADAPTERS
-from mdkd.demo.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
 from mdkd.pipeline.teacher_pass.windows import length_batches, padded_inputs, prepare_unit
 
 
@@ -27,7 +27,9 @@ def unigram(tmp_path_factory):
 @pytest.mark.parametrize("max_length", [8, 17, 64])
 def test_windows_cover_every_token_of_every_document(wordpiece, max_length):
     documents = [Document(f"de:x:{i}", text) for i, text in enumerate(make_documents("de", 12))]
-    masker = Masker(MaskingConfig(probability=0.5), wordpiece.mask_token_id, set(wordpiece.all_special_ids), len(wordpiece))
+    masker = Masker(
+        MaskingConfig(probability=0.5), wordpiece.mask_token_id, set(wordpiece.all_special_ids), len(wordpiece)
+    )
     unit = prepare_unit(documents, wordpiece, masker, max_length, copies=1)
     special = set(wordpiece.all_special_ids)
     for document in documents:

@@ -71,12 +71,15 @@ def fetch_packages(languages: list[str], folder: Path) -> dict[str, list[tuple[S
     left with none is an error."""
     unknown = [language for language in languages if language not in SOURCES]
     if unknown:
-        raise UserError(f"no Debian packages known for {unknown} (known: {', '.join(SOURCES)}); give --corpus DIR "
-                        "instead")
+        raise UserError(
+            f"no Debian packages known for {unknown} (known: {', '.join(SOURCES)}); give --corpus DIR instead"
+        )
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
-            raise UserError(f"this machine has no {tool}, so the demo cannot fetch Debian's packages: give --corpus "
-                            "DIR with one <language>.txt file per language (one document per line)")
+            raise UserError(
+                f"this machine has no {tool}, so the demo cannot fetch Debian's packages: give --corpus "
+                "DIR with one <language>.txt file per language (one document per line)"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     packages = sorted({source.package for language in languages for source in SOURCES[language]})
     missing = [package for package in packages if not (folder / package / "usr").exists()]
@@ -98,17 +101,26 @@ def fetch_packages(languages: list[str], folder: Path) -> dict[str, list[tuple[S
         done = subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch)], capture_output=True, text=True)
         if done.returncode != 0:
             deb.unlink()  # most likely cut short while downloading: the next run fetches it again
-            raise UserError(f"dpkg-deb could not unpack {deb.name} ({done.stderr.strip()}); it is deleted, run the "
-                            "demo again")
+            raise UserError(
+                f"dpkg-deb could not unpack {deb.name} ({done.stderr.strip()}); it is deleted, run the demo again"
+            )
         shutil.rmtree(folder / package, ignore_errors=True)
         scratch.rename(folder / package)  # a package counts as unpacked only once it is whole
-    roots = {language: [(source, folder / source.package) for source in SOURCES[language]
-                        if (folder / source.package / "usr").exists()] for language in languages}
+    roots = {
+        language: [
+            (source, folder / source.package)
+            for source in SOURCES[language]
+            if (folder / source.package / "usr").exists()
+        ]
+        for language in languages
+    }
     empty = [language for language, found in roots.items() if not found]
     if empty:
         names = " ".join(source.package for language in empty for source in SOURCES[language])
-        raise UserError(f"apt-get download {names} failed ({failure or 'no output'}); apt's package lists may be "
-                        "empty: run `apt-get update` as root, or give --corpus DIR")
+        raise UserError(
+            f"apt-get download {names} failed ({failure or 'no output'}); apt's package lists may be "
+            "empty: run `apt-get update` as root, or give --corpus DIR"
+        )
     return roots
 
 
@@ -147,17 +159,92 @@ def _fortune_files(base: Path) -> Iterator[Path]:
 # Manual pages (roff)
 
 _SPECIAL = {
-    "lq": "“", "rq": "”", "oq": "‘", "cq": "’", "aq": "'", "dq": '"', "em": "—", "en": "–", "hy": "-", "bu": "•",
-    "co": "©", "rg": "®", "tm": "™", "de": "°", "mu": "×", "di": "÷", "+-": "±", ">=": "≥", "<=": "≤", "!=": "≠",
-    "->": "→", "<-": "←", "ua": "↑", "da": "↓", "ss": "ß", ":a": "ä", ":o": "ö", ":u": "ü", ":A": "Ä", ":O": "Ö",
-    ":U": "Ü", "Fo": "«", "Fc": "»", "fo": "‹", "fc": "›", "Bq": "„", "bq": "‚", "rs": "\\", "ti": "~", "ha": "^",
-    "ga": "`", "sl": "/", "ba": "|", "or": "|", "ul": "_", "sc": "§", "ps": "¶", "dg": "†", "Eu": "€", "eu": "€",
-    "Po": "£", "Ye": "¥", "ct": "¢", "12": "½", "14": "¼", "34": "¾", "'e": "é", "`e": "è", "^e": "ê", "'a": "á",
-    "`a": "à", "^a": "â", ",c": "ç", "~n": "ñ", "'o": "ó", "'i": "í", "'u": "ú", "pl": "+", "mi": "-", "eq": "=",
+    "lq": "“",
+    "rq": "”",
+    "oq": "‘",
+    "cq": "’",
+    "aq": "'",
+    "dq": '"',
+    "em": "—",
+    "en": "–",
+    "hy": "-",
+    "bu": "•",
+    "co": "©",
+    "rg": "®",
+    "tm": "™",
+    "de": "°",
+    "mu": "×",
+    "di": "÷",
+    "+-": "±",
+    ">=": "≥",
+    "<=": "≤",
+    "!=": "≠",
+    "->": "→",
+    "<-": "←",
+    "ua": "↑",
+    "da": "↓",
+    "ss": "ß",
+    ":a": "ä",
+    ":o": "ö",
+    ":u": "ü",
+    ":A": "Ä",
+    ":O": "Ö",
+    ":U": "Ü",
+    "Fo": "«",
+    "Fc": "»",
+    "fo": "‹",
+    "fc": "›",
+    "Bq": "„",
+    "bq": "‚",
+    "rs": "\\",
+    "ti": "~",
+    "ha": "^",
+    "ga": "`",
+    "sl": "/",
+    "ba": "|",
+    "or": "|",
+    "ul": "_",
+    "sc": "§",
+    "ps": "¶",
+    "dg": "†",
+    "Eu": "€",
+    "eu": "€",
+    "Po": "£",
+    "Ye": "¥",
+    "ct": "¢",
+    "12": "½",
+    "14": "¼",
+    "34": "¾",
+    "'e": "é",
+    "`e": "è",
+    "^e": "ê",
+    "'a": "á",
+    "`a": "à",
+    "^a": "â",
+    ",c": "ç",
+    "~n": "ñ",
+    "'o": "ó",
+    "'i": "í",
+    "'u": "ú",
+    "pl": "+",
+    "mi": "-",
+    "eq": "=",
 }
-_STRINGS = {"lq": "“", "rq": "”", 'L"': "“", 'R"': "”", "C'": "'", "C`": "'", "Aq": "'", "C+": "C++", "--": "—",
-            "Tm": "™", "R": "®"}
-_ESCAPE = re.compile(r"""\\(?:
+_STRINGS = {
+    "lq": "“",
+    "rq": "”",
+    'L"': "“",
+    'R"': "”",
+    "C'": "'",
+    "C`": "'",
+    "Aq": "'",
+    "C+": "C++",
+    "--": "—",
+    "Tm": "™",
+    "R": "®",
+}
+_ESCAPE = re.compile(
+    r"""\\(?:
       (?P<font>f(?:\[[^\]]*\]|\(..|.))
     | (?P<size>s(?:[-+]?\([0-9]{2}|[-+]?\[[^\]]*\]|[-+]?'[^']*'|[-+]?[0-9]))
     | \*(?:\[(?P<string_long>[^\]\s]*)[^\]]*\]|\((?P<string2>..)|(?P<string1>.))
@@ -168,10 +255,40 @@ _ESCAPE = re.compile(r"""\\(?:
     | (?P<colour>[mMFY](?:\[[^\]]*\]|\(..|.))
     | (?P<mark>k.)
     | (?P<char>.)
-    )""", re.VERBOSE)
-_CHARS = {"-": "-", "e": "\\", "\\": "\\", " ": " ", "~": " ", "0": " ", "t": " ", ".": ".", "'": "'", "`": "`",
-          "_": "_", "(": "(", "%": "", "&": "", "|": "", "^": "", ")": "", ":": "", "/": "", ",": "", "c": "",
-          "p": "", "a": "", "d": "", "u": "", "r": "", "z": "", "{": "", "}": ""}
+    )""",
+    re.VERBOSE,
+)
+_CHARS = {
+    "-": "-",
+    "e": "\\",
+    "\\": "\\",
+    " ": " ",
+    "~": " ",
+    "0": " ",
+    "t": " ",
+    ".": ".",
+    "'": "'",
+    "`": "`",
+    "_": "_",
+    "(": "(",
+    "%": "",
+    "&": "",
+    "|": "",
+    "^": "",
+    ")": "",
+    ":": "",
+    "/": "",
+    ",": "",
+    "c": "",
+    "p": "",
+    "a": "",
+    "d": "",
+    "u": "",
+    "r": "",
+    "z": "",
+    "{": "",
+    "}": "",
+}
 
 
 def _escape(match: re.Match) -> str:
@@ -199,22 +316,70 @@ def roff_text(line: str) -> str:
 
 def _macro_arguments(text: str) -> list[str]:
     """A macro's arguments: words, or double-quoted strings (with `""` for a quote inside)."""
-    return [match.group(1).replace('""', '"') if match.group(1) is not None else match.group(2)
-            for match in re.finditer(r'"((?:[^"]|"")*)"?|(\S+)', text)]
+    return [
+        match.group(1).replace('""', '"') if match.group(1) is not None else match.group(2)
+        for match in re.finditer(r'"((?:[^"]|"")*)"?|(\S+)', text)
+    ]
 
 
 # Skipped blocks: their first macro and the macro that ends them.
-_SKIP_UNTIL = {"TS": "TE", "EX": "EE", "nf": "fi", "EQ": "EN", "PS": "PE", "SY": "YS", "de": "..", "de1": "..",
-               "am": "..", "ig": "..", "ds1": ".."}
+_SKIP_UNTIL = {
+    "TS": "TE",
+    "EX": "EE",
+    "nf": "fi",
+    "EQ": "EN",
+    "PS": "PE",
+    "SY": "YS",
+    "de": "..",
+    "de1": "..",
+    "am": "..",
+    "ig": "..",
+    "ds1": "..",
+}
 # Macros whose arguments are running text: `alternating` ones join their arguments without spaces.
 _FONT_MACROS = {"B", "I", "SM", "SB", "R"}
 _ALTERNATING = {"BR", "BI", "IB", "IR", "RB", "RI"}
 # mdoc's inline macros: their arguments are text, other macro names among them are dropped.
-_MDOC_INLINE = set("Nm Fl Ar Xr Pa Em Sy Dq Sq Ql Va Cm Ev Li Ic Dv Er Fn Fa Ft Ad Ms Ux Bx At Op Oo Oc Qq Pq Aq "
-                   "Brq Bq No Ns Tn Lk Mt Cd Ot St Dl Nd".split())
+_MDOC_INLINE = set(
+    "Nm Fl Ar Xr Pa Em Sy Dq Sq Ql Va Cm Ev Li Ic Dv Er Fn Fa Ft Ad Ms Ux Bx At Op Oo Oc Qq Pq Aq "
+    "Brq Bq No Ns Tn Lk Mt Cd Ot St Dl Nd".split()
+)
 # Macros that change only the look of the text: no paragraph break, nothing to read.
-_LOOK_ONLY = {"", "ad", "na", "hy", "nh", "ft", "ps", "ll", "ta", "ds", "nr", "ne", "so", "cs", "ss", "ev", "hw", "lf",
-              "tr", "fam", "mso", "pc", "PD", "UR", "MT", "cu", "ul", "lg", "DT", "TH", "Dd", "Dt", "Os"}
+_LOOK_ONLY = {
+    "",
+    "ad",
+    "na",
+    "hy",
+    "nh",
+    "ft",
+    "ps",
+    "ll",
+    "ta",
+    "ds",
+    "nr",
+    "ne",
+    "so",
+    "cs",
+    "ss",
+    "ev",
+    "hw",
+    "lf",
+    "tr",
+    "fam",
+    "mso",
+    "pc",
+    "PD",
+    "UR",
+    "MT",
+    "cu",
+    "ul",
+    "lg",
+    "DT",
+    "TH",
+    "Dd",
+    "Dt",
+    "Os",
+}
 
 
 def man_paragraphs(source: str) -> list[str]:
@@ -311,12 +476,60 @@ def _man_files(base: Path) -> Iterator[Path]:
 # LibreOffice's help (HTML)
 
 _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
-_BLOCK = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "li", "td", "th", "tr", "table", "div", "ul", "ol", "dl", "dt",
-          "dd", "pre", "blockquote", "section", "header", "footer", "body"}
-_SKIP_TAGS = {"head", "script", "style", "header", "footer", "aside", "nav", "pre", "code", "noscript", "title",
-              "button", "label", "select", "textarea"}
-_SKIP_CLASSES = {"bascode", "code", "debug", "howtoget", "howtogetheader", "howtogetbody", "related", "relatedtopics",
-                 "relatedbody"}
+_BLOCK = {
+    "p",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "li",
+    "td",
+    "th",
+    "tr",
+    "table",
+    "div",
+    "ul",
+    "ol",
+    "dl",
+    "dt",
+    "dd",
+    "pre",
+    "blockquote",
+    "section",
+    "header",
+    "footer",
+    "body",
+}
+_SKIP_TAGS = {
+    "head",
+    "script",
+    "style",
+    "header",
+    "footer",
+    "aside",
+    "nav",
+    "pre",
+    "code",
+    "noscript",
+    "title",
+    "button",
+    "label",
+    "select",
+    "textarea",
+}
+_SKIP_CLASSES = {
+    "bascode",
+    "code",
+    "debug",
+    "howtoget",
+    "howtogetheader",
+    "howtogetbody",
+    "related",
+    "relatedtopics",
+    "relatedbody",
+}
 # A tag, a comment or a declaration; the text between them is the page's text. (LibreOffice's help pages are
 # generated, regular HTML: a tokenizer this simple reads them, several times faster than html.parser.)
 _MARKUP = re.compile(r"""<(/?)([A-Za-z][A-Za-z0-9]*)((?:[^>"']|"[^"]*"|'[^']*')*)>|<!--.*?-->|<![^>]*>""", re.DOTALL)
@@ -344,7 +557,7 @@ def help_paragraphs(page: str) -> list[str]:
 
     for match in _MARKUP.finditer(page):
         if not hidden and match.start() > position:
-            current.append(page[position:match.start()])
+            current.append(page[position : match.start()])
         position = match.end()
         closing, tag = match.group(1), (match.group(2) or "").lower()
         if not tag:
@@ -363,10 +576,13 @@ def help_paragraphs(page: str) -> list[str]:
             hides = tag in _SKIP_TAGS
             attributes = match.group(3)
             if not hides and ("class" in attributes or "hidden" in attributes):
-                values = {m.group(1).lower(): m.group(2) or m.group(3) or m.group(4) or ""
-                          for m in _ATTRIBUTE.finditer(attributes)}
-                hides = (bool(set(values.get("class", "").split()) & _SKIP_CLASSES)
-                         or ("hidden" in values and not values.get("id", "").startswith("default")))
+                values = {
+                    m.group(1).lower(): m.group(2) or m.group(3) or m.group(4) or ""
+                    for m in _ATTRIBUTE.finditer(attributes)
+                }
+                hides = bool(set(values.get("class", "").split()) & _SKIP_CLASSES) or (
+                    "hidden" in values and not values.get("id", "").startswith("default")
+                )
             stack.append((tag, hides))
             hidden += hides
     if not hidden:
@@ -384,26 +600,30 @@ def _help_files(base: Path) -> Iterator[Path]:
 
 # Short lists of frequent function words, and the letters English lacks. A Latin-script paragraph's evidence for a
 # language is its words on that language's list and not on the rival's, plus its words holding one of the letters.
-STOPWORDS = {language: set(words.split()) for language, words in {
-    "en": "the of and to is that for it with as are be this by or not from at which can you if but have has will "
-          "would should when there their they these those its was were been being than then such into only also "
-          "other more any each all one some what who how where no does do may must used use using file files "
-          "following default option see value set an in on a",
-    "de": "der die das und ist nicht zu den mit sich des auf für im dem ein eine einer eines einem einen es von "
-          "sie wird werden bei oder auch als nach wie aus wenn kann können nur noch wir ich du er über unter "
-          "zum zur diese dieser dieses dass sind wurde wurden haben hat sein seine ihre durch vom mehr alle muss "
-          "soll keine kein dann damit welche jedoch sowie bzw datei dateien angegeben wählen klicken so an in was "
-          "will also option",
-    "es": "el la los las de del que y en un una es por con para se no al lo como más pero sus su le ya o este "
-          "esta son entre cuando muy sin sobre también desde hay donde todo nos durante todos uno les ni otros "
-          "ese eso ante ellos fue puede archivo opción valor",
-    "fr": "le la les de des du et est un une que qui dans pour pas sur au aux ce cette ces il elle ne se sont "
-          "avec par plus ou son sa ses leur été être fait comme mais nous vous peut tout lorsque si sans "
-          "fichier option valeur en",
-}.items()}
+STOPWORDS = {
+    language: set(words.split())
+    for language, words in {
+        "en": "the of and to is that for it with as are be this by or not from at which can you if but have has will "
+        "would should when there their they these those its was were been being than then such into only also "
+        "other more any each all one some what who how where no does do may must used use using file files "
+        "following default option see value set an in on a",
+        "de": "der die das und ist nicht zu den mit sich des auf für im dem ein eine einer eines einem einen es von "
+        "sie wird werden bei oder auch als nach wie aus wenn kann können nur noch wir ich du er über unter "
+        "zum zur diese dieser dieses dass sind wurde wurden haben hat sein seine ihre durch vom mehr alle muss "
+        "soll keine kein dann damit welche jedoch sowie bzw datei dateien angegeben wählen klicken so an in was "
+        "will also option",
+        "es": "el la los las de del que y en un una es por con para se no al lo como más pero sus su le ya o este "
+        "esta son entre cuando muy sin sobre también desde hay donde todo nos durante todos uno les ni otros "
+        "ese eso ante ellos fue puede archivo opción valor",
+        "fr": "le la les de des du et est un une que qui dans pour pas sur au aux ce cette ces il elle ne se sont "
+        "avec par plus ou son sa ses leur été être fait comme mais nous vous peut tout lorsque si sans "
+        "fichier option valeur en",
+    }.items()
+}
 _LETTERS = {"de": re.compile(r"[äöüß]"), "es": re.compile(r"[ñáéíóú¿¡]"), "fr": re.compile(r"[éèêàçùâîôœ]")}
-_EXCLUSIVE = {(language, rival): STOPWORDS[language] - STOPWORDS[rival] for language in STOPWORDS
-              for rival in STOPWORDS}
+_EXCLUSIVE = {
+    (language, rival): STOPWORDS[language] - STOPWORDS[rival] for language in STOPWORDS for rival in STOPWORDS
+}
 
 _WORD = re.compile(r"\b[^\W\d_]+\b")
 _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f][A-Za-z0-9_\u00c0-\u024f]*")  # a word, or an identifier
@@ -548,8 +768,12 @@ def sample(documents: list[str], count: int | None = None, max_bytes: int | None
     return chosen
 
 
-def write_corpus(roots: dict[str, list[tuple[Source, Path]]], out_dir: Path, documents_per_language: int | None = None,
-                 bytes_per_language: int | None = None) -> dict[str, dict]:
+def write_corpus(
+    roots: dict[str, list[tuple[Source, Path]]],
+    out_dir: Path,
+    documents_per_language: int | None = None,
+    bytes_per_language: int | None = None,
+) -> dict[str, dict]:
     """out_dir/<language>.txt, one document per line, at most `documents_per_language` documents and
     `bytes_per_language` bytes each (None: no cap); a paragraph found in two languages is in neither. Returns per
     language the package files read, the documents and bytes written, the distinct usable documents there were,
@@ -569,8 +793,14 @@ def write_corpus(roots: dict[str, list[tuple[Source, Path]]], out_dir: Path, doc
         body = "\n".join(chosen) + "\n"
         (out_dir / f"{language}.txt").write_text(body, encoding="utf-8")
         debs = [(_deb(root.parent, source.package), source.package) for source, root in roots[language]]
-        stats[language] = {"packages": [deb.name if deb else package for deb, package in debs],
-                           "documents": len(chosen), "bytes": len(body.encode()), "available": len(kept),
-                           "paragraphs": text.paragraphs, "too_short_or_code": text.too_short_or_code,
-                           "wrong_language": text.wrong_language, "duplicates": text.duplicates + len(shared)}
+        stats[language] = {
+            "packages": [deb.name if deb else package for deb, package in debs],
+            "documents": len(chosen),
+            "bytes": len(body.encode()),
+            "available": len(kept),
+            "paragraphs": text.paragraphs,
+            "too_short_or_code": text.too_short_or_code,
+            "wrong_language": text.wrong_language,
+            "duplicates": text.duplicates + len(shared),
+        }
     return stats

@@ -32,7 +32,9 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int, out_dir:
         specials = dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
     elif family == "unigram":
         backend = Tokenizer(models.Unigram())
-        backend.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+        )
         backend.pre_tokenizer = pre_tokenizers.Metaspace()
         backend.decoder = decoders.Metaspace()
         trainer = trainers.UnigramTrainer(
@@ -44,7 +46,9 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int, out_dir:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=ROBERTA_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            vocab_size=vocab_size,
+            special_tokens=ROBERTA_SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
     else:
@@ -53,7 +57,9 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int, out_dir:
     if family == "wordpiece":
         cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
         backend.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
     else:
         bos, eos = ("<s>", backend.token_to_id("<s>")), ("</s>", backend.token_to_id("</s>"))
@@ -61,7 +67,12 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int, out_dir:
             single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[bos, eos]
         )
         specials = dict(
-            bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
+            cls_token="<s>",
+            sep_token="</s>",
+            pad_token="<pad>",
+            unk_token="<unk>",
             mask_token="<mask>",
         )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
@@ -72,8 +83,16 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int, out_dir:
 ARCHITECTURES = ("bert", "xlm-roberta", "roberta", "albert", "distilbert", "deberta-v2", "modernbert")
 
 
-def tiny_config(model_type: str, vocab_size: int, pad_token_id: int, hidden: int = 32, layers: int = 2,
-                heads: int = 2, max_positions: int = 512, special_ids: dict[str, int] | None = None):
+def tiny_config(
+    model_type: str,
+    vocab_size: int,
+    pad_token_id: int,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_positions: int = 512,
+    special_ids: dict[str, int] | None = None,
+):
     """A small transformers config of `model_type` whose embedding fits `vocab_size` ids.
 
     `special_ids` (e.g. cls_token_id) overrides the architecture's defaults, which point into its own hub vocabulary.
@@ -83,14 +102,36 @@ def tiny_config(model_type: str, vocab_size: int, pad_token_id: int, hidden: int
 
     common = dict(vocab_size=vocab_size, pad_token_id=pad_token_id)
     sizes = {
-        "distilbert": dict(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=4 * hidden, max_position_embeddings=max_positions),
-        "albert": dict(hidden_size=hidden, embedding_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       intermediate_size=4 * hidden, max_position_embeddings=max_positions),
-        "modernbert": dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                           intermediate_size=4 * hidden, max_position_embeddings=max_positions,
-                           global_attn_every_n_layers=2, local_attention=16),
-    }.get(model_type, dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                           intermediate_size=4 * hidden, max_position_embeddings=max_positions + 2))
+        "distilbert": dict(
+            dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=4 * hidden, max_position_embeddings=max_positions
+        ),
+        "albert": dict(
+            hidden_size=hidden,
+            embedding_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=max_positions,
+        ),
+        "modernbert": dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=max_positions,
+            global_attn_every_n_layers=2,
+            local_attention=16,
+        ),
+    }.get(
+        model_type,
+        dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=max_positions + 2,
+        ),
+    )
     if model_type in ("roberta", "xlm-roberta"):
         common["type_vocab_size"] = 1
     return AutoConfig.for_model(model_type, **common, **sizes, **special_ids)
@@ -116,8 +157,17 @@ def build_masked_lm(model_type: str, tokenizer, out_dir: str | Path | None = Non
     return model
 
 
-def pretrain_masked_lm(model, tokenizer, texts: list[str], steps: int, batch_size: int = 32, lr: float = 1e-3,
-                       max_length: int = 64, seed: int = 0, progress=None) -> list[float]:
+def pretrain_masked_lm(
+    model,
+    tokenizer,
+    texts: list[str],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    max_length: int = 64,
+    seed: int = 0,
+    progress=None,
+) -> list[float]:
     """A short MLM pre-training on `texts` (BERT masking via transformers' collator); returns the losses.
 
     Enough for the demo's teachers to learn their language's frequent words: they then have real knowledge
@@ -141,7 +191,9 @@ def pretrain_masked_lm(model, tokenizer, texts: list[str], steps: int, batch_siz
     for _ in range(steps):
         batch = collator([{"input_ids": encoded[rng.randrange(len(encoded))]} for _ in range(batch_size)])
         # The vocabulary projection only where a token is predicted: about 7x less work than the full head.
-        hidden = getattr(model, adapter.encoder)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        hidden = getattr(model, adapter.encoder)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[
+            0
+        ]
         predicted = batch["labels"] != -100
         loss = torch.nn.functional.cross_entropy(adapter.head(model, hidden[predicted]), batch["labels"][predicted])
         loss.backward()

@@ -153,8 +153,13 @@ def render_table(model: type[BaseModel], anchors: dict[type[BaseModel], str]) ->
     for name, field in model.model_fields.items():
         if not (field.description or "").strip():
             raise ValueError(f"{model.__name__}.{name} has no description: give it Field(..., description=...)")
-        cells = [f"`{name}`", render_type(field.annotation, anchors), render_default(field),
-                 render_constraint(field), field.description.strip()]
+        cells = [
+            f"`{name}`",
+            render_type(field.annotation, anchors),
+            render_default(field),
+            render_constraint(field),
+            field.description.strip(),
+        ]
         # A `|` in a cell, even inside a code span such as a pattern, would end the cell.
         escaped = [cell.replace("|", "\\|") for cell in cells]
         rows.append("|" + "|".join(f" {cell} " if cell else " " for cell in escaped) + "|")

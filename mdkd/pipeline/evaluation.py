@@ -71,8 +71,13 @@ class MetricSums:
         return result
 
 
-def model_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
-               teacher_logprobs: torch.Tensor | None = None, temperatures: list[float] = ()) -> MetricSums:
+def model_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    temperatures: list[float] = (),
+) -> MetricSums:
     """Sums for one batch. labels [N] (-1: the model cannot spell the label; left out), teacher_ids [N, k] in the
     model's ids (-1: no such token), teacher_logprobs [N, k]; top-k masses at each of `temperatures`."""
     logits = logits.float()
@@ -90,8 +95,16 @@ def model_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Te
         sums.agreements = float((predicted[comparable] == teacher_ids[comparable, 0]).sum())
         if comparable.any():
             no_partition = torch.zeros(int(comparable.sum()))  # log sum_j p_j = 0 at tau = 1
-            sums.kl = float(kd_loss(logits[comparable], teacher_ids[comparable], teacher_logprobs[comparable], 1.0,
-                                     missing_mass="rest", teacher_log_partition=no_partition).sum())
+            sums.kl = float(
+                kd_loss(
+                    logits[comparable],
+                    teacher_ids[comparable],
+                    teacher_logprobs[comparable],
+                    1.0,
+                    missing_mass="rest",
+                    teacher_log_partition=no_partition,
+                ).sum()
+            )
         # Each student token once, however many teacher ids map to it; ids the model lacks add nothing.
         covered = torch.zeros_like(logits, dtype=torch.bool)
         covered.scatter_(1, teacher_ids.clamp(min=0), teacher_ids >= 0)
@@ -101,14 +114,22 @@ def model_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Te
     return sums
 
 
-def teacher_sums(topk_ids: np.ndarray, topk_logprobs: np.ndarray, labels: np.ndarray,
-                 log_partitions: np.ndarray | None = None, temperatures: list[float] = ()) -> MetricSums:
+def teacher_sums(
+    topk_ids: np.ndarray,
+    topk_logprobs: np.ndarray,
+    labels: np.ndarray,
+    log_partitions: np.ndarray | None = None,
+    temperatures: list[float] = (),
+) -> MetricSums:
     """A teacher's accuracy, perplexity lower bound and tempered top-k masses from its cache (teacher ids);
     `log_partitions` [N, temperatures] are the cached ones (None in a schema-1 cache: no masses)."""
     hit = topk_ids == labels[:, None]
     label_logprob = np.where(hit.any(axis=1), (topk_logprobs * hit).sum(axis=1), topk_logprobs[:, -1])
-    sums = MetricSums(positions=float(len(labels)), correct=float((topk_ids[:, 0] == labels).sum()),
-                      nll=float(-label_logprob.astype(np.float64).sum()))
+    sums = MetricSums(
+        positions=float(len(labels)),
+        correct=float((topk_ids[:, 0] == labels).sum()),
+        nll=float(-label_logprob.astype(np.float64).sum()),
+    )
     if log_partitions is not None:
         logprobs = topk_logprobs.astype(np.float64)
         for column, tau in enumerate(temperatures):
@@ -125,8 +146,14 @@ class HeldOutWindows:
     rows: list[CachedPredictions] = field(default_factory=list)
 
 
-def held_out_windows(cache: CacheReader, teacher: str, language: str, is_held_out: Callable[[str], bool],
-                     limit: int | None, top_k: int | None = None) -> HeldOutWindows:
+def held_out_windows(
+    cache: CacheReader,
+    teacher: str,
+    language: str,
+    is_held_out: Callable[[str], bool],
+    limit: int | None,
+    top_k: int | None = None,
+) -> HeldOutWindows:
     """Up to `limit` held-out rows of a (teacher, language), in cache order (deterministic)."""
     return HeldOutWindows(teacher, language, list(cache.select_rows(teacher, language, is_held_out, limit, top_k)))
 
@@ -180,29 +207,52 @@ class Comparison:
         result = _side_by_side(model, teacher, sum(self.left_out.values()), sum(self.unk_labels.values()))
         if self.input_tokens:
             result["unknown_input_share"] = self.unknown_inputs / self.input_tokens
-        result["by_kind"] = {kind: _side_by_side(self.model[kind], self.teacher[kind], self.left_out[kind],
-                                                 self.unk_labels[kind]) for kind in KINDS}
+        result["by_kind"] = {
+            kind: _side_by_side(self.model[kind], self.teacher[kind], self.left_out[kind], self.unk_labels[kind])
+            for kind in KINDS
+        }
         return result
 
 
 def _side_by_side(model: MetricSums, teacher: MetricSums, left_out: int, unk_labels: int) -> dict:
-    result = {"positions": int(model.positions), "left_out": int(left_out), "unk_labels": int(unk_labels),
-              "model": model.result(), "teacher": teacher.result()}
+    result = {
+        "positions": int(model.positions),
+        "left_out": int(left_out),
+        "unk_labels": int(unk_labels),
+        "model": model.result(),
+        "teacher": teacher.result(),
+    }
     if model.positions and teacher.correct:
         result["accuracy_ratio"] = model.correct / teacher.correct  # same denominator: the ratio of the accuracies
     return result
 
 
-def score_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray, target_map: np.ndarray,
-                  temperatures: list[float], batch_size: int = 32, pad_id: int = 0) -> tuple[MetricSums, MetricSums]:
+def score_windows(
+    logits_fn,
+    windows: HeldOutWindows,
+    input_map: np.ndarray,
+    target_map: np.ndarray,
+    temperatures: list[float],
+    batch_size: int = 32,
+    pad_id: int = 0,
+) -> tuple[MetricSums, MetricSums]:
     """(model sums, teacher sums) over held-out windows, both on the same positions (see `compare_on_windows`)."""
-    return compare_on_windows(logits_fn, windows, input_map, target_map, temperatures, None, batch_size,
-                              pad_id).totals()
+    return compare_on_windows(
+        logits_fn, windows, input_map, target_map, temperatures, None, batch_size, pad_id
+    ).totals()
 
 
-def compare_on_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray, target_map: np.ndarray,
-                       temperatures: list[float], mask_id: int | None = None, batch_size: int = 32, pad_id: int = 0,
-                       unk_id: int | None = None) -> Comparison:
+def compare_on_windows(
+    logits_fn,
+    windows: HeldOutWindows,
+    input_map: np.ndarray,
+    target_map: np.ndarray,
+    temperatures: list[float],
+    mask_id: int | None = None,
+    batch_size: int = 32,
+    pad_id: int = 0,
+    unk_id: int | None = None,
+) -> Comparison:
     """The model against the teacher on the teacher's held-out windows, position for position.
 
     `logits_fn(input_ids, attention_mask, rows, cols)` gives the model's logits at masked positions; `input_map`
@@ -213,8 +263,9 @@ def compare_on_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray
     comparison = Comparison()
     for start in range(0, len(windows.rows), batch_size):
         rows = windows.rows[start : start + batch_size]
-        examples = [Example.from_cached(windows.language, cached, input_map, target_map, target_map, None)
-                    for cached in rows]
+        examples = [
+            Example.from_cached(windows.language, cached, input_map, target_map, target_map, None) for cached in rows
+        ]
         batch = collate(examples, [windows.language], pad_id)
         with torch.no_grad():
             logits = logits_fn(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"]).float().cpu()
@@ -235,8 +286,22 @@ def compare_on_windows(logits_fn, windows: HeldOutWindows, input_map: np.ndarray
             if not scored.any():
                 continue
             chosen = torch.from_numpy(scored)
-            comparison.model[kind].add(model_sums(logits[chosen], batch["labels"][chosen], batch["topk_ids"][chosen],
-                                                  batch["topk_logprobs"][chosen], temperatures))
-            comparison.teacher[kind].add(teacher_sums(topk_ids[scored], topk_logprobs[scored], labels[scored],
-                                                      None if partitions is None else partitions[scored], temperatures))
+            comparison.model[kind].add(
+                model_sums(
+                    logits[chosen],
+                    batch["labels"][chosen],
+                    batch["topk_ids"][chosen],
+                    batch["topk_logprobs"][chosen],
+                    temperatures,
+                )
+            )
+            comparison.teacher[kind].add(
+                teacher_sums(
+                    topk_ids[scored],
+                    topk_logprobs[scored],
+                    labels[scored],
+                    None if partitions is None else partitions[scored],
+                    temperatures,
+                )
+            )
     return comparison

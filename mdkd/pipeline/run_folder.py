@@ -30,8 +30,17 @@ class FolderClaim:
     record: dict | None  # the existing record, when there is one to finish or to skip
 
 
-def claim_folder(folder: Path, record_name: str, identity: dict, *, what: str, overwrite: bool, resume: bool,
-                 resume_hint: str = "", folder_option: str = "--out") -> FolderClaim:
+def claim_folder(
+    folder: Path,
+    record_name: str,
+    identity: dict,
+    *,
+    what: str,
+    overwrite: bool,
+    resume: bool,
+    resume_hint: str = "",
+    folder_option: str = "--out",
+) -> FolderClaim:
     """Decide what to do with `folder` (see the module docstring); bad cases are UserErrors that say the way out.
 
     `what` names the folder's content in messages ("cache", "run"); `resume_hint` says how to resume when
@@ -52,12 +61,17 @@ def claim_folder(folder: Path, record_name: str, identity: dict, *, what: str, o
         if overwrite:
             return FolderClaim(folder, "replace", None)
         if same:
-            raise UserError(f"{folder} holds an unfinished {what} of this config ({resume_hint}, or pass --overwrite "
-                            "to restart it)")
-        raise UserError(f"{folder} holds a {what} with a different config or inputs (choose another {folder_option}, "
-                        "or pass --overwrite to replace it)")
+            raise UserError(
+                f"{folder} holds an unfinished {what} of this config ({resume_hint}, or pass --overwrite to restart it)"
+            )
+        raise UserError(
+            f"{folder} holds a {what} with a different config or inputs (choose another {folder_option}, "
+            "or pass --overwrite to replace it)"
+        )
     if folder.exists() and any(folder.iterdir()):
-        raise UserError(f"{folder} is not empty and is not an mdkd {what} (choose an empty or new {folder_option} folder)")
+        raise UserError(
+            f"{folder} is not empty and is not an mdkd {what} (choose an empty or new {folder_option} folder)"
+        )
     return FolderClaim(folder, "new", None)
 
 

@@ -35,7 +35,9 @@ def collect(cache_dir: Path) -> Inspection:
     cache = CacheReader(cache_dir)
     temperatures = cache.manifest.temperatures
     vocabularies = {name: TeacherVocabulary.from_cache(cache, name) for name in cache.manifest.teachers}
-    tallies = {name: TokenTally(np.zeros(len(v.canonical)), np.zeros(len(v.canonical)), 0) for name, v in vocabularies.items()}
+    tallies = {
+        name: TokenTally(np.zeros(len(v.canonical)), np.zeros(len(v.canonical)), 0) for name, v in vocabularies.items()
+    }
     sums: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for shard in tqdm(cache.manifest.shards, desc="reading shards", unit="shard", leave=False, disable=None):
         totals = sums[(shard.teacher, shard.language)]
@@ -78,7 +80,8 @@ def collect(cache_dir: Path) -> Inspection:
 def _warnings(rows: list[dict], top_k: int) -> list[str]:
     """One line per (teacher, language) whose cached top-k holds little of the teacher's probability."""
     return [
-        f"warning: the top-{top_k} of {r['teacher']} on {r['language']} holds {r['mean_topk_mass']:.0%} of its probability "
+        f"warning: the top-{top_k} of {r['teacher']} on {r['language']} holds {r['mean_topk_mass']:.0%} of its "
+        "probability "
         "mass: `loss.missing_mass: renormalize` would distort it, and `rest` fixes only the top-k and the total of "
         "everything else (see docs/training.md, 'Choosing k and tau')"
         for r in rows
@@ -90,8 +93,10 @@ def render_shares(shares: dict[str, dict]) -> str:
     """Per teacher: the share of its inputs and of its top-k mass on shared, never-emitted and dropped tokens."""
     lines = ["where each teacher's tokens land in the merged vocabulary of all cached teachers (inputs / top-k mass):"]
     for name, found in shares.items():
-        parts = [f"{kind.replace('_', ' ')} {found['input'][kind]:.1%} / {found['topk'][kind]:.1%}"
-                 for kind in ("shared", "never_emitted", "dropped")]
+        parts = [
+            f"{kind.replace('_', ' ')} {found['input'][kind]:.1%} / {found['topk'][kind]:.1%}"
+            for kind in ("shared", "never_emitted", "dropped")
+        ]
         lines.append(f"  {name}: " + ", ".join(parts))
     return "\n".join(lines)
 
@@ -104,11 +109,18 @@ def render(rows: list[dict]) -> str:
     headers += ["entropy"] if rows and "mean_entropy" in rows[0] else []
     cells = [headers]
     for r in rows:
-        line = [r["teacher"], r["language"], str(r["rows"]), str(r["masked_positions"]), f"{r['bytes_per_position']:.1f}",
-                f"{r['mean_top1_probability']:.3f}", f"{r['mean_topk_mass']:.3f}"]
+        line = [
+            r["teacher"],
+            r["language"],
+            str(r["rows"]),
+            str(r["masked_positions"]),
+            f"{r['bytes_per_position']:.1f}",
+            f"{r['mean_top1_probability']:.3f}",
+            f"{r['mean_topk_mass']:.3f}",
+        ]
         line += [f"{r[key]:.3f}" for key in tempered]
         line += [f"{r['mean_entropy']:.3f}"] if "mean_entropy" in r else []
         cells.append(line)
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip() for row in cells]
     return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])

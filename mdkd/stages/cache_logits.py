@@ -42,7 +42,9 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest |
     # Setup. Everything here is cheap next to the teacher pass and fails before any weights are loaded.
     # Rank 0 reads the corpus once and tells the others what it found.
     summaries = broadcast_from_main(ranks, _scan_corpus(config) if ranks.is_main else None)
-    corpus = {language: list(zip(config.sources_for(language), found)) for language, found in summaries.items()}
+    corpus = {
+        language: list(zip(config.sources_for(language), found, strict=False)) for language, found in summaries.items()
+    }
     teachers = _inspect_teachers(config)
     device = pick_device(config.device, ranks)
     dtype = pick_dtype(config.dtype, device)
@@ -62,12 +64,21 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest |
     # Run. Units (teacher, language, part) are dealt round-robin over ranks in one sequence, so each rank's
     # share is fixed by the corpus alone, shares differ by at most one unit, and a rerun (with any number of
     # ranks) recomputes only what has no marker.
-    parts = {language: -(-sum(c.documents for _, c in corpus[language]) // config.shard_documents) for language in corpus}
-    units = [(name, language, part) for name, info in teachers.items() for language in info.spec.languages for part in range(parts[language])]
+    parts = {
+        language: -(-sum(c.documents for _, c in corpus[language]) // config.shard_documents) for language in corpus
+    }
+    units = [
+        (name, language, part)
+        for name, info in teachers.items()
+        for language in info.spec.languages
+        for part in range(parts[language])
+    ]
     mine = units[ranks.rank :: ranks.world_size]
     writer = BackgroundJobs()
     for name, info in teachers.items():
-        todo = [(l, p) for t, l, p in mine if t == name and mf.read_marker(out_dir, t, l, p) is None]
+        todo = [
+            (language, p) for t, language, p in mine if t == name and mf.read_marker(out_dir, t, language, p) is None
+        ]
         if todo:
             _run_teacher(config, out_dir, info, Teacher(info, device, dtype), todo, writer, ranks)
     writer.close()
@@ -152,9 +163,14 @@ def _start_manifest(out_dir: Path, config: CacheConfig, corpus, teachers: dict[s
         logprobs_dtype=config.logprobs_dtype,
         shard_documents=config.shard_documents,
         corpus=[
-            CorpusEntry(language=language, source=source.description, fingerprint=counts.fingerprint,
-                        documents=counts.documents, skipped_blank_lines=counts.skipped_blank,
-                        skipped_invalid_utf8_lines=counts.skipped_invalid_utf8)
+            CorpusEntry(
+                language=language,
+                source=source.description,
+                fingerprint=counts.fingerprint,
+                documents=counts.documents,
+                skipped_blank_lines=counts.skipped_blank,
+                skipped_invalid_utf8_lines=counts.skipped_invalid_utf8,
+            )
             for language, sources in corpus.items()
             for source, counts in sources
         ],
@@ -185,8 +201,9 @@ def _run_teacher(config: CacheConfig, out_dir: Path, info: TeacherInfo, teacher:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for language, part, documents, unit in prefetch(pending_units()):
         started = time.perf_counter()
-        predictions = score_unit(teacher, unit, config.top_k, config.temperatures, config.batch_tokens,
-                                 config.batch_size)
+        predictions = score_unit(
+            teacher, unit, config.top_k, config.temperatures, config.batch_tokens, config.batch_size
+        )
         table = build_table(unit.rows, language, predictions, config.logprobs_dtype)
         seconds = time.perf_counter() - started
         record = {
@@ -208,11 +225,20 @@ def _write_unit_job(out_dir: Path, table, record: dict, log_path: Path, seconds:
     def job() -> None:
         path = mf.shard_path(record["teacher"], record["language"], record["part"])
         written = write_shard(out_dir, path, table)
-        entry = ShardEntry(**record, path=path, rows=written.rows, masked_positions=written.masked_positions,
-                           bytes=written.bytes, sha256=written.sha256)
+        entry = ShardEntry(
+            **record,
+            path=path,
+            rows=written.rows,
+            masked_positions=written.masked_positions,
+            bytes=written.bytes,
+            sha256=written.sha256,
+        )
         mf.write_marker(out_dir, entry)
-        event = {**entry.model_dump(), "seconds": round(seconds, 4),
-                 "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
+        event = {
+            **entry.model_dump(),
+            "seconds": round(seconds, 4),
+            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        }
         with log_path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(event) + "\n")
 
@@ -233,8 +259,11 @@ def _finish_manifest(out_dir: Path, parts: dict[str, int]) -> Manifest:
     if missing:
         raise RuntimeError(f"{len(missing)} units have no shard after every rank finished, e.g. {missing[0]}")
     manifest.shards = shards
-    manifest.totals = Totals(rows=sum(s.rows for s in shards), masked_positions=sum(s.masked_positions for s in shards),
-                             bytes=sum(s.bytes for s in shards))
+    manifest.totals = Totals(
+        rows=sum(s.rows for s in shards),
+        masked_positions=sum(s.masked_positions for s in shards),
+        bytes=sum(s.bytes for s in shards),
+    )
     manifest.complete = True
     manifest.save(out_dir)
     shutil.rmtree(out_dir / mf.PROGRESS_DIR, ignore_errors=True)

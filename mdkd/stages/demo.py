@@ -53,8 +53,12 @@ class DemoSettings:
     heads: int = 2
 
 
-FULL = DemoSettings(documents=3000, mono_vocab=4000, multi_vocab=12000, mono_steps=400, multi_steps=800, student_steps=600)
-QUICK = DemoSettings(documents=600, mono_vocab=2000, multi_vocab=6000, mono_steps=100, multi_steps=160, student_steps=120)
+FULL = DemoSettings(
+    documents=3000, mono_vocab=4000, multi_vocab=12000, mono_steps=400, multi_steps=800, student_steps=600
+)
+QUICK = DemoSettings(
+    documents=600, mono_vocab=2000, multi_vocab=6000, mono_steps=100, multi_steps=160, student_steps=120
+)
 
 
 def students(languages: list[str]) -> dict[str, dict]:
@@ -73,8 +77,14 @@ def students(languages: list[str]) -> dict[str, dict]:
 RECORD = "demo.json"
 
 
-def run(workdir: Path, corpus_dir: Path | None, quick: bool, settings: DemoSettings | None = None,
-        languages: list[str] | None = None, overwrite: bool = False) -> dict:
+def run(
+    workdir: Path,
+    corpus_dir: Path | None,
+    quick: bool,
+    settings: DemoSettings | None = None,
+    languages: list[str] | None = None,
+    overwrite: bool = False,
+) -> dict:
     from mdkd.stages import cache_logits
 
     settings = settings or (QUICK if quick else FULL)
@@ -82,8 +92,9 @@ def run(workdir: Path, corpus_dir: Path | None, quick: bool, settings: DemoSetti
     # One workdir holds one demo: other settings in the same folder would mix two experiments. A finished or
     # interrupted demo of these settings goes through its steps again, each skipped when its output exists.
     identity = asdict(settings)
-    claim = claim_folder(root, RECORD, identity, what="demo", overwrite=overwrite, resume=True,
-                         folder_option="--workdir")
+    claim = claim_folder(
+        root, RECORD, identity, what="demo", overwrite=overwrite, resume=True, folder_option="--workdir"
+    )
     prepare_folder(claim)
     if claim.action == "new" or claim.action == "replace":
         write_json_atomic(root / RECORD, {"identity": identity, "complete": False})
@@ -96,8 +107,10 @@ def run(workdir: Path, corpus_dir: Path | None, quick: bool, settings: DemoSetti
     cache_config = _write_yaml(root / "configs" / "cache.yaml", _cache_config(root, languages, settings))
     cache_logits.run(cache_config, root / "cache")
     tqdm.write("[4/5] stage two: four students from the one cache, each evaluated; then the report")
-    runs = [(_write_yaml(root / "configs" / f"{name}.yaml", _train_config(choice, settings)), root / "runs" / name)
-            for name, choice in students(languages).items()]
+    runs = [
+        (_write_yaml(root / "configs" / f"{name}.yaml", _train_config(choice, settings)), root / "runs" / name)
+        for name, choice in students(languages).items()
+    ]
     result = train_evaluate_report(runs, cache_dir=root / "cache", report_dir=root / "report")
     tqdm.write("[5/5] summary")
     summary = summarise([run_dir for _, run_dir in runs], languages)
@@ -140,10 +153,24 @@ def _training_texts(corpus: Path, language: str, fraction: float) -> list[str]:
 
 
 def _teachers(root: Path, languages: list[str], settings: DemoSettings) -> None:
-    sizes = dict(hidden=settings.hidden, layers=settings.layers, heads=settings.heads, max_positions=settings.max_length + 2)
+    sizes = dict(
+        hidden=settings.hidden, layers=settings.layers, heads=settings.heads, max_positions=settings.max_length + 2
+    )
     texts = {language: _training_texts(root / "corpus", language, settings.eval_fraction) for language in languages}
-    plan = [(f"{l}_bert", "bert", "wordpiece", texts[l], settings.mono_vocab, settings.mono_steps) for l in languages]
-    plan.append((MULTI, "xlm-roberta", "unigram", [t for l in languages for t in texts[l]], settings.multi_vocab, settings.multi_steps))
+    plan = [
+        (f"{language}_bert", "bert", "wordpiece", texts[language], settings.mono_vocab, settings.mono_steps)
+        for language in languages
+    ]
+    plan.append(
+        (
+            MULTI,
+            "xlm-roberta",
+            "unigram",
+            [t for language in languages for t in texts[language]],
+            settings.multi_vocab,
+            settings.multi_steps,
+        )
+    )
     for index, (name, model_type, family, corpus, vocab, steps) in enumerate(plan):
         final = root / "teachers" / name
         if (final / "config.json").exists():
@@ -153,18 +180,29 @@ def _teachers(root: Path, languages: list[str], settings: DemoSettings) -> None:
         tokenizer = train_tokenizer(family, corpus, vocab, scratch)
         model = build_masked_lm(model_type, tokenizer, seed=index, **sizes)
         with tqdm(total=steps, desc=f"  teacher {name}", unit="step") as progress:
-            pretrain_masked_lm(model, tokenizer, corpus, steps, settings.batch_size, max_length=settings.max_length,
-                               seed=index, progress=progress)
+            pretrain_masked_lm(
+                model,
+                tokenizer,
+                corpus,
+                steps,
+                settings.batch_size,
+                max_length=settings.max_length,
+                seed=index,
+                progress=progress,
+            )
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         scratch.rename(final)  # a teacher exists only once it is whole
 
 
 def _cache_config(root: Path, languages: list[str], settings: DemoSettings) -> dict:
-    teachers = [{"name": f"{l}_bert", "model": str(root / "teachers" / f"{l}_bert"), "languages": [l]} for l in languages]
+    teachers = [
+        {"name": f"{language}_bert", "model": str(root / "teachers" / f"{language}_bert"), "languages": [language]}
+        for language in languages
+    ]
     teachers.append({"name": MULTI, "model": str(root / "teachers" / MULTI), "languages": languages})
     return {
-        "corpus": [{"language": l, "path": str(root / "corpus" / f"{l}.txt")} for l in languages],
+        "corpus": [{"language": language, "path": str(root / "corpus" / f"{language}.txt")} for language in languages],
         "teachers": teachers,
         "masking": {"probability": 0.15, "mask": 0.8, "random": 0.1, "keep": 0.1, "seed": 0, "copies": 1},
         "max_length": settings.max_length,
@@ -177,11 +215,22 @@ def _train_config(choice: dict, settings: DemoSettings) -> dict:
     return {
         **choice,
         "language_sampling": 0.7,
-        "student": {"preset": None, "hidden_size": settings.hidden, "num_layers": settings.layers,
-                    "num_heads": settings.heads, "intermediate_size": 4 * settings.hidden},
-        "train": {"steps": settings.student_steps, "micro_batch_size": settings.batch_size, "lr": 1e-3,
-                  "warmup": 0.1, "checkpoint_every": max(1, settings.student_steps // 3),
-                  "eval_fraction": settings.eval_fraction, "seed": 0},
+        "student": {
+            "preset": None,
+            "hidden_size": settings.hidden,
+            "num_layers": settings.layers,
+            "num_heads": settings.heads,
+            "intermediate_size": 4 * settings.hidden,
+        },
+        "train": {
+            "steps": settings.student_steps,
+            "micro_batch_size": settings.batch_size,
+            "lr": 1e-3,
+            "warmup": 0.1,
+            "checkpoint_every": max(1, settings.student_steps // 3),
+            "eval_fraction": settings.eval_fraction,
+            "seed": 0,
+        },
         "precision": "auto",
     }
 
@@ -210,10 +259,14 @@ def summarise(runs: list[Path], languages: list[str]) -> str:
             evals[run.name] = report
         else:
             outdated.append(run.name)
-    title = ("Held-out masked-token accuracy: each student against each of its teachers on that teacher's held-out "
-             "windows (the same positions for both; ratio = student / teacher):")
-    header = (f"{'language':<8}  {'teacher':<12}  {'student':<12}  {'positions':>9}  {'student':>7}  {'teacher':>7}  "
-              f"{'ratio':>5}  {'keep acc s/t':>12}")
+    title = (
+        "Held-out masked-token accuracy: each student against each of its teachers on that teacher's held-out "
+        "windows (the same positions for both; ratio = student / teacher):"
+    )
+    header = (
+        f"{'language':<8}  {'teacher':<12}  {'student':<12}  {'positions':>9}  {'student':>7}  {'teacher':>7}  "
+        f"{'ratio':>5}  {'keep acc s/t':>12}"
+    )
     lines = [title, header]
     ratio: dict[str, dict[str, float]] = {}  # student -> language -> ratio over its teachers' windows
     for language in languages:
@@ -223,17 +276,23 @@ def summarise(runs: list[Path], languages: list[str]) -> str:
                 if not scored or "accuracy" not in scored["model"]:
                     continue
                 keep = scored["by_kind"]["keep"]
-                keep_cell = (f"{keep['model']['accuracy']:.3f}/{keep['teacher']['accuracy']:.3f}"
-                             if keep["positions"] else "-")
-                lines.append(f"{language:<8}  {teacher:<12}  {name:<12}  {scored['positions']:>9}  "
-                             f"{scored['model']['accuracy']:7.3f}  {scored['teacher']['accuracy']:7.3f}  "
-                             f"{cell(scored.get('accuracy_ratio'), 5, 2)}  {keep_cell:>12}")
+                keep_cell = (
+                    f"{keep['model']['accuracy']:.3f}/{keep['teacher']['accuracy']:.3f}" if keep["positions"] else "-"
+                )
+                lines.append(
+                    f"{language:<8}  {teacher:<12}  {name:<12}  {scored['positions']:>9}  "
+                    f"{scored['model']['accuracy']:7.3f}  {scored['teacher']['accuracy']:7.3f}  "
+                    f"{cell(scored.get('accuracy_ratio'), 5, 2)}  {keep_cell:>12}"
+                )
         for name, report in evals.items():
             summary = report["languages"].get(language, {}).get("summary", {})
             if summary.get("accuracy_ratio") is not None:
                 ratio.setdefault(name, {})[language] = summary["accuracy_ratio"]
-    lines += ["", "Raw held-out text, each student with its own tokenizer and fresh masking (accuracy):",
-              "language  " + "  ".join(f"{name:>12}" for name in evals)]
+    lines += [
+        "",
+        "Raw held-out text, each student with its own tokenizer and fresh masking (accuracy):",
+        "language  " + "  ".join(f"{name:>12}" for name in evals),
+    ]
     for language in languages:
         raw = [e["languages"].get(language, {}).get("raw_text", {}).get("accuracy") for e in evals.values()]
         lines.append(f"{language:<8}  " + "  ".join(cell(v, 12) for v in raw))
@@ -244,24 +303,34 @@ def summarise(runs: list[Path], languages: list[str]) -> str:
             best = max(scored, key=scored.get)
             best_counts[best] = best_counts.get(best, 0) + 1
     mean = {name: _mean([ratio.get(name, {}).get(language) for language in languages]) for name in evals}
-    lines += ["", "Mean over languages of student / teacher accuracy (each student against its own teachers, on the "
-              "same positions): " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if v is not None)]
-    lines.append("Best student per language (by that ratio): "
-                 + ", ".join(f"{k} ({v} of {len(languages)})" for k, v in sorted(best_counts.items())))
+    lines += [
+        "",
+        "Mean over languages of student / teacher accuracy (each student against its own teachers, on the "
+        "same positions): " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if v is not None),
+    ]
+    lines.append(
+        "Best student per language (by that ratio): "
+        + ", ".join(f"{k} ({v} of {len(languages)})" for k, v in sorted(best_counts.items()))
+    )
     if mean.get("mono_taught") is not None and mean.get("multi_taught") is not None:
         gap = mean["mono_taught"] - mean["multi_taught"]
         verdict = "better" if gap > 0 else "worse" if gap < 0 else "no different"
-        lines.append(f"Taught by the monolingual teachers, the student did {verdict} than when taught by the "
-                     f"multilingual one, each against its own teachers ({gap:+.3f} mean student/teacher accuracy "
-                     "ratio).")
+        lines.append(
+            f"Taught by the monolingual teachers, the student did {verdict} than when taught by the "
+            f"multilingual one, each against its own teachers ({gap:+.3f} mean student/teacher accuracy "
+            "ratio)."
+        )
     if mean.get("mlm_only") is not None:
         kd_best = max((v for k, v in mean.items() if k != "mlm_only" and v is not None), default=None)
         if kd_best is not None:
-            lines.append(f"Best distilled student vs the MLM-only baseline: {kd_best - mean['mlm_only']:+.3f} mean "
-                         "student/teacher accuracy ratio.")
+            lines.append(
+                f"Best distilled student vs the MLM-only baseline: {kd_best - mean['mlm_only']:+.3f} mean "
+                "student/teacher accuracy ratio."
+            )
     if outdated:
-        lines.append("Not summarised (eval.json from an older mdkd; delete it and rerun the demo): "
-                     + ", ".join(outdated))
+        lines.append(
+            "Not summarised (eval.json from an older mdkd; delete it and rerun the demo): " + ", ".join(outdated)
+        )
     return "\n".join(lines)
 
 

@@ -45,9 +45,16 @@ from mdkd.pipeline.teacher_pass.windows import padded_inputs, prepare_unit
 RAW_TEXT_SEED = 1234  # fresh masking of raw text: a fixed seed, so two models see the same masked text
 
 
-def run(target: Path, *, cache_dir: Path | None = None, heldout_run: Path | None = None,
-        eval_fraction: float | None = None, max_rows: int = 2000, out_file: Path | None = None,
-        all_teachers: bool = False) -> dict:
+def run(
+    target: Path,
+    *,
+    cache_dir: Path | None = None,
+    heldout_run: Path | None = None,
+    eval_fraction: float | None = None,
+    max_rows: int = 2000,
+    out_file: Path | None = None,
+    all_teachers: bool = False,
+) -> dict:
     """Score TARGET (a run folder or a model folder); write eval.json (a run's by default) and return the report."""
     model_dir, cache_dir, is_held_out, out_file = _resolve(target, cache_dir, heldout_run, eval_fraction, out_file)
     cache = CacheReader(cache_dir)
@@ -74,17 +81,29 @@ def run(target: Path, *, cache_dir: Path | None = None, heldout_run: Path | None
             if not windows.rows:
                 continue
             specials = manifest.teachers[name].special_token_ids
-            comparison = compare_on_windows(logits_fn, windows, input_map, target_map, manifest.temperatures,
-                                            specials.get("mask"), pad_id=tokenizer.pad_token_id or 0,
-                                            unk_id=specials.get("unk"))
+            comparison = compare_on_windows(
+                logits_fn,
+                windows,
+                input_map,
+                target_map,
+                manifest.temperatures,
+                specials.get("mask"),
+                pad_id=tokenizer.pad_token_id or 0,
+                unk_id=specials.get("unk"),
+            )
             windows_scored[name] = comparison.result()
             summary.add(comparison)
         if windows_scored:
-            languages[language] = {"teachers": list(windows_scored), "windows": windows_scored,
-                                   "summary": summary.result()}
+            languages[language] = {
+                "teachers": list(windows_scored),
+                "windows": windows_scored,
+                "summary": summary.result(),
+            }
     if not languages:
-        raise UserError(f"no held-out windows in {cache_dir} for the teachers scored ({scope}; raise eval_fraction "
-                        "when training, or pass --eval-fraction)")
+        raise UserError(
+            f"no held-out windows in {cache_dir} for the teachers scored ({scope}; raise eval_fraction "
+            "when training, or pass --eval-fraction)"
+        )
     for language, result in languages.items():
         result["raw_text"] = _raw_text(model, adapter, tokenizer, manifest, language, is_held_out, max_rows)
     report = {"model": str(model_dir), "cache": str(cache_dir), "scope": scope, "languages": languages}
@@ -106,15 +125,22 @@ def teacher_scope(target: Path, manifest: Manifest, all_teachers: bool) -> tuple
 
     config_path = target / "config.yaml"
     if not config_path.exists():
-        raise UserError(f"run {target} has no config.yaml, so the teachers it was trained with are unknown "
-                        "(pass --all-teachers to score every cached teacher)")
+        raise UserError(
+            f"run {target} has no config.yaml, so the teachers it was trained with are unknown "
+            "(pass --all-teachers to score every cached teacher)"
+        )
     selection, _ = plan_against_cache(load_train_config(config_path), manifest)
-    scope = {language: [name for name in cached[language] if name in weights]
-             for language, weights in selection.items() if language in cached}
+    scope = {
+        language: [name for name in cached[language] if name in weights]
+        for language, weights in selection.items()
+        if language in cached
+    }
     scope = {language: names for language, names in scope.items() if names}
     if not scope:
-        raise UserError(f"the cache holds none of the teachers run {target} was trained with "
-                        "(give the run's cache, or pass --all-teachers)")
+        raise UserError(
+            f"the cache holds none of the teachers run {target} was trained with "
+            "(give the run's cache, or pass --all-teachers)"
+        )
     return "the teachers the run was trained with", scope
 
 
@@ -175,8 +201,12 @@ def _raw_text(model, adapter, tokenizer, manifest: Manifest, language: str, is_h
                 break
     if not documents:
         return {"positions": 0}
-    masker = Masker(MaskingConfig(**{**manifest.masking, "seed": RAW_TEXT_SEED, "copies": 1}),
-                    tokenizer.mask_token_id, set(tokenizer.all_special_ids), len(tokenizer))
+    masker = Masker(
+        MaskingConfig(**{**manifest.masking, "seed": RAW_TEXT_SEED, "copies": 1}),
+        tokenizer.mask_token_id,
+        set(tokenizer.all_special_ids),
+        len(tokenizer),
+    )
     unit = prepare_unit(documents, tokenizer, masker, manifest.max_length, copies=1)
     sums = MetricSums()
     for start in range(0, len(unit.rows), 32):
@@ -193,8 +223,22 @@ def render(report: dict) -> str:
     """One row per (language, teacher): the model and the teacher on the same positions of that teacher's windows,
     accuracy overall and per position kind (model/teacher); then, when a language has several teachers, their
     position-weighted summary; the model's raw-text figures on each language's first row."""
-    headers = ["language", "windows", "positions", "left out", "acc", "teacher acc", "ratio",
-               *[f"{kind} acc" for kind in KINDS], "agree", "KL", "ppl", "teacher ppl>=", "raw acc", "raw ppl"]
+    headers = [
+        "language",
+        "windows",
+        "positions",
+        "left out",
+        "acc",
+        "teacher acc",
+        "ratio",
+        *[f"{kind} acc" for kind in KINDS],
+        "agree",
+        "KL",
+        "ppl",
+        "teacher ppl>=",
+        "raw acc",
+        "raw ppl",
+    ]
     lines = [headers]
     for language in sorted(report["languages"]):
         result = report["languages"][language]
@@ -204,18 +248,32 @@ def render(report: dict) -> str:
             entries.append(("all: " + "+".join(result["teachers"]), result["summary"]))
         for index, (name, scored) in enumerate(entries):
             model, teacher = scored["model"], scored["teacher"]
-            row = [language, name, scored["positions"], scored["left_out"], _f(model.get("accuracy")),
-                   _f(teacher.get("accuracy")), _f(scored.get("accuracy_ratio"), 2)]
+            row = [
+                language,
+                name,
+                scored["positions"],
+                scored["left_out"],
+                _f(model.get("accuracy")),
+                _f(teacher.get("accuracy")),
+                _f(scored.get("accuracy_ratio"), 2),
+            ]
             row += [_pair(scored["by_kind"][kind]) for kind in KINDS]
-            row += [_f(model.get("agreement")), _f(model.get("kl")), _f(model.get("perplexity"), 1),
-                    _f(teacher.get("perplexity"), 1)]
+            row += [
+                _f(model.get("agreement")),
+                _f(model.get("kl")),
+                _f(model.get("perplexity"), 1),
+                _f(teacher.get("perplexity"), 1),
+            ]
             row += [_f(raw.get("accuracy")), _f(raw.get("perplexity"), 1)] if index == 0 else ["", ""]
             lines.append(row)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(headers))]
-    table = "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-                      for line in lines)
-    return (f"Scored on the held-out windows of {report.get('scope', 'every cached teacher')}; model and teacher on "
-            "the same positions (left out: labels the model cannot spell); <kind> acc = model/teacher.\n" + table)
+    table = "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+    return (
+        f"Scored on the held-out windows of {report.get('scope', 'every cached teacher')}; model and teacher on "
+        "the same positions (left out: labels the model cannot spell); <kind> acc = model/teacher.\n" + table
+    )
 
 
 def _pair(scored: dict) -> str:

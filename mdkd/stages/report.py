@@ -71,9 +71,12 @@ def comparisons(run: dict) -> dict[tuple[str, str], dict]:
     for language, result in ((run["eval"] or {}).get("languages") or {}).items():
         for name, scored in result["windows"].items():
             if "accuracy" in scored["model"]:
-                found[(language, name)] = {"positions": scored["positions"], "student": scored["model"]["accuracy"],
-                                           "teacher": scored["teacher"]["accuracy"],
-                                           "ratio": scored.get("accuracy_ratio")}
+                found[(language, name)] = {
+                    "positions": scored["positions"],
+                    "student": scored["model"]["accuracy"],
+                    "teacher": scored["teacher"]["accuracy"],
+                    "ratio": scored.get("accuracy_ratio"),
+                }
     return found
 
 
@@ -104,8 +107,15 @@ def table(runs: list[dict]) -> tuple[list[str], list[list]]:
     for run in runs:
         flat, last, compared = _flatten(run["config"]), run["train"][-1], comparisons(run)
         heldout = _heldout_accuracy(run) if run["eval"] is None else {}
-        row = [run["name"], *[flat.get(k) for k in axes], last["step"], bool(run["status"].get("complete")),
-               last["loss"], last["kd_loss"], last["mlm_loss"]]
+        row = [
+            run["name"],
+            *[flat.get(k) for k in axes],
+            last["step"],
+            bool(run["status"].get("complete")),
+            last["loss"],
+            last["kd_loss"],
+            last["mlm_loss"],
+        ]
         row += [compared.get(pair, {}).get(column) for pair in pairs for column in ("student", "ratio")]
         rows.append(row + [heldout.get(language) for language in languages])
     return headers, rows
@@ -174,16 +184,30 @@ def plot_accuracy(runs: list[dict], path: Path) -> bool:
         present = [(name, compared[pair]) for name, compared in series if pair in compared]
         for slot, (name, scored) in enumerate(present):
             x = position + (slot - (len(present) - 1) / 2) * width
-            axis.bar(x, scored["student"], width, color=colours[name], edgecolor="black", linewidth=0.4,
-                     label=None if name in drawn else f"student: {name}")
-            axis.hlines(scored["teacher"], x - width / 2, x + width / 2, colors="black", linewidth=2,
-                        label=None if "teacher" in drawn else "its teacher, same positions")
+            axis.bar(
+                x,
+                scored["student"],
+                width,
+                color=colours[name],
+                edgecolor="black",
+                linewidth=0.4,
+                label=None if name in drawn else f"student: {name}",
+            )
+            axis.hlines(
+                scored["teacher"],
+                x - width / 2,
+                x + width / 2,
+                colors="black",
+                linewidth=2,
+                label=None if "teacher" in drawn else "its teacher, same positions",
+            )
             drawn.update((name, "teacher"))
     axis.set_xticks(range(len(pairs)), [f"{language}\n{teacher}" for language, teacher in pairs], fontsize=8)
     axis.set_xlabel("language and the teacher whose held-out windows are scored")
     axis.set_ylabel("masked-token accuracy (held-out)")
-    axis.set_title("Students against each teacher\n(the same positions of that teacher's held-out windows)",
-                   fontsize=10)
+    axis.set_title(
+        "Students against each teacher\n(the same positions of that teacher's held-out windows)", fontsize=10
+    )
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     figure.tight_layout()

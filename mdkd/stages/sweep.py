@@ -16,9 +16,9 @@ import yaml
 
 from mdkd.pipeline.cache.manifest import Manifest
 from mdkd.pipeline.config import ConfigError, dump_config, read_yaml
+from mdkd.pipeline.distill.config import validate_train_config
 from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.distill.config import validate_train_config
 
 
 def parse_grid(sweeps: list[str], sweep_file: Path | None) -> dict[str, list]:
@@ -56,7 +56,7 @@ def _name(combination: dict) -> str:
 def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sweep_file: Path | None) -> list[Path]:
     base = read_yaml(config_path) or {}
     grid = parse_grid(sweeps, sweep_file)
-    combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    combinations = [dict(zip(grid, values, strict=False)) for values in itertools.product(*grid.values())]
     # Every combination is validated, on its own and against the cache, before any trains: a typo or an
     # unrecorded temperature in the last one should not cost hours.
     from mdkd.stages.train import plan_against_cache

@@ -44,16 +44,23 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
 
     # Setup: everything that can be wrong with the inputs is found before any training starts.
     selection = select_teachers(config, cache.manifest)
-    pairs = [(t, l) for l, weights in selection.items() for t in weights]
+    pairs = [(t, language) for language, weights in selection.items() for t in weights]
     teachers = [t for t in cache.manifest.teachers if any(t == name for name, _ in pairs)]  # in cache order
-    _check_shards(cache, [s for t, l in pairs for s in cache.manifest.shards_of(t, l)], ranks)
+    _check_shards(cache, [s for t, language in pairs for s in cache.manifest.shards_of(t, language)], ranks)
     identity = {"config_hash": config.content_hash(), "cache": cache.manifest.identity}
     device = pick_device("auto", ranks)
     precision = resolve_precision(config.precision, device)
     init_distributed(device)
     # Every rank reads the run folder's state before rank 0 changes it (an --overwrite deletes it).
-    claim = claim_folder(out_dir, RUN_FILE, identity, what="run", overwrite=overwrite and not resume,
-                         resume=resume is not None, resume_hint="pass --resume auto to continue it")
+    claim = claim_folder(
+        out_dir,
+        RUN_FILE,
+        identity,
+        what="run",
+        overwrite=overwrite and not resume,
+        resume=resume is not None,
+        resume_hint="pass --resume auto to continue it",
+    )
     barrier(ranks)
     if claim.action == "complete":
         ranks.echo(f"run {out_dir} is already complete; nothing to do")
@@ -64,8 +71,11 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
         prepare_folder(claim)
         _write_run_files(out_dir, config, config_path, cache.dir, identity)
         _build_vocabulary(cache, teachers, pairs, config, out_dir / "vocab")
-        save_held_out(out_dir / HELD_OUT_FILE, config.train.eval_fraction,
-                      (d for t, l in pairs for s in cache.manifest.shards_of(t, l) for d in cache.doc_ids(s)))
+        save_held_out(
+            out_dir / HELD_OUT_FILE,
+            config.train.eval_fraction,
+            (d for t, language in pairs for s in cache.manifest.shards_of(t, language) for d in cache.doc_ids(s)),
+        )
     barrier(ranks)
     alignment = Alignment.load(out_dir / "vocab", teachers)
     sampler = _sampler(cache, selection, pairs, alignment, config)
@@ -79,8 +89,9 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     if "scheduler" not in ds_config:
         warmup = int(round(config.train.warmup * config.train.steps))
         schedule = lambda optimizer: linear_schedule(optimizer, warmup, config.train.steps)  # noqa: E731
-    engine, *_ = deepspeed.initialize(model=student, model_parameters=student.parameters(), config=ds_config,
-                                      lr_scheduler=schedule)
+    engine, *_ = deepspeed.initialize(
+        model=student, model_parameters=student.parameters(), config=ds_config, lr_scheduler=schedule
+    )
     checkpoints = out_dir / "checkpoints"
     start = _resume(engine, sampler, checkpoints, resume, identity) if resume else 0
     held_out_sets = _held_out_sets(cache, pairs, alignment, config)
@@ -91,8 +102,13 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
 
     # Save: the student as an HF folder, then the record that says the run is complete.
     _export(engine, alignment, out_dir / "student", ranks)
-    status = {"identity": identity, "complete": True, "steps": config.train.steps, "cache": str(cache.dir.resolve()),
-              "mdkd_version": __version__}
+    status = {
+        "identity": identity,
+        "complete": True,
+        "steps": config.train.steps,
+        "cache": str(cache.dir.resolve()),
+        "mdkd_version": __version__,
+    }
     if ranks.is_main:
         write_json_atomic(out_dir / RUN_FILE, status)
         ranks.echo(f"student written to {out_dir / 'student'}")
@@ -125,7 +141,10 @@ def plan_against_cache(config: TrainConfig, manifest: Manifest) -> tuple[dict[st
             if name not in manifest.teachers:
                 problems.append(f"teacher '{name}' is not in the cache (cached: {', '.join(manifest.teachers)})")
             elif name not in cached[language]:
-                problems.append(f"teacher '{name}' did not cache language '{language}' (it cached {', '.join(manifest.teachers[name].languages)})")
+                problems.append(
+                    f"teacher '{name}' did not cache language '{language}' "
+                    f"(it cached {', '.join(manifest.teachers[name].languages)})"
+                )
     if config.loss.top_k > manifest.top_k:
         problems.append(f"loss.top_k {config.loss.top_k} is above the cached top_k {manifest.top_k} (lower loss.top_k)")
     problems.extend(temperature_problems(config, manifest))
@@ -138,12 +157,16 @@ def temperature_problems(config: TrainConfig, manifest: Manifest) -> list[str]:
     if config.loss.missing_mass != "rest":
         return []
     if not manifest.temperatures:
-        return [f"loss.missing_mass 'rest' needs the tempered log-partitions that this schema-{manifest.schema_version} "
-                "cache lacks (rebuild the cache with this mdkd, or set loss.missing_mass: renormalize)"]
+        return [
+            f"loss.missing_mass 'rest' needs the tempered log-partitions that this schema-{manifest.schema_version} "
+            "cache lacks (rebuild the cache with this mdkd, or set loss.missing_mass: renormalize)"
+        ]
     if config.loss.temperature not in manifest.temperatures:
         recorded = ", ".join(f"{tau:g}" for tau in manifest.temperatures)
-        return [f"loss.temperature {config.loss.temperature:g} was not recorded in the cache (it has {recorded}; "
-                "use one of them, or add it to the cache config's temperatures and rebuild)"]
+        return [
+            f"loss.temperature {config.loss.temperature:g} was not recorded in the cache (it has {recorded}; "
+            "use one of them, or add it to the cache config's temperatures and rebuild)"
+        ]
     return []
 
 
@@ -156,10 +179,15 @@ def _check_shards(cache: CacheReader, shards: list[ShardEntry], ranks: Ranks) ->
 
 
 def _write_run_files(out_dir: Path, config: TrainConfig, config_path: Path, cache_dir: Path, identity: dict) -> None:
-    header = f"# mdkd train config (resolved from {config_path}); hash {identity['config_hash']}\n# cache: {cache_dir.resolve()}\n"
+    header = (
+        f"# mdkd train config (resolved from {config_path}); hash {identity['config_hash']}\n"
+        f"# cache: {cache_dir.resolve()}\n"
+    )
     (out_dir / "config.yaml").write_text(header + dump_config(config), encoding="utf-8")
     if not (out_dir / RUN_FILE).exists():
-        write_json_atomic(out_dir / RUN_FILE, {"identity": identity, "complete": False, "cache": str(cache_dir.resolve())})
+        write_json_atomic(
+            out_dir / RUN_FILE, {"identity": identity, "complete": False, "cache": str(cache_dir.resolve())}
+        )
 
 
 def _build_vocabulary(cache: CacheReader, teachers: list[str], pairs, config: TrainConfig, folder: Path) -> None:
@@ -171,20 +199,36 @@ def _build_vocabulary(cache: CacheReader, teachers: list[str], pairs, config: Tr
     if config.vocab.max_size is None:
         alignment = build_alignment(vocabularies)
     else:
-        tallies = {v.name: TokenTally.from_cache(cache, [s for t, l in pairs if t == v.name for s in cache.manifest.shards_of(t, l)],
-                                                 len(v.canonical)) for v in vocabularies}
+        tallies = {
+            v.name: TokenTally.from_cache(
+                cache,
+                [s for t, language in pairs if t == v.name for s in cache.manifest.shards_of(t, language)],
+                len(v.canonical),
+            )
+            for v in vocabularies
+        }
         frequencies = {v.name: tallies[v.name].canonical_counts(v.canonical) for v in vocabularies}
         alignment = build_alignment(vocabularies, frequencies, config.vocab.max_size)
-        alignment.stats["token_shares"] = {name: teacher_token_shares(alignment, name, tally) for name, tally in tallies.items()}
+        alignment.stats["token_shares"] = {
+            name: teacher_token_shares(alignment, name, tally) for name, tally in tallies.items()
+        }
     alignment.save(folder)
 
 
 def _sampler(cache: CacheReader, selection, pairs, alignment: Alignment, config: TrainConfig) -> Sampler:
     streams = {}
     for teacher, language in pairs:
-        stream = Stream(cache, teacher, language, config.train.seed, config.train.eval_fraction, config.loss.top_k,
-                        _temperature_column(config, cache.manifest), alignment.input_map(teacher),
-                        alignment.id_maps[teacher])
+        stream = Stream(
+            cache,
+            teacher,
+            language,
+            config.train.seed,
+            config.train.eval_fraction,
+            config.loss.top_k,
+            _temperature_column(config, cache.manifest),
+            alignment.input_map(teacher),
+            alignment.id_maps[teacher],
+        )
         streams[stream.key] = stream
     for stream in streams.values():
         if not any(len(stream.training_rows(i)) for i in range(len(stream.shards))):
@@ -233,15 +277,30 @@ def _evaluate(engine, held_out_sets: list, temperatures: list[float], step: int)
     per_language: dict[str, MetricSums] = {}
     engine.eval()
     for windows, input_map, target_map in held_out_sets:
-        model, _ = score_windows(lambda *batch: engine(*(t.to(engine.device) for t in batch)), windows, input_map,
-                                 target_map, temperatures)
+        model, _ = score_windows(
+            lambda *batch: engine(*(t.to(engine.device) for t in batch)), windows, input_map, target_map, temperatures
+        )
         per_language.setdefault(windows.language, MetricSums()).add(model)
     engine.train()
-    return {"step": step, "split": "heldout", "per_language": {l: m.result() for l, m in per_language.items()}}
+    return {
+        "step": step,
+        "split": "heldout",
+        "per_language": {language: m.result() for language, m in per_language.items()},
+    }
 
 
-def _train(engine, sampler: Sampler, config: TrainConfig, out_dir: Path, ranks: Ranks, start: int, checkpoints: Path,
-           identity: dict, held_out_sets: list, eval_temperatures: list[float]) -> None:
+def _train(
+    engine,
+    sampler: Sampler,
+    config: TrainConfig,
+    out_dir: Path,
+    ranks: Ranks,
+    start: int,
+    checkpoints: Path,
+    identity: dict,
+    held_out_sets: list,
+    eval_temperatures: list[float],
+) -> None:
     loop, world = config.train, ranks.world_size
     languages = sampler.languages
     metrics_path = out_dir / "metrics.jsonl"
@@ -263,8 +322,14 @@ def _train(engine, sampler: Sampler, config: TrainConfig, out_dir: Path, ranks: 
             engine.step()
         totals.all_reduce()
         seconds = time.perf_counter() - started
-        record = {"step": step + 1, "split": "train", "lr": lr, "alpha": alpha, **totals.metrics(languages),
-                  "tokens_per_second": totals.tokens.item() / seconds}
+        record = {
+            "step": step + 1,
+            "split": "train",
+            "lr": lr,
+            "alpha": alpha,
+            **totals.metrics(languages),
+            "tokens_per_second": totals.tokens.item() / seconds,
+        }
         records = [record]
         if held_out_sets and ((step + 1) % (loop.eval_every or loop.checkpoint_every) == 0 or step + 1 == loop.steps):
             records.append(_evaluate(engine, held_out_sets, eval_temperatures, step + 1))
@@ -283,7 +348,9 @@ def _truncate_metrics(path: Path, start: int) -> None:
     """Drop lines past the step a resumed run continues from, so every step is logged once."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= start]
+    kept = [
+        line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= start
+    ]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
@@ -293,10 +360,13 @@ def _export(engine, alignment: Alignment, folder: Path, ranks: Ranks) -> None:
 
     student = engine.module
     parameters = list(student.parameters())
-    gathered = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None) if engine.zero_optimization_partition_weights() else None
+    gathered = (
+        deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+        if engine.zero_optimization_partition_weights()
+        else None
+    )
     with gathered if gathered is not None else torch.no_grad():
         if ranks.is_main:
             with transformers_console(ranks):
                 export_student(student, alignment.tokens, bool(alignment.stats.get("lowercase")), folder)
     barrier(ranks)
-

@@ -119,7 +119,7 @@ class Manifest(_Record):
         write_json_atomic(cache_dir / MANIFEST_NAME, self.model_dump(mode="json"))
 
     @classmethod
-    def load(cls, cache_dir: Path, require_complete: bool = True) -> "Manifest":
+    def load(cls, cache_dir: Path, require_complete: bool = True) -> Manifest:
         """Read DIR/manifest.json; a missing, unreadable, unknown or (by default) incomplete one is a UserError."""
         path = Path(cache_dir) / MANIFEST_NAME
         if not path.is_file():
@@ -130,8 +130,10 @@ class Manifest(_Record):
             raise UserError(f"cannot read {path}: {exc} (rerun `mdkd cache-logits` to rewrite it)") from None
         version = raw.get("schema_version") if isinstance(raw, dict) else None
         if version not in READABLE_SCHEMAS:
-            raise UserError(f"{path} has schema version {version}, this mdkd reads {READABLE_SCHEMAS} "
-                            "(rebuild the cache with this version)")
+            raise UserError(
+                f"{path} has schema version {version}, this mdkd reads {READABLE_SCHEMAS} "
+                "(rebuild the cache with this version)"
+            )
         if version == 1:
             raw = _from_schema_1(raw)
         try:
@@ -141,7 +143,9 @@ class Manifest(_Record):
             where = ".".join(str(part) for part in first["loc"])
             raise UserError(f"{path} is damaged: {where}: {first['msg']} (rebuild the cache)") from None
         if require_complete and not manifest.complete:
-            raise UserError(f"cache {cache_dir} is incomplete (rerun the same `mdkd cache-logits` command to finish it)")
+            raise UserError(
+                f"cache {cache_dir} is incomplete (rerun the same `mdkd cache-logits` command to finish it)"
+            )
         return manifest
 
 

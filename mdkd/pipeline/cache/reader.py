@@ -46,8 +46,14 @@ class CacheReader:
         """Indices of the shard's rows whose doc_id `wanted` accepts (e.g. the held-out rule, or its negation)."""
         return np.array([i for i, doc_id in enumerate(self.doc_ids(shard)) if wanted(doc_id)], dtype=np.int64)
 
-    def select_rows(self, teacher: str, language: str, wanted: Callable[[str], bool], limit: int | None = None,
-                    top_k: int | None = None) -> Iterator[CachedPredictions]:
+    def select_rows(
+        self,
+        teacher: str,
+        language: str,
+        wanted: Callable[[str], bool],
+        limit: int | None = None,
+        top_k: int | None = None,
+    ) -> Iterator[CachedPredictions]:
         """Up to `limit` rows (see `ShardRows.row`) of a (teacher, language) whose doc_id `wanted` accepts, in cache
         order (deterministic)."""
         taken = 0

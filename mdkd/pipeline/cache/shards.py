@@ -19,8 +19,19 @@ import pyarrow.parquet as pq
 
 from mdkd.pipeline.files import sha256_of_file
 
-COLUMNS = ("doc_id", "window", "copy", "language", "input_ids", "positions", "labels", "topk_ids", "topk_logprobs",
-           "log_partitions", "entropies")
+COLUMNS = (
+    "doc_id",
+    "window",
+    "copy",
+    "language",
+    "input_ids",
+    "positions",
+    "labels",
+    "topk_ids",
+    "topk_logprobs",
+    "log_partitions",
+    "entropies",
+)
 COLUMNS_SCHEMA_1 = COLUMNS[:-2]  # before the tempered log-partitions and entropies
 
 
@@ -72,10 +83,13 @@ def _list_array(values: np.ndarray, lengths) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-def build_table(rows: list[CachedRow], language: str, predictions: TeacherPredictions,
-                logprobs_dtype: str) -> pa.Table:
+def build_table(rows: list[CachedRow], language: str, predictions: TeacherPredictions, logprobs_dtype: str) -> pa.Table:
     """Shard rows; row i's predictions are the next len(rows[i].positions) rows of each array of `predictions`."""
-    topk_ids, topk_logprobs, log_partitions = predictions.topk_ids, predictions.topk_logprobs, predictions.log_partitions
+    topk_ids, topk_logprobs, log_partitions = (
+        predictions.topk_ids,
+        predictions.topk_logprobs,
+        predictions.log_partitions,
+    )
     counts = np.array([len(r.positions) for r in rows], dtype=np.int64)
     k = topk_ids.shape[1] if topk_ids.ndim == 2 else 0
     per_position = np.full(int(counts.sum()), k, dtype=np.int64)
@@ -96,7 +110,9 @@ def build_table(rows: list[CachedRow], language: str, predictions: TeacherPredic
         "labels": _list_array(concat("labels"), counts),
         "topk_ids": _list_array(_list_array(topk_ids.reshape(-1).astype(np.int32), per_position), counts),
         "topk_logprobs": _list_array(_list_array(topk_logprobs.reshape(-1).astype(value_type), per_position), counts),
-        "log_partitions": _list_array(_list_array(log_partitions.reshape(-1).astype(np.float32), per_temperature), counts),
+        "log_partitions": _list_array(
+            _list_array(log_partitions.reshape(-1).astype(np.float32), per_temperature), counts
+        ),
         "entropies": _list_array(predictions.entropies.astype(np.float32), counts),
     }
     return pa.Table.from_pydict(columns, schema=shard_schema(logprobs_dtype))
@@ -184,13 +200,19 @@ class ShardRows:
     def __len__(self) -> int:
         return len(self.input_offsets) - 1
 
-    def row(self, index: int) -> "CachedPredictions":
+    def row(self, index: int) -> CachedPredictions:
         """One row: its input, masked positions, labels and the teacher's predictions there."""
         a, b = self.input_offsets[index], self.input_offsets[index + 1]
         c, d = self.position_offsets[index], self.position_offsets[index + 1]
         partitions = None if self.log_partitions is None else self.log_partitions[c:d]
-        return CachedPredictions(self.input_ids[a:b], self.positions[c:d], self.labels[c:d], self.topk_ids[c:d],
-                                 self.topk_logprobs[c:d], partitions)
+        return CachedPredictions(
+            self.input_ids[a:b],
+            self.positions[c:d],
+            self.labels[c:d],
+            self.topk_ids[c:d],
+            self.topk_logprobs[c:d],
+            partitions,
+        )
 
     def original_inputs(self) -> np.ndarray:
         """Every row's input ids with the masked positions put back to their labels, concatenated: the text the

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from mdkd.pipeline.files import content_hash
 from mdkd.pipeline.config import ConfigError, StrictModel, format_validation_error, read_yaml
+from mdkd.pipeline.files import content_hash
 
 PRESETS = {
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
@@ -37,7 +37,7 @@ class StudentConfig(StrictModel):
         return sizes
 
     @model_validator(mode="after")
-    def _complete_and_divisible(self) -> "StudentConfig":
+    def _complete_and_divisible(self) -> StudentConfig:
         sizes = self.sizes()
         missing = [k for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size") if k not in sizes]
         if missing:
@@ -181,7 +181,7 @@ class TrainConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _teacher_weights(self) -> "TrainConfig":
+    def _teacher_weights(self) -> TrainConfig:
         for language, choice in (self.teachers or {}).items():
             if isinstance(choice, list) and not choice:
                 raise ValueError(f"teachers.{language}: name at least one teacher")

@@ -39,22 +39,45 @@ class Example:
     log_partitions: np.ndarray | None  # [n] the teacher's tempered log-partition at the loss's temperature
 
     @classmethod
-    def from_cached(cls, language: str, cached: CachedPredictions, input_map: np.ndarray, label_map: np.ndarray,
-                    target_map: np.ndarray, temperature_column: int | None) -> "Example":
+    def from_cached(
+        cls,
+        language: str,
+        cached: CachedPredictions,
+        input_map: np.ndarray,
+        label_map: np.ndarray,
+        target_map: np.ndarray,
+        temperature_column: int | None,
+    ) -> Example:
         """Map a cached row (teacher ids) into student ids: inputs through `input_map`, labels through `label_map`,
         top-k ids through `target_map` (-1 for a token the student lacks); keep the log-partition of one cached
         temperature (None: none)."""
         partitions = None if temperature_column is None else cached.log_partitions[:, temperature_column]
-        return cls(language, input_map[cached.input_ids].astype(np.int64), cached.positions.astype(np.int64),
-                   label_map[cached.labels].astype(np.int64), target_map[cached.topk_ids].astype(np.int64),
-                   cached.topk_logprobs, partitions)
+        return cls(
+            language,
+            input_map[cached.input_ids].astype(np.int64),
+            cached.positions.astype(np.int64),
+            label_map[cached.labels].astype(np.int64),
+            target_map[cached.topk_ids].astype(np.int64),
+            cached.topk_logprobs,
+            partitions,
+        )
 
 
 class Stream:
     """The training rows of one (teacher, language), epoch after epoch, in a seeded order."""
 
-    def __init__(self, cache: CacheReader, teacher: str, language: str, seed: int, eval_fraction: float, top_k: int,
-                 temperature_column: int | None, input_map: np.ndarray, target_map: np.ndarray):
+    def __init__(
+        self,
+        cache: CacheReader,
+        teacher: str,
+        language: str,
+        seed: int,
+        eval_fraction: float,
+        top_k: int,
+        temperature_column: int | None,
+        input_map: np.ndarray,
+        target_map: np.ndarray,
+    ):
         self.cache, self.teacher, self.language = cache, teacher, language
         self.shards: list[ShardEntry] = cache.manifest.shards_of(teacher, language)
         self.seed, self.eval_fraction, self.top_k = seed, eval_fraction, top_k
@@ -73,7 +96,8 @@ class Stream:
         """Row indices of a shard whose documents are not held out (reads only the doc_id column)."""
         if shard_index not in self._training_rows:
             self._training_rows[shard_index] = self.cache.matching_rows(
-                self.shards[shard_index], lambda doc_id: not held_out(doc_id, self.eval_fraction))
+                self.shards[shard_index], lambda doc_id: not held_out(doc_id, self.eval_fraction)
+            )
         return self._training_rows[shard_index]
 
     def _rng(self, *parts: int) -> np.random.Generator:
@@ -107,8 +131,9 @@ class Stream:
         if self._loaded is None or self._loaded[0] != shard:
             self._loaded = (shard, self.cache.rows(self.shards[shard], self.top_k))
         cached = self._loaded[1].row(row)
-        return Example.from_cached(self.language, cached, self.input_map, self.input_map, self.target_map,
-                                   self.temperature_column)
+        return Example.from_cached(
+            self.language, cached, self.input_map, self.input_map, self.target_map, self.temperature_column
+        )
 
     def state(self) -> list[int]:
         return [self.epoch, self.shard_position, self.row_position]
@@ -120,13 +145,20 @@ class Stream:
 class Sampler:
     """Draws the run's examples in a fixed order; its state is (next example index, every stream's cursor)."""
 
-    def __init__(self, streams: dict[str, Stream], language_probabilities: dict[str, float],
-                 teacher_weights: dict[str, dict[str, float]], seed: int):
+    def __init__(
+        self,
+        streams: dict[str, Stream],
+        language_probabilities: dict[str, float],
+        teacher_weights: dict[str, dict[str, float]],
+        seed: int,
+    ):
         self.streams, self.seed = streams, seed
         self.languages = list(language_probabilities)
-        self.language_p = np.array([language_probabilities[l] for l in self.languages])
-        self.teachers = {l: list(teacher_weights[l]) for l in self.languages}
-        self.teacher_p = {l: np.array(list(w.values())) / sum(w.values()) for l, w in teacher_weights.items()}
+        self.language_p = np.array([language_probabilities[language] for language in self.languages])
+        self.teachers = {language: list(teacher_weights[language]) for language in self.languages}
+        self.teacher_p = {
+            language: np.array(list(w.values())) / sum(w.values()) for language, w in teacher_weights.items()
+        }
         self.next_example = 0
 
     def draw(self, count: int) -> list[Example]:
@@ -173,7 +205,9 @@ def collate(examples: list[Example], languages: list[str], pad_id: int = 0) -> d
         "labels": torch.from_numpy(np.concatenate([e.labels for e in examples])),
         "topk_ids": torch.from_numpy(np.concatenate([e.topk_ids for e in examples])),
         "topk_logprobs": torch.from_numpy(np.concatenate([e.topk_logprobs for e in examples])),
-        "language": torch.repeat_interleave(torch.tensor([languages.index(e.language) for e in examples]), torch.tensor(counts)),
+        "language": torch.repeat_interleave(
+            torch.tensor([languages.index(e.language) for e in examples]), torch.tensor(counts)
+        ),
     }
     if all(e.log_partitions is not None for e in examples):
         batch["log_partitions"] = torch.from_numpy(np.concatenate([e.log_partitions for e in examples]))

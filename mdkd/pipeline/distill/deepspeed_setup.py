@@ -33,7 +33,9 @@ def deep_merge(base: dict, override: dict) -> dict:
     """`base` with `override` merged in: nested mappings merge, everything else is replaced."""
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -73,11 +75,14 @@ def init_distributed(device: torch.device) -> None:
     import deepspeed
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     if not torch.distributed.is_initialized():
         # Rank 0 alone builds the vocabulary before the others go on: DeepSpeed's 10-minute default is too short.
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
-                                   timeout=timedelta(hours=6))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, timeout=timedelta(hours=6)
+        )
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):

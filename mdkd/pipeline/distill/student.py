@@ -71,8 +71,15 @@ def student_tokenizer(tokens: list[str], lowercase: bool, max_length: int = 512)
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return BertTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
-        mask_token="[MASK]", do_lower_case=lowercase, strip_accents=False, model_max_length=max_length,
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        do_lower_case=lowercase,
+        strip_accents=False,
+        model_max_length=max_length,
     )
 
 

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from mdkd.pipeline.distill.config import LossConfig
 from mdkd.pipeline.distill.data import Example, collate
 from mdkd.pipeline.distill.losses import kd_loss, mlm_loss
-from mdkd.pipeline.distill.config import LossConfig
 
 
-def rank_micro_batches(examples: list[Example], rank: int, world: int, micro: int, accumulation: int) -> list[list[Example]]:
+def rank_micro_batches(
+    examples: list[Example], rank: int, world: int, micro: int, accumulation: int
+) -> list[list[Example]]:
     """This rank's `accumulation` micro-batches out of the step's examples (micro-batch j of rank r is the slice
     (j * world + r) of size `micro`)."""
     return [examples[(j * world + rank) * micro : (j * world + rank + 1) * micro] for j in range(accumulation)]
@@ -31,7 +33,7 @@ class StepTotals:
     tokens: torch.Tensor
 
     @classmethod
-    def zeros(cls, languages: int) -> "StepTotals":
+    def zeros(cls, languages: int) -> StepTotals:
         return cls(torch.zeros(languages, 4, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
 
     def all_reduce(self) -> None:
@@ -51,7 +53,7 @@ class StepTotals:
                 "mlm_loss": row[2].item() / max(row[3].item(), 1.0),
                 "masked_positions": int(row[3].item()),
             }
-            for language, row in zip(languages, self.per_language)
+            for language, row in zip(languages, self.per_language, strict=False)
             if row[3].item() > 0
         }
         return {
@@ -63,13 +65,26 @@ class StepTotals:
         }
 
 
-def micro_batch_backward(engine, examples: list[Example], languages: list[str], alpha: float, settings: LossConfig,
-                         scale: float, totals: StepTotals) -> None:
+def micro_batch_backward(
+    engine,
+    examples: list[Example],
+    languages: list[str],
+    alpha: float,
+    settings: LossConfig,
+    scale: float,
+    totals: StepTotals,
+) -> None:
     """Forward, both losses, backward for one micro-batch; adds its sums to `totals`."""
     batch = {k: v.to(engine.device) for k, v in collate(examples, languages).items()}
     logits = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
-    kd = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], settings.temperature,
-                 missing_mass=settings.missing_mass, teacher_log_partition=batch.get("log_partitions"))
+    kd = kd_loss(
+        logits,
+        batch["topk_ids"],
+        batch["topk_logprobs"],
+        settings.temperature,
+        missing_mass=settings.missing_mass,
+        teacher_log_partition=batch.get("log_partitions"),
+    )
     mlm = mlm_loss(logits, batch["labels"])
     total = (1.0 - alpha) * mlm + alpha * kd
     engine.backward(total.sum() * scale)

@@ -48,7 +48,15 @@ from mdkd.pipeline.cache.shards import ShardRows
 from mdkd.pipeline.errors import UserError
 
 STUDENT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-ROLE_TO_SPECIAL = {"cls": "[CLS]", "bos": "[CLS]", "sep": "[SEP]", "eos": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
+ROLE_TO_SPECIAL = {
+    "cls": "[CLS]",
+    "bos": "[CLS]",
+    "sep": "[SEP]",
+    "eos": "[SEP]",
+    "pad": "[PAD]",
+    "mask": "[MASK]",
+    "unk": "[UNK]",
+}
 METASPACE = "▁"  # SentencePiece's default word-start marker (Metaspace replacement)
 WORD_BOUNDARY = "[▁]"  # the canonical lone word boundary; bracketed so that no text ever spells it
 DROPPED = -1
@@ -168,7 +176,10 @@ class Family:
         parts = _walk(tokenizer_json.get("pre_tokenizer")) + _walk(tokenizer_json.get("decoder"))
         kinds = {part.get("type") for part in parts}
         normalizers = _walk(tokenizer_json.get("normalizer"))
-        lowercase = any(n.get("type") == "Lowercase" or (n.get("type") == "BertNormalizer" and n.get("lowercase")) for n in normalizers)
+        lowercase = any(
+            n.get("type") == "Lowercase" or (n.get("type") == "BertNormalizer" and n.get("lowercase"))
+            for n in normalizers
+        )
         if model.get("type") == "WordPiece":
             return cls("wordpiece", model.get("continuing_subword_prefix") or "##", lowercase)
         if "ByteLevel" in kinds:
@@ -192,12 +203,12 @@ class Canonicaliser:
         family = self.family
         if family.name == "wordpiece":
             continues = token.startswith(family.marker)
-            return _piece(continues, (token[len(family.marker):] if continues else token).encode())
+            return _piece(continues, (token[len(family.marker) :] if continues else token).encode())
         if family.name == "sentencepiece":
             if _BYTE_FALLBACK.match(token):
                 return token.upper().replace("<0X", "<0x")
             starts = token.startswith(family.marker)
-            body = token[len(family.marker):] if starts else token
+            body = token[len(family.marker) :] if starts else token
             # Metaspace writes every space as the marker, so one inside a piece is a space (`▁▁` is two).
             return self._join(starts, body.replace(family.marker, " ").encode())
         if family.name == "bytelevel":
@@ -235,7 +246,9 @@ class TeacherVocabulary:
         return cls.from_tokenizer_file(name, folder / "tokenizer.json", len(tokenizer), special_token_ids(tokenizer))
 
     @classmethod
-    def from_tokenizer_file(cls, name: str, path: Path, vocab_size: int, special_ids: dict[str, int]) -> TeacherVocabulary:
+    def from_tokenizer_file(
+        cls, name: str, path: Path, vocab_size: int, special_ids: dict[str, int]
+    ) -> TeacherVocabulary:
         try:
             tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -246,7 +259,9 @@ class TeacherVocabulary:
         by_id = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {i: p[0] for i, p in enumerate(vocab)}
         for added in tokenizer_json.get("added_tokens") or []:
             by_id[added["id"]] = added["content"]
-        specials = {token_id: ROLE_TO_SPECIAL[role] for role, token_id in special_ids.items() if role in ROLE_TO_SPECIAL}
+        specials = {
+            token_id: ROLE_TO_SPECIAL[role] for role, token_id in special_ids.items() if role in ROLE_TO_SPECIAL
+        }
         canonicalise = Canonicaliser(family)
         canonical = []
         for token_id in range(vocab_size):
@@ -281,7 +296,9 @@ class Alignment:
         (folder / "vocab.txt").write_text("".join(token + "\n" for token in self.tokens), encoding="utf-8")
         for name, ids in self.id_maps.items():
             np.save(folder / f"idmap-{name}.npy", ids)
-        (folder / "stats.json").write_text(json.dumps(self.stats, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        (folder / "stats.json").write_text(
+            json.dumps(self.stats, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
     @classmethod
     def load(cls, folder: Path, teachers: list[str]) -> Alignment:
@@ -308,17 +325,20 @@ def build_alignment(
     kept = union
     if max_size is not None and max_size < len(union):
         if max_size < len(STUDENT_SPECIALS) + 1:
-            raise UserError(f"vocab.max_size {max_size} leaves no room beside the {len(STUDENT_SPECIALS)} special tokens")
+            raise UserError(
+                f"vocab.max_size {max_size} leaves no room beside the {len(STUDENT_SPECIALS)} special tokens"
+            )
         total = Counter()
         for counts in (frequencies or {}).values():
             total.update(counts)
         order = {token: index for index, token in enumerate(union)}
-        ranked = sorted(union[len(STUDENT_SPECIALS):], key=lambda token: (-total[token], order[token]))
+        ranked = sorted(union[len(STUDENT_SPECIALS) :], key=lambda token: (-total[token], order[token]))
         keep = set(ranked[: max_size - len(STUDENT_SPECIALS)])
-        kept = list(STUDENT_SPECIALS) + [token for token in union[len(STUDENT_SPECIALS):] if token in keep]
+        kept = list(STUDENT_SPECIALS) + [token for token in union[len(STUDENT_SPECIALS) :] if token in keep]
     student_id = {token: index for index, token in enumerate(kept)}
     id_maps = {
-        v.name: np.array([student_id.get(token, DROPPED) for token in v.canonical], dtype=np.int32) for v in vocabularies
+        v.name: np.array([student_id.get(token, DROPPED) for token in v.canonical], dtype=np.int32)
+        for v in vocabularies
     }
     return Alignment(kept, id_maps, _stats(vocabularies, union, kept, id_maps))
 
@@ -358,7 +378,7 @@ class TokenTally:
     positions: int
 
     @classmethod
-    def from_cache(cls, cache: CacheReader, shards: list[ShardEntry], vocab_size: int) -> "TokenTally":
+    def from_cache(cls, cache: CacheReader, shards: list[ShardEntry], vocab_size: int) -> TokenTally:
         """One pass over the shards; memory is two vocabulary-sized arrays, however large the cache."""
         tally = cls(np.zeros(vocab_size), np.zeros(vocab_size), 0)
         for shard in shards:
@@ -406,8 +426,10 @@ def teacher_token_shares(alignment: Alignment, teacher: str, tally: TokenTally) 
     """
     id_map = alignment.id_maps[teacher]
     if tally.inputs.shape != id_map.shape or tally.topk_mass.shape != id_map.shape:
-        raise ValueError(f"expected tallies over the teacher's {len(id_map)} ids; got {tally.inputs.shape} and "
-                         f"{tally.topk_mass.shape}")
+        raise ValueError(
+            f"expected tallies over the teacher's {len(id_map)} ids; got {tally.inputs.shape} and "
+            f"{tally.topk_mass.shape}"
+        )
     specials = len(STUDENT_SPECIALS)
     lowercase = alignment.stats.get("lowercase", False)
     never = np.array([why_never_emitted(token, lowercase) is not None for token in alignment.tokens], dtype=bool)
@@ -430,6 +452,10 @@ def teacher_token_shares(alignment: Alignment, teacher: str, tally: TokenTally) 
         "positions": tally.positions,
         "topk_mass": float(mass / positions),
         "mass_dropped": float(tally.topk_mass[~kept].sum() / positions),
-        "input": {name: float(tally.inputs[member].sum() / inputs) if inputs else 0.0 for name, member in classes.items()},
-        "topk": {name: float(tally.topk_mass[member].sum() / mass) if mass else 0.0 for name, member in classes.items()},
+        "input": {
+            name: float(tally.inputs[member].sum() / inputs) if inputs else 0.0 for name, member in classes.items()
+        },
+        "topk": {
+            name: float(tally.topk_mass[member].sum() / mass) if mass else 0.0 for name, member in classes.items()
+        },
     }

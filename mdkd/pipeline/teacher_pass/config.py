@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from mdkd.pipeline.files import content_hash
 from mdkd.pipeline.config import ConfigError, StrictModel, format_validation_error, read_yaml
+from mdkd.pipeline.files import content_hash
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -84,12 +84,14 @@ class CorpusSource(StrictModel):
         if value is None:
             return None
         if not isinstance(value.get("path"), str):
-            raise ValueError("a dataset spec needs a 'path' (a hub name or a local folder), as for datasets.load_dataset")
+            raise ValueError(
+                "a dataset spec needs a 'path' (a hub name or a local folder), as for datasets.load_dataset"
+            )
         local = (_base_dir(info) / Path(value["path"]).expanduser()).resolve()
         return {**value, "path": str(local)} if local.exists() else value
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> "CorpusSource":
+    def _exactly_one_source(self) -> CorpusSource:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("give exactly one of 'path' or 'dataset'")
         return self
@@ -181,7 +183,7 @@ class MaskingConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _split_sums_to_one(self) -> "MaskingConfig":
+    def _split_sums_to_one(self) -> MaskingConfig:
         if abs(self.mask + self.random + self.keep - 1.0) > 1e-6:
             raise ValueError(f"mask + random + keep must sum to 1 (got {self.mask + self.random + self.keep:g})")
         return self
@@ -223,6 +225,7 @@ class CacheConfig(StrictModel):
         if any(tau <= 0 for tau in value) or len(set(value)) != len(value):
             raise ValueError(f"temperatures must be positive and distinct (got {value})")
         return value
+
     batch_tokens: int | None = Field(
         16384,
         ge=8,
@@ -332,5 +335,3 @@ def validate_cache_config(raw: Any, path: Path) -> CacheConfig:
 def load_cache_config(path: str | Path) -> CacheConfig:
     path = Path(path)
     return validate_cache_config(read_yaml(path), path)
-
-

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from mdkd.pipeline.teacher_pass.config import CORPUS_SUFFIXES, CorpusSource
 from mdkd.pipeline.cache.documents import doc_id
 from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.teacher_pass.config import CORPUS_SUFFIXES, CorpusSource
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class SourceCounts:
     skipped_blank: int = 0
     skipped_invalid_utf8: int = 0
     fingerprint: str = ""
-    _hash: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
+    _hash: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
 
 
 def _files_of(source: CorpusSource) -> list[tuple[Path, str]]:
@@ -158,7 +158,9 @@ def _checked(path: Path) -> Path:
         with path.open("rb"):
             pass
     except OSError as exc:
-        raise UserError(f"cannot read corpus file {path}: {exc.strerror or exc} (check the path and permissions)") from None
+        raise UserError(
+            f"cannot read corpus file {path}: {exc.strerror or exc} (check the path and permissions)"
+        ) from None
     return path
 
 

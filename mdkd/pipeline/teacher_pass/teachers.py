@@ -110,18 +110,27 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
 
     where = f"teacher {spec.name}"
     try:
-        config = AutoConfig.from_pretrained(spec.model, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            spec.model, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         if not spec.trust_remote_code and "trust_remote_code" in str(exc):
-            return None, [f"{where}: {spec.model} needs its own Python code to load (set trust_remote_code: true on this teacher if you trust it)"]
+            return None, [
+                f"{where}: {spec.model} needs its own Python code to load "
+                "(set trust_remote_code: true on this teacher if you trust it)"
+            ]
         return None, [f"{where}: cannot load a model config from {spec.model}: {_one_line(exc)}"]
     # A model whose code ships with the checkpoint names its masked-LM class in auto_map instead.
-    remote_class = (getattr(config, "auto_map", None) or {}).get("AutoModelForMaskedLM") if spec.trust_remote_code else None
+    remote_class = (
+        (getattr(config, "auto_map", None) or {}).get("AutoModelForMaskedLM") if spec.trust_remote_code else None
+    )
     if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES and remote_class is None:
         return None, [f"{where}: {spec.model} is a '{config.model_type}' model, not a masked LM (use a *ForMaskedLM)"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            spec.tokenizer_ref, revision=spec.revision if not spec.tokenizer else None, trust_remote_code=spec.trust_remote_code
+            spec.tokenizer_ref,
+            revision=spec.revision if not spec.tokenizer else None,
+            trust_remote_code=spec.trust_remote_code,
         )
     except Exception as exc:
         return None, [f"{where}: cannot load a tokenizer from {spec.tokenizer_ref}: {_one_line(exc)}"]
@@ -139,7 +148,9 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
         problems.append(f"{where}: top_k {top_k} is larger than its vocabulary of {config.vocab_size} (lower top_k)")
     limit = position_limit(config)
     if limit is not None and max_length > limit:
-        problems.append(f"{where}: max_length {max_length} is longer than the {limit} positions the model takes (lower max_length)")
+        problems.append(
+            f"{where}: max_length {max_length} is longer than the {limit} positions the model takes (lower max_length)"
+        )
     local = Path(spec.model)
     if local.is_dir():
         weight_files = sorted(p for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES)
@@ -154,7 +165,9 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
     return info, problems
 
 
-def masked_logits(model: nn.Module, adapter: MaskedLMAdapter | None, input_ids, attention_mask, rows, cols, device) -> torch.Tensor:
+def masked_logits(
+    model: nn.Module, adapter: MaskedLMAdapter | None, input_ids, attention_mask, rows, cols, device
+) -> torch.Tensor:
     """Vocabulary logits [N, V] at positions (rows[i], cols[i]) of a padded batch: the MLM head runs only there
     when the architecture has an adapter, otherwise the full forward is gathered."""
     input_ids = input_ids.to(device, non_blocking=True)
@@ -190,7 +203,11 @@ def newly_initialised(model: nn.Module, missing_keys: set[str]) -> list[str]:
 def _refuse_missing_weights(info: TeacherInfo, model: nn.Module, missing: list[str]) -> UserError:
     """One line naming the checkpoint and its missing weights: the head's when it has none, else the encoder's."""
     listed = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
-    count = f"{len(missing)} weights of {type(model).__name__} are" if len(missing) > 1 else f"1 weight of {type(model).__name__} is"
+    count = (
+        f"{len(missing)} weights of {type(model).__name__} are"
+        if len(missing) > 1
+        else f"1 weight of {type(model).__name__} is"
+    )
     where = f"teacher {info.spec.name}: checkpoint {info.spec.model}"
     if not missing[0].startswith(getattr(model, "base_model_prefix", "") + "."):
         return UserError(
@@ -209,7 +226,10 @@ class Teacher:
         try:
             with transformers_console(Ranks.from_env()):
                 model, loading = AutoModelForMaskedLM.from_pretrained(
-                    spec.model, revision=spec.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                    spec.model,
+                    revision=spec.revision,
+                    dtype=dtype,
+                    trust_remote_code=spec.trust_remote_code,
                     output_loading_info=True,
                 )
         except Exception as exc:
@@ -228,8 +248,15 @@ class Teacher:
         self.vocab_limit = len(info.tokenizer)
 
     @torch.inference_mode()
-    def top_k(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int,
-              temperatures: list[float]):
+    def top_k(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        k: int,
+        temperatures: list[float],
+    ):
         """Top-k (log-probabilities [N, k], ids [N, k]) at positions (rows[i], cols[i]) of a padded batch, the
         tempered log-partitions [N, T]: logsumexp_j(log p_j / tau) over the whole vocabulary for each tau, and the
         entropies [N] of the whole distribution (what `cache inspect` reports; a top-k alone cannot give it).

@@ -42,7 +42,7 @@ def prepare_unit(documents: list[Document], tokenizer, masker: Masker, max_lengt
     windows_seen = [0] * len(documents)
     skipped = tokens = 0
     for ids, special, sample in zip(
-        encoded["input_ids"], encoded["special_tokens_mask"], encoded["overflow_to_sample_mapping"]
+        encoded["input_ids"], encoded["special_tokens_mask"], encoded["overflow_to_sample_mapping"], strict=False
     ):
         window = windows_seen[sample]
         windows_seen[sample] += 1
@@ -92,22 +92,33 @@ def padded_inputs(rows: list[CachedRow], pad_id: int):
         attention_mask[index, : len(ids)] = 1
         batch_rows.append(np.full(len(row.positions), index))
         cols.append(row.positions)
-    return input_ids, attention_mask, torch.from_numpy(np.concatenate(batch_rows)), torch.from_numpy(np.concatenate(cols))
+    return (
+        input_ids,
+        attention_mask,
+        torch.from_numpy(np.concatenate(batch_rows)),
+        torch.from_numpy(np.concatenate(cols)),
+    )
 
 
-def score_unit(teacher, unit: PreparedUnit, k: int, temperatures: list[float], batch_tokens: int | None,
-               batch_size: int | None) -> TeacherPredictions:
+def score_unit(
+    teacher, unit: PreparedUnit, k: int, temperatures: list[float], batch_tokens: int | None, batch_size: int | None
+) -> TeacherPredictions:
     """Run the teacher over a unit in length-bucketed batches; return its predictions at every masked position,
     in row order (the order `build_table` expects)."""
     rows = unit.rows
     positions_before = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r.positions) for r in rows], out=positions_before[1:])
     total = positions_before[-1]
-    found = TeacherPredictions(np.zeros((total, k), dtype=np.int32), np.zeros((total, k), dtype=np.float32),
-                               np.zeros((total, len(temperatures)), dtype=np.float32), np.zeros(total, dtype=np.float32))
+    found = TeacherPredictions(
+        np.zeros((total, k), dtype=np.int32),
+        np.zeros((total, k), dtype=np.float32),
+        np.zeros((total, len(temperatures)), dtype=np.float32),
+        np.zeros(total, dtype=np.float32),
+    )
     for batch in length_batches([len(r.input_ids) for r in rows], batch_tokens, batch_size):
-        values, ids, partitions, entropies = teacher.top_k(*padded_inputs([rows[i] for i in batch], teacher.pad_id),
-                                                           k=k, temperatures=temperatures)
+        values, ids, partitions, entropies = teacher.top_k(
+            *padded_inputs([rows[i] for i in batch], teacher.pad_id), k=k, temperatures=temperatures
+        )
         offset = 0
         for i in batch:
             start, end = positions_before[i], positions_before[i + 1]
