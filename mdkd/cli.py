@@ -122,8 +122,11 @@ def train(
     default=None,
     help="eval.json path (default: RUN/eval.json).",
 )
-def evaluate(target: Path, cache_dir, heldout_run, eval_fraction, max_rows: int, out_file) -> None:
-    """Score a run's student (or any HF masked LM folder) per language against the teachers, on held-out data."""
+@click.option(
+    "--all-teachers", is_flag=True, help="Score a run on every cached teacher's windows, not only its own teachers'."
+)
+def evaluate(target: Path, cache_dir, heldout_run, eval_fraction, max_rows: int, out_file, all_teachers: bool) -> None:
+    """Score a run's student (or any HF masked LM folder) against each teacher, on the same held-out positions."""
     from mdkd.stages import evaluate as stage
 
     report = stage.run(
@@ -133,6 +136,7 @@ def evaluate(target: Path, cache_dir, heldout_run, eval_fraction, max_rows: int,
         eval_fraction=eval_fraction,
         max_rows=max_rows,
         out_file=out_file,
+        all_teachers=all_teachers,
     )
     click.echo(stage.render(report))
 
