@@ -258,6 +258,23 @@ def test_the_demo_summary_holds_each_student_against_its_own_teachers(tmp_path):
     assert "did worse than when taught by the multilingual one" in summary and "(-0.300 mean" in summary
 
 
+def test_the_demo_summary_compares_with_mlm_only_on_the_same_windows(tmp_path):
+    """The MLM-only student trains with every teacher, so it is scored on every teacher's windows: each distilled
+    student is held against it on the distilled student's own windows, not through ratios to other teachers."""
+    accuracies = {"mono_taught": {"de_bert": 0.30}, "mlm_only": {"de_bert": 0.20, demo.MULTI: 0.40}}
+    runs = []
+    for name, by_teacher in accuracies.items():
+        (tmp_path / name).mkdir()
+        windows = {teacher: _scored(300, accuracy, 0.5) for teacher, accuracy in by_teacher.items()}
+        german = {"teachers": list(windows), "windows": windows, "summary": windows["de_bert"], "raw_text": {}}
+        report = {"scope": "the teachers the run was trained with", "languages": {"de": german}}
+        (tmp_path / name / "eval.json").write_text(json.dumps(report))
+        runs.append(tmp_path / name)
+    summary = demo.summarise(runs, ["de"])
+    # Only de_bert's windows are shared: +0.100, not a difference against MLM-only's pooled or ratio figure.
+    assert "mono_taught vs the MLM-only student on the same windows: +0.100 mean accuracy, ahead on 1 of 1" in summary
+
+
 @pytest.mark.parametrize(
     "make, args, fragment",
     [
