@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    """`torchrun --nproc_per_node 2` on a free local port, then `args` (e.g. "-m", "mdkd", ...)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return [*launcher, "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
 
 
 def sentences(language: str) -> list[str]:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import cache_config, free_port, make_documents, write_config
+from conftest import cache_config, make_documents, torchrun, write_config
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from mdkd.cli import cli
@@ -278,19 +278,8 @@ def test_two_ranks_write_one_manifest_equal_to_one_rank(tmp_path, teachers_dir):
         env=ENV,
         capture_output=True,
     )
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-    ]
     run = subprocess.run(
-        torchrun + ["-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(double)],
+        torchrun("-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(double)),
         env=ENV,
         capture_output=True,
         text=True,

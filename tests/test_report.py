@@ -133,43 +133,23 @@ def test_report_bad_input(tmp_path, prepare, fragment):
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and fragment in result.stderr
 
 
-def test_invalid_sweep_is_refused_before_any_training(tmp_path, training_cache):
-    config = write_config(tmp_path / "base.yaml", train_config())
-    result = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--config",
-            str(config),
-            "--cache",
-            str(training_cache),
-            "--out",
-            str(tmp_path / "out"),
-            "--sweep",
-            "loss.top_k=4,0",
-        ],
-    )
-    assert result.exit_code == 2
-    assert "loss.top_k=0: loss.top_k: Input should be greater than or equal to 1" in result.stderr
-    assert not (tmp_path / "out" / "loss.top_k=4" / "run.json").exists()
-
-
-def test_a_sweep_value_the_cache_cannot_serve_is_refused_before_any_training(tmp_path, training_cache):
-    config = write_config(tmp_path / "base.yaml", train_config())
-    result = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--config",
-            str(config),
-            "--cache",
-            str(training_cache),
-            "--out",
-            str(tmp_path / "out"),
-            "--sweep",
+@pytest.mark.parametrize(
+    "sweep, fragment, first",
+    [
+        # Invalid on its own: the config is checked before any combination trains.
+        ("loss.top_k=4,0", "loss.top_k=0: loss.top_k: Input should be greater than or equal to 1", "loss.top_k=4"),
+        # Valid alone, but the cache recorded no log-partition at tau 4: checked against the cache up front too.
+        (
             "loss.temperature=2,4",
-        ],
-    )
+            "loss.temperature=4: loss.temperature 4 was not recorded in the cache (it has 1, 2;",
+            "loss.temperature=2",
+        ),
+    ],
+)
+def test_a_sweep_is_refused_before_any_training(tmp_path, training_cache, sweep, fragment, first):
+    config = write_config(tmp_path / "base.yaml", train_config())
+    arguments = ["train", "--config", str(config), "--cache", str(training_cache), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, [*arguments, "--sweep", sweep])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
-    assert "loss.temperature=4: loss.temperature 4 was not recorded in the cache (it has 1, 2;" in result.stderr
-    assert not (tmp_path / "out" / "loss.temperature=2" / "run.json").exists()
+    assert fragment in result.stderr
+    assert not (tmp_path / "out" / first / "run.json").exists()

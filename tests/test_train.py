@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import free_port, train_config, write_config
+from conftest import torchrun, train_config, write_config
 
 from mdkd.cli import cli
 from mdkd.pipeline.cache.documents import held_out
@@ -222,26 +221,9 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(training_cache, tmp
     env.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     path = write_config(tmp_path / "two.yaml", config)
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "mdkd",
-            "train",
-            "--config",
-            str(path),
-            "--cache",
-            str(training_cache),
-            "--out",
-            str(tmp_path / "two"),
-        ],
+        torchrun(
+            "-m", "mdkd", "train", "--config", str(path), "--cache", str(training_cache), "--out", str(tmp_path / "two")
+        ),
         env=env,
         capture_output=True,
         text=True,
