@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from mdkd.demo.corpus import fetch_packages, write_corpus
 from mdkd.demo.tiny_models import build_masked_lm, pretrain_masked_lm, train_tokenizer
 from mdkd.pipeline.cache.documents import held_out
+from mdkd.pipeline.distributed import Ranks, transformers_console
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import write_json_atomic
 from mdkd.pipeline.run_folder import claim_folder, prepare_folder
@@ -190,7 +191,8 @@ def _teachers(root: Path, languages: list[str], settings: DemoSettings) -> None:
                 seed=index,
                 progress=progress,
             )
-        model.save_pretrained(scratch)
+        with transformers_console(Ranks.from_env()):  # no weight-writing bar off a terminal
+            model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         scratch.rename(final)  # a teacher exists only once it is whole
 
