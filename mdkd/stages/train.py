@@ -46,7 +46,8 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     selection = select_teachers(config, cache.manifest)
     pairs = [(t, language) for language, weights in selection.items() for t in weights]
     teachers = [t for t in cache.manifest.teachers if any(t == name for name, _ in pairs)]  # in cache order
-    _check_shards(cache, [s for t, language in pairs for s in cache.manifest.shards_of(t, language)], ranks)
+    shards = [s for t, language in pairs for s in cache.manifest.shards_of(t, language)]  # every shard the run reads
+    _check_shards(cache, shards, ranks)
     identity = {"config_hash": config.content_hash(), "cache": cache.manifest.identity}
     device = pick_device("auto", ranks)
     precision = resolve_precision(config.precision, device)
@@ -70,11 +71,9 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     if ranks.is_main:
         prepare_folder(claim)
         _write_run_files(out_dir, config, config_path, cache.dir, identity)
-        _build_vocabulary(cache, teachers, pairs, config, out_dir / "vocab")
+        _build_vocabulary(cache, teachers, shards, config, out_dir / "vocab")
         save_held_out(
-            out_dir / HELD_OUT_FILE,
-            config.train.eval_fraction,
-            (d for t, language in pairs for s in cache.manifest.shards_of(t, language) for d in cache.doc_ids(s)),
+            out_dir / HELD_OUT_FILE, config.train.eval_fraction, (d for s in shards for d in cache.doc_ids(s))
         )
     barrier(ranks)
     alignment = Alignment.load(out_dir / "vocab", teachers)
@@ -190,7 +189,9 @@ def _write_run_files(out_dir: Path, config: TrainConfig, config_path: Path, cach
         )
 
 
-def _build_vocabulary(cache: CacheReader, teachers: list[str], pairs, config: TrainConfig, folder: Path) -> None:
+def _build_vocabulary(
+    cache: CacheReader, teachers: list[str], shards: list[ShardEntry], config: TrainConfig, folder: Path
+) -> None:
     """The merged vocabulary over the teachers this run uses (kept as is when resuming). With a size cap, the
     cached inputs rank the tokens, and the stats say where each teacher's inputs and top-k mass land."""
     if (folder / "stats.json").exists():
@@ -200,11 +201,7 @@ def _build_vocabulary(cache: CacheReader, teachers: list[str], pairs, config: Tr
         alignment = build_alignment(vocabularies)
     else:
         tallies = {
-            v.name: TokenTally.from_cache(
-                cache,
-                [s for t, language in pairs if t == v.name for s in cache.manifest.shards_of(t, language)],
-                len(v.canonical),
-            )
+            v.name: TokenTally.from_cache(cache, [s for s in shards if s.teacher == v.name], len(v.canonical))
             for v in vocabularies
         }
         frequencies = {v.name: tallies[v.name].canonical_counts(v.canonical) for v in vocabularies}

@@ -184,7 +184,11 @@ class ShardRows:
     """
 
     def __init__(self, path: Path, cached_k: int, top_k: int | None = None):
-        table = pq.read_table(path)
+        # Only the columns decoded here: doc_ids and languages are strings, costly to read on the training path.
+        columns = ["input_ids", "positions", "labels", "topk_ids", "topk_logprobs"]
+        if "log_partitions" in pq.read_schema(path).names:  # a schema-1 shard has neither
+            columns += ["log_partitions", "entropies"]
+        table = pq.read_table(path, columns=columns)
         k = top_k or cached_k
         self.input_ids, self.input_offsets = _flat(table.column("input_ids")), _offsets(table.column("input_ids"))
         self.positions, self.position_offsets = _flat(table.column("positions")), _offsets(table.column("positions"))
@@ -193,7 +197,7 @@ class ShardRows:
         logprobs = _flat(pc.list_flatten(table.column("topk_logprobs"))).reshape(-1, cached_k)[:, :k]
         self.topk_logprobs = logprobs.astype(np.float32)
         self.log_partitions = self.entropies = None
-        if "log_partitions" in table.column_names:
+        if "log_partitions" in columns:
             self.log_partitions = _flat(pc.list_flatten(table.column("log_partitions"))).reshape(len(self.labels), -1)
             self.entropies = _flat(table.column("entropies"))
 
