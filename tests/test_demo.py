@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import subprocess
 
 import pytest
 import yaml
 from conftest import make_documents
 
-from mdkd.demo import corpus
+from mdkd.demo import corpus, summary
 from mdkd.pipeline.errors import UserError
 from mdkd.stages import demo
 
 TINY = demo.DemoSettings(
-    documents=80,
+    documents=60,
+    teacher_bytes=100_000,
     mono_vocab=200,
     multi_vocab=300,
     mono_steps=4,
     multi_steps=4,
     student_steps=4,
+    eval_every=2,
     batch_size=8,
     eval_fraction=0.2,
     hidden=32,
@@ -305,13 +308,24 @@ def miniature(tmp_path_factory):
 def test_the_miniature_demo_runs_every_step(miniature):
     root, result = miniature
     work = root / "work" / "quick"
-    assert sorted(p.name for p in (work / "teachers").iterdir()) == ["de_bert", "en_bert", "multi_xlmr", "ru_bert"]
+    assert sorted(p.name for p in (work / "teachers").iterdir()) == ["de_mono", "en_mono", "multi", "ru_mono"]
     assert json.loads((work / "cache" / "manifest.json").read_text())["complete"]
     for student in ("mono_taught", "multi_taught", "both_taught", "mlm_only"):
         assert json.loads((work / "runs" / student / "run.json").read_text())["complete"]
         assert set(json.loads((work / "runs" / student / "eval.json").read_text())["languages"]) <= {"de", "en", "ru"}
     assert (work / "report" / "accuracy.png").stat().st_size > 10_000
-    assert "Held-out masked-token accuracy" in result["summary"] and "mlm_only" in result["summary"]
+    assert (work / "report" / "heldout_loss.png").stat().st_size > 10_000
+    summary = result["summary"]
+    for section in (
+        "Teachers, pre-trained",
+        "on that teacher's held-out windows",
+        "Distilled minus MLM-only",
+        "Raw held-out text",
+        "Knowledge Inheritance's figure",
+    ):
+        assert section in summary
+    record = json.loads((work / "teachers" / "multi" / "pretraining.json").read_text())
+    assert set(record["held_out"]) == {"de", "en", "ru"} and record["steps"] == TINY.multi_steps
     config = yaml.safe_load((work / "configs" / "mlm_only.yaml").read_text())
     assert config["loss"]["alpha"] == {"schedule": "constant", "start": 0.0}
 
@@ -322,7 +336,7 @@ def test_rerunning_the_demo_skips_finished_steps(miniature):
     stamps = {
         p: p.stat().st_mtime_ns
         for p in [
-            work / "teachers" / "de_bert" / "config.json",
+            work / "teachers" / "de_mono" / "config.json",
             work / "cache" / "manifest.json",
             work / "runs" / "mono_taught" / "metrics.jsonl",
         ]
@@ -335,3 +349,42 @@ def test_other_settings_in_the_same_workdir_are_refused(miniature):
     root, _ = miniature
     with pytest.raises(UserError, match="holds a demo with a different config"):
         demo.run(root / "work", root / "corpus", quick=True, settings=demo.QUICK)
+
+
+def _heldout_metrics(folder, curve: dict[int, dict[str, tuple[float, int]]]):
+    """A run folder whose metrics.jsonl holds, per step, held-out (mean cross-entropy, positions) per window."""
+    folder.mkdir()
+    lines = [
+        {
+            "step": step,
+            "split": "heldout",
+            "per_window": {
+                key: {"positions": positions, "perplexity": math.exp(loss)}
+                for key, (loss, positions) in windows.items()
+            },
+        }
+        for step, windows in curve.items()
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def test_the_inheritance_step_compares_on_the_distilled_students_windows_only(tmp_path):
+    # MLM-only ends at 4.0 on de/de_mono; on de/multi it ends far lower, so pooled over both windows it would end
+    # at (4.0 * 100 + 1.0 * 300) / 400 = 1.75, a target the distilled student never reaches.
+    baseline = _heldout_metrics(
+        tmp_path / "mlm_only",
+        {
+            10: {"de/de_mono": (6.0, 100), "de/multi": (3.0, 300)},
+            20: {"de/de_mono": (4.0, 100), "de/multi": (1.0, 300)},
+        },
+    )
+    taught = _heldout_metrics(
+        tmp_path / "mono_taught", {10: {"de/de_mono": (3.9, 100)}, 20: {"de/de_mono": (3.5, 100)}}
+    )
+    curves = summary.inheritance_curves([taught, baseline])
+    assert curves["mono_taught"][1] == [(10, pytest.approx(6.0)), (20, pytest.approx(4.0))]
+    assert summary.first_step_reaching(curves["mono_taught"][0], curves["mono_taught"][1][-1][1]) == 10
+    pooled = summary.held_out_curve(baseline)
+    assert pooled[-1][1] == pytest.approx(1.75)  # positions-weighted, over every window when none are named
+    assert summary.first_step_reaching(curves["mono_taught"][0], pooled[-1][1]) is None

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import train_config, write_config
 
 from mdkd.cli import cli
+from mdkd.demo import summary
 from mdkd.pipeline.cache.documents import save_held_out
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import CachedPredictions
@@ -249,13 +250,12 @@ def test_the_demo_summary_holds_each_student_against_its_own_teachers(tmp_path):
         report = {"scope": "the teachers the run was trained with", "languages": {"de": german}}
         (tmp_path / name / "eval.json").write_text(json.dumps(report))
         runs.append(tmp_path / name)
-    summary = demo.summarise(runs, ["de"])
-    assert "Held-out masked-token accuracy" in summary
-    rows = [line.split()[:7] for line in summary.splitlines()]
+    printed = summary.summarise(runs, ["de"], {})
+    rows = [line.split()[:7] for line in printed.splitlines()]
     assert ["de", "de_bert", "mono_taught", "300", "0.300", "0.600", "0.50"] in rows
     assert ["de", demo.MULTI, "multi_taught", "300", "0.200", "0.250", "0.80"] in rows
-    assert not any("mono_taught" in line and demo.MULTI in line for line in summary.splitlines()[:4])
-    assert "did worse than when taught by the multilingual one" in summary and "(-0.300 mean" in summary
+    assert not any(row[1:3] in (["de_bert", "multi_taught"], [demo.MULTI, "mono_taught"]) for row in rows if row)
+    assert "de: student / own teacher accuracy 0.50 against 0.80; raw text 0.150 against 0.100" in printed
 
 
 def test_the_demo_summary_compares_with_mlm_only_on_the_same_windows(tmp_path):
@@ -270,9 +270,11 @@ def test_the_demo_summary_compares_with_mlm_only_on_the_same_windows(tmp_path):
         report = {"scope": "the teachers the run was trained with", "languages": {"de": german}}
         (tmp_path / name / "eval.json").write_text(json.dumps(report))
         runs.append(tmp_path / name)
-    summary = demo.summarise(runs, ["de"])
-    # Only de_bert's windows are shared: +0.100, not a difference against MLM-only's pooled or ratio figure.
-    assert "mono_taught vs the MLM-only student on the same windows: +0.100 mean accuracy, ahead on 1 of 1" in summary
+    printed = summary.summarise(runs, ["de"], {})
+    # Only de_bert's windows are shared: +0.100 (at every position kind), not a difference against MLM-only's
+    # pooled figure (0.300 over both teachers' windows) or its [MASK]-only one.
+    assert ["de", "+0.100", "|", "+0.100"] in [line.split() for line in printed.splitlines()]
+    assert "mono_taught on 1 | 1 of 1 languages" in printed
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,31 @@ def test_training_writes_a_run_that_loads_and_fills_masks(training_cache, tmp_pa
     assert again.exit_code == 0 and "nothing to do" in again.output
 
 
+def test_a_modernbert_student_trains_exports_and_scores_like_its_full_forward(training_cache, tmp_path):
+    result = train(tmp_path, training_cache, train_config(student={"architecture": "modernbert"}))
+    assert result.exit_code == 0, result.output
+    losses = [m["loss"] for m in metrics(tmp_path / "run")]
+    assert len(losses) == 8 and all(np.isfinite(losses))
+
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    from mdkd.pipeline.distill.student import MaskedLMStudent
+
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "student").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
+    assert model.config.model_type == "modernbert" and model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.config.cls_token_id == tokenizer.cls_token_id and model.config.sep_token_id == tokenizer.sep_token_id
+    filled = pipeline("fill-mask", model=model, tokenizer=tokenizer)("Der Hund [MASK] schnell.", top_k=3)
+    assert len(filled) == 3
+    # Training scores masked positions through the encoder and the head alone; the full forward is the reference.
+    batch = tokenizer(["Der Hund läuft schnell.", "Ein Haus"], padding=True, return_tensors="pt")
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([1, 3, 2])
+    with torch.no_grad():
+        wrapped = MaskedLMStudent(model)(batch["input_ids"], batch["attention_mask"], rows, cols)
+        full = model(**batch).logits[rows, cols]
+    torch.testing.assert_close(wrapped, full, rtol=1e-4, atol=1e-4)
+
+
 def _crashed_copy(run: Path, crashed: Path, full: list[dict]) -> Path:
     """A copy of a finished 8-step run made to look like one that died after step 6, its last checkpoint at 4."""
     shutil.copytree(run, crashed)

@@ -7,10 +7,10 @@ import torch
 from conftest import make_documents, sentences
 
 from mdkd.demo.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
+from mdkd.pipeline.masked_lm import ADAPTERS
 from mdkd.pipeline.teacher_pass.config import MaskingConfig
 from mdkd.pipeline.teacher_pass.corpus import Document
 from mdkd.pipeline.teacher_pass.masking import Masker
-from mdkd.pipeline.teacher_pass.teachers import ADAPTERS
 from mdkd.pipeline.teacher_pass.windows import length_batches, padded_inputs, prepare_unit
 
 

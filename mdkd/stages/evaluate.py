@@ -36,10 +36,10 @@ from mdkd.pipeline.evaluation import (
     model_sums,
 )
 from mdkd.pipeline.files import write_json_atomic
+from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 from mdkd.pipeline.teacher_pass.config import CorpusSource, MaskingConfig
 from mdkd.pipeline.teacher_pass.corpus import Document, read_language
 from mdkd.pipeline.teacher_pass.masking import Masker
-from mdkd.pipeline.teacher_pass.teachers import ADAPTERS, masked_logits
 from mdkd.pipeline.teacher_pass.windows import padded_inputs, prepare_unit
 
 RAW_TEXT_SEED = 1234  # fresh masking of raw text: a fixed seed, so two models see the same masked text

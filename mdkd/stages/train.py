@@ -270,19 +270,23 @@ def _held_out_sets(cache: CacheReader, pairs, alignment: Alignment, config: Trai
 
 
 def _evaluate(engine, held_out_sets: list, temperatures: list[float], step: int) -> dict:
-    """Held-out metrics per language (every rank runs the same forwards, as ZeRO-3 needs all of them)."""
+    """Held-out metrics per language, and per (language, teacher) windows so that two runs can be compared on
+    the windows they share (every rank runs the same forwards, as ZeRO-3 needs all of them)."""
     per_language: dict[str, MetricSums] = {}
+    per_window: dict[str, dict] = {}
     engine.eval()
     for windows, input_map, target_map in held_out_sets:
         model, _ = score_windows(
             lambda *batch: engine(*(t.to(engine.device) for t in batch)), windows, input_map, target_map, temperatures
         )
         per_language.setdefault(windows.language, MetricSums()).add(model)
+        per_window[f"{windows.language}/{windows.teacher}"] = model.result()
     engine.train()
     return {
         "step": step,
         "split": "heldout",
         "per_language": {language: m.result() for language, m in per_language.items()},
+        "per_window": per_window,
     }
 
 

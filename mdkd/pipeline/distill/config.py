@@ -18,8 +18,15 @@ PRESETS = {
 
 
 class StudentConfig(StrictModel):
-    """A BERT-style student initialised from scratch: a preset, or explicit sizes (which override the preset)."""
+    """A student initialised from scratch: an architecture, and a preset or explicit sizes (which override the
+    preset)."""
 
+    architecture: Literal["bert", "modernbert"] = Field(
+        "bert",
+        description="`bert`: BERT (post-norm, learnt positions), as in MergeDistill. `modernbert`: ModernBERT "
+        "(pre-norm, rotary positions, gated MLP), which leaves the frequent-token plateau far sooner at small "
+        "sizes and budgets ([training.md](training.md#the-student)). Both export as an ordinary HF folder.",
+    )
     preset: Literal["tiny", "small", "base"] | None = Field(
         "tiny", description="Starting sizes (table below). Null: no preset, so give all four sizes."
     )
@@ -33,7 +40,8 @@ class StudentConfig(StrictModel):
 
     def sizes(self) -> dict[str, int]:
         sizes = dict(PRESETS[self.preset]) if self.preset else {}
-        sizes.update({k: v for k, v in self.model_dump(exclude={"preset", "dropout"}).items() if v is not None})
+        dumped = self.model_dump(exclude={"architecture", "preset", "dropout"})
+        sizes.update({k: v for k, v in dumped.items() if v is not None})
         return sizes
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""The student: a BERT-style masked LM over the merged vocabulary, and its export as an ordinary HF folder.
+"""The student: a BERT or ModernBERT masked LM over the merged vocabulary, and its export as an ordinary HF folder.
 
 The forward pass runs the encoder on the whole batch and the vocabulary projection only at masked positions,
 so no [batch, sequence, vocabulary] tensor is ever built. The exported folder holds the model and a WordPiece
@@ -15,38 +15,57 @@ from torch import nn
 
 from mdkd.pipeline.distill.config import StudentConfig
 from mdkd.pipeline.distill.vocab import STUDENT_SPECIALS
+from mdkd.pipeline.masked_lm import ADAPTERS
 
 
 class MaskedLMStudent(nn.Module):
-    """Wraps a BertForMaskedLM so DeepSpeed sees one forward: (batch, masked positions) -> logits [N, V]."""
+    """Wraps a `*ForMaskedLM` so DeepSpeed sees one forward: (batch, masked positions) -> logits [N, V]."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.adapter = ADAPTERS[model.config.model_type]
 
     def forward(self, input_ids, attention_mask, rows, cols):
-        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return self.model.cls(hidden[rows, cols])
+        hidden = getattr(self.model, self.adapter.encoder)(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return self.adapter.head(self.model, hidden[rows, cols])
 
 
 def build_student(settings: StudentConfig, vocab_size: int, max_positions: int, seed: int) -> MaskedLMStudent:
     """A freshly initialised student; the same seed gives the same weights."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
     sizes = settings.sizes()
-    config = BertConfig(
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=sizes["hidden_size"],
         num_hidden_layers=sizes["num_layers"],
         num_attention_heads=sizes["num_heads"],
         intermediate_size=sizes["intermediate_size"],
-        hidden_dropout_prob=settings.dropout,
-        attention_probs_dropout_prob=settings.dropout,
         max_position_embeddings=max(512, max_positions),
         pad_token_id=STUDENT_SPECIALS.index("[PAD]"),
     )
+    if settings.architecture == "modernbert":
+        # Its defaults name ids in ModernBERT's own hub vocabulary: point every special role at the student's.
+        cls, sep = STUDENT_SPECIALS.index("[CLS]"), STUDENT_SPECIALS.index("[SEP]")
+        config = ModernBertConfig(
+            **common,
+            bos_token_id=cls,
+            cls_token_id=cls,
+            eos_token_id=sep,
+            sep_token_id=sep,
+            embedding_dropout=settings.dropout,
+            mlp_dropout=settings.dropout,
+            attention_dropout=settings.dropout,
+        )
+        model_class = ModernBertForMaskedLM
+    else:
+        config = BertConfig(
+            **common, hidden_dropout_prob=settings.dropout, attention_probs_dropout_prob=settings.dropout
+        )
+        model_class = BertForMaskedLM
     torch.manual_seed(seed)
-    return MaskedLMStudent(BertForMaskedLM(config))
+    return MaskedLMStudent(model_class(config))
 
 
 def student_tokenizer(tokens: list[str], lowercase: bool, max_length: int = 512):

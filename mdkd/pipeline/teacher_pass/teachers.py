@@ -4,15 +4,12 @@ A checkpoint without a trained MLM head (an encoder saved as `BertModel`, say) w
 with a freshly initialised head and cache random predictions, so loading refuses any weight the checkpoint
 lacks.
 
-Scoring runs the encoder on the whole batch but applies the MLM head (the vocabulary projection, by far the
-largest matrix product for a 120k-token vocabulary) only to the hidden states at masked positions. Known
-architectures get an adapter that says where the encoder and the head are; any other masked LM falls back to
-the full forward, which gives the same numbers at a higher cost.
+Scoring runs the encoder on the whole batch but applies the MLM head only to the hidden states at masked
+positions (mdkd/pipeline/masked_lm.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,40 +20,10 @@ from mdkd.pipeline.cache.manifest import special_token_ids
 from mdkd.pipeline.distributed import Ranks, transformers_console
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sha256_of_files
+from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 from mdkd.pipeline.teacher_pass.config import TeacherSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-
-
-@dataclass(frozen=True)
-class MaskedLMAdapter:
-    """Where the encoder lives in a `*ForMaskedLM` model, and how to apply its head to [N, hidden] states."""
-
-    encoder: str
-    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-def _deberta_v2_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    if getattr(model, "legacy", True):
-        return model.cls(hidden)
-    return model.lm_predictions(hidden, model.deberta.embeddings.word_embeddings)
-
-
-def _distilbert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    hidden = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
-    return model.vocab_projector(hidden)
-
-
-ADAPTERS: dict[str, MaskedLMAdapter] = {
-    "bert": MaskedLMAdapter("bert", lambda m, h: m.cls(h)),
-    "roberta": MaskedLMAdapter("roberta", lambda m, h: m.lm_head(h)),
-    "xlm-roberta": MaskedLMAdapter("roberta", lambda m, h: m.lm_head(h)),
-    "camembert": MaskedLMAdapter("roberta", lambda m, h: m.lm_head(h)),
-    "albert": MaskedLMAdapter("albert", lambda m, h: m.predictions(h)),
-    "distilbert": MaskedLMAdapter("distilbert", _distilbert_head),
-    "deberta-v2": MaskedLMAdapter("deberta", _deberta_v2_head),
-    "modernbert": MaskedLMAdapter("model", lambda m, h: m.decoder(m.head(h))),
-}
 
 
 @dataclass
@@ -163,20 +130,6 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
     architecture = (config.architectures or [MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(config.model_type, remote_class)])[0]
     info = TeacherInfo(spec, tokenizer, config.model_type, architecture, config.vocab_size, weights)
     return info, problems
-
-
-def masked_logits(
-    model: nn.Module, adapter: MaskedLMAdapter | None, input_ids, attention_mask, rows, cols, device
-) -> torch.Tensor:
-    """Vocabulary logits [N, V] at positions (rows[i], cols[i]) of a padded batch: the MLM head runs only there
-    when the architecture has an adapter, otherwise the full forward is gathered."""
-    input_ids = input_ids.to(device, non_blocking=True)
-    attention_mask = attention_mask.to(device, non_blocking=True)
-    rows, cols = rows.to(device), cols.to(device)
-    if adapter is not None:
-        hidden = getattr(model, adapter.encoder)(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return adapter.head(model, hidden[rows, cols])
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
