@@ -319,10 +319,9 @@ def forward_batches(units: list[PreparedUnit], config: CacheConfig, pad_id: int)
     return batches
 
 
-def difference_from_cache(teacher: Teacher, cache: CacheReader, unit: PreparedUnit, config: CacheConfig) -> float:
-    """Largest |log-prob| difference between `score_unit` now and what the run cached for the same unit: a check
-    that the rebuilt rows are the run's and the teacher is loaded as the stage loads it (0 on a CPU)."""
-    predictions = score_unit(
+def score_as_configured(teacher: Teacher, unit: PreparedUnit, config: CacheConfig):
+    """score_unit with the stage's settings from `config`, as the stage calls it."""
+    return score_unit(
         teacher,
         unit,
         k=config.top_k,
@@ -330,6 +329,12 @@ def difference_from_cache(teacher: Teacher, cache: CacheReader, unit: PreparedUn
         batch_tokens=config.batch_tokens,
         batch_size=config.batch_size,
     )
+
+
+def difference_from_cache(teacher: Teacher, cache: CacheReader, unit: PreparedUnit, config: CacheConfig) -> float:
+    """Largest |log-prob| difference between `score_unit` now and what the run cached for the same unit: a check
+    that the rebuilt rows are the run's and the teacher is loaded as the stage loads it (0 on a CPU)."""
+    predictions = score_as_configured(teacher, unit, config)
     return float(np.abs(predictions.topk_logprobs - cache.rows(cache.manifest.shards[0]).topk_logprobs).max())
 
 
@@ -354,14 +359,7 @@ def unit_work_pass(teacher: Teacher, units: list[tuple[str, PreparedUnit]], conf
     seconds = {"score_unit": 0.0, "build_table": 0.0}
     for language, unit in units:
         started = time.perf_counter()
-        predictions = score_unit(
-            teacher,
-            unit,
-            k=config.top_k,
-            temperatures=config.temperatures,
-            batch_tokens=config.batch_tokens,
-            batch_size=config.batch_size,
-        )
+        predictions = score_as_configured(teacher, unit, config)
         scored = time.perf_counter()
         build_table(unit.rows, language, predictions, config.logprobs_dtype)
         seconds["score_unit"] += scored - started

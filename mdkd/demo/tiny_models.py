@@ -157,23 +157,26 @@ def build_masked_lm(model_type: str, tokenizer, out_dir: str | Path | None = Non
 
 
 def masked_lm_windows(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Every document cut into consecutive windows of at most `max_length` ids, specials included: the whole
-    text, not only each document's opening (long documents are most of the tokens in some languages)."""
-    inner = max_length - 2
-    windows = []
-    for ids in tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]:
-        for start in range(0, len(ids), inner):
-            windows.append([tokenizer.cls_token_id, *ids[start : start + inner], tokenizer.sep_token_id])
-    return windows
+    """Every document cut into consecutive windows of at most `max_length` ids, specials included, as stage one
+    cuts them (the tokenizer's overflow): the whole text, not only each document's opening (long documents are
+    most of the tokens in some languages)."""
+    return tokenizer(
+        texts,
+        max_length=max_length,
+        truncation=True,
+        return_overflowing_tokens=True,
+        stride=0,
+        return_attention_mask=False,
+    )["input_ids"]
 
 
 def _masked_logits(model, adapter, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) at the predicted positions only: the vocabulary projection there alone is about 7x less
-    work than the full head."""
-    encoder = getattr(model, adapter.encoder)
-    hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    predicted = batch["labels"] != -100
-    return adapter.head(model, hidden[predicted]), batch["labels"][predicted]
+    """(logits, labels) at the collator's predicted positions, the head run there alone (masked_logits)."""
+    from mdkd.pipeline.masked_lm import masked_logits
+
+    rows, cols = (batch["labels"] != -100).nonzero(as_tuple=True)
+    logits = masked_logits(model, adapter, batch["input_ids"], batch["attention_mask"], rows, cols, model.device)
+    return logits, batch["labels"][rows, cols]
 
 
 def pretrain_masked_lm(

@@ -15,7 +15,7 @@ from torch import nn
 
 from mdkd.pipeline.distill.config import StudentConfig
 from mdkd.pipeline.distill.vocab import STUDENT_SPECIALS
-from mdkd.pipeline.masked_lm import ADAPTERS
+from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 
 
 class MaskedLMStudent(nn.Module):
@@ -27,8 +27,7 @@ class MaskedLMStudent(nn.Module):
         self.adapter = ADAPTERS[model.config.model_type]
 
     def forward(self, input_ids, attention_mask, rows, cols):
-        hidden = getattr(self.model, self.adapter.encoder)(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return self.adapter.head(self.model, hidden[rows, cols])
+        return masked_logits(self.model, self.adapter, input_ids, attention_mask, rows, cols, input_ids.device)
 
 
 def build_student(settings: StudentConfig, vocab_size: int, max_positions: int, seed: int) -> MaskedLMStudent:
