@@ -385,6 +385,6 @@ def test_the_inheritance_step_compares_on_the_distilled_students_windows_only(tm
     curves = summary.inheritance_curves([taught, baseline])
     assert curves["mono_taught"][1] == [(10, pytest.approx(6.0)), (20, pytest.approx(4.0))]
     assert summary.first_step_reaching(curves["mono_taught"][0], curves["mono_taught"][1][-1][1]) == 10
-    pooled = summary.held_out_curve(baseline)
+    pooled = summary.held_out_curve(summary.held_out_records(baseline))
     assert pooled[-1][1] == pytest.approx(1.75)  # positions-weighted, over every window when none are named
     assert summary.first_step_reaching(curves["mono_taught"][0], pooled[-1][1]) is None

@@ -158,14 +158,20 @@ def _mono_against_multi(evals: dict[str, dict], languages: list[str]) -> list[st
     return lines
 
 
-def held_out_curve(run: Path, windows: list[str] | None = None) -> list[tuple[int, float]]:
-    """(step, held-out MLM loss) from a run's metrics.jsonl: the mean cross-entropy of the true token over the
+def held_out_records(run: Path) -> list[dict]:
+    """The held-out lines of a run's metrics.jsonl that are scored per 'language/teacher' window; none without."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
+    return [record for record in records if record.get("split") == "heldout" and "per_window" in record]
+
+
+def held_out_curve(records: list[dict], windows: list[str] | None = None) -> list[tuple[int, float]]:
+    """(step, held-out MLM loss) from a run's held-out records: the mean cross-entropy of the true token over the
     given 'language/teacher' windows (all of the run's when None), pooled by positions."""
     curve = []
-    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("split") != "heldout" or "per_window" not in record:
-            continue
+    for record in records:
         scored = [
             s for key, s in record["per_window"].items() if (windows is None or key in windows) and "perplexity" in s
         ]
@@ -175,27 +181,17 @@ def held_out_curve(run: Path, windows: list[str] | None = None) -> list[tuple[in
     return curve
 
 
-def _window_keys(run: Path) -> list[str]:
-    """The 'language/teacher' windows a run was scored on during training; none without held-out lines."""
-    if not (run / "metrics.jsonl").exists():
-        return []
-    for line in reversed((run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()):
-        record = json.loads(line)
-        if record.get("split") == "heldout" and "per_window" in record:
-            return sorted(record["per_window"])
-    return []
-
-
 def inheritance_curves(runs: list[Path]) -> dict[str, tuple[list, list]]:
-    """Per distilled student: its held-out loss curve and MLM-only's, both on the distilled student's windows."""
-    by_name = {run.name: run for run in runs}
-    if BASELINE not in by_name:
+    """Per distilled student: its held-out loss curve and MLM-only's, both on the windows the distilled student was
+    scored on during training."""
+    records = {run.name: held_out_records(run) for run in runs}
+    if BASELINE not in records:
         return {}
-    curves = {}
-    for name, run in by_name.items():
-        if name != BASELINE and (keys := _window_keys(run)):
-            curves[name] = (held_out_curve(run, keys), held_out_curve(by_name[BASELINE], keys))
-    return curves
+    return {
+        name: (held_out_curve(own), held_out_curve(records[BASELINE], sorted(own[-1]["per_window"])))
+        for name, own in records.items()
+        if name != BASELINE and own
+    }
 
 
 def first_step_reaching(curve: list[tuple[int, float]], target: float) -> int | None:

@@ -191,18 +191,21 @@ def _corpus(root: Path, given: Path | None, languages: list[str], settings: Demo
     return sorted(record)
 
 
-def _documents(folder: Path, language: str, fraction: float, held: bool) -> list[str]:
-    """A language's training documents (held=False) or held-out ones (held=True), read by stage one's corpus
-    reader, so with the doc_ids the cache will hold, and split by the rule `mdkd train` uses: no teacher sees
-    the students' test documents."""
+def _split_documents(folder: Path, language: str, fraction: float) -> tuple[list[str], list[str]]:
+    """A language's (training, held-out) documents, read by stage one's corpus reader, so with the doc_ids the
+    cache will hold, and split by the rule `mdkd train` uses: no teacher sees the students' test documents."""
     source = CorpusSource.model_validate({"language": language, "path": str(folder / f"{language}.txt")})
-    return [d.text for d in read_language([source]) if held_out(d.doc_id, fraction) == held]
+    training, held = [], []
+    for document in read_language([source]):
+        (held if held_out(document.doc_id, fraction) else training).append(document.text)
+    return training, held
 
 
 def _teachers(root: Path, languages: list[str], settings: DemoSettings) -> dict[str, dict]:
     """Build each teacher once (a rerun keeps the ones that are whole); returns each one's pre-training record."""
-    folder = root / "teacher_corpus"
-    texts = {language: _documents(folder, language, settings.eval_fraction, held=False) for language in languages}
+    splits = {
+        language: _split_documents(root / "teacher_corpus", language, settings.eval_fraction) for language in languages
+    }
     plan = [
         (mono(language), [language], "wordpiece", settings.mono_vocab, settings.mono_steps) for language in languages
     ]
@@ -211,17 +214,20 @@ def _teachers(root: Path, languages: list[str], settings: DemoSettings) -> dict[
     for index, (name, served, family, vocab, steps) in enumerate(plan):
         final = root / "teachers" / name
         if not (final / "config.json").exists():
-            _build_teacher(root, name, served, family, vocab, steps, texts, index, settings)
+            _build_teacher(
+                root, name, {language: splits[language] for language in served}, family, vocab, steps, index, settings
+            )
         records[name] = json.loads((final / PRETRAINING).read_text())
     return records
 
 
-def _build_teacher(root, name, served, family, vocab, steps, texts, seed, settings: DemoSettings) -> None:
-    """Tokenizer, ModernBERT masked LM, pre-training on every window of the served languages' training text,
-    held-out accuracy against the frequent-token bar; written to a scratch folder, renamed once whole."""
+def _build_teacher(root, name, splits: dict, family, vocab, steps, seed, settings: DemoSettings) -> None:
+    """Tokenizer, ModernBERT masked LM, pre-training on every window of the served languages' training text
+    (`splits`: language -> (training, held-out) documents), held-out accuracy against the frequent-token bar;
+    written to a scratch folder, renamed once whole."""
     scratch = root / "teachers" / f".{name}.tmp"
     shutil.rmtree(scratch, ignore_errors=True)
-    corpus = [text for language in served for text in texts[language]]
+    corpus = [text for training, _ in splits.values() for text in training]
     tokenizer = train_tokenizer(family, corpus, vocab, scratch)
     sizes = dict(hidden=settings.hidden, layers=settings.layers, heads=settings.heads)
     model = build_masked_lm(TEACHER_ARCHITECTURE, tokenizer, seed=seed, max_positions=settings.max_length, **sizes)
@@ -239,13 +245,8 @@ def _build_teacher(root, name, served, family, vocab, steps, texts, seed, settin
         )
     seconds = time.perf_counter() - started
     held = {
-        language: masked_lm_accuracy(
-            model,
-            tokenizer,
-            _documents(root / "teacher_corpus", language, settings.eval_fraction, held=True)[:HELD_OUT_DOCUMENTS],
-            settings.max_length,
-        )
-        for language in served
+        language: masked_lm_accuracy(model, tokenizer, held_out_texts[:HELD_OUT_DOCUMENTS], settings.max_length)
+        for language, (_, held_out_texts) in splits.items()
     }
     with transformers_console(Ranks.from_env()):  # no weight-writing bar off a terminal
         model.save_pretrained(scratch)
@@ -256,7 +257,9 @@ def _build_teacher(root, name, served, family, vocab, steps, texts, seed, settin
         "vocabulary": len(tokenizer),
         "steps": steps,
         "seconds": round(seconds, 1),
-        "text_bytes": {language: sum(len(t.encode()) + 1 for t in texts[language]) for language in served},
+        "text_bytes": {
+            language: sum(len(t.encode()) + 1 for t in training) for language, (training, _) in splits.items()
+        },
         "loss_first_last": [losses[0], sum(losses[-20:]) / len(losses[-20:])],
         "held_out": held,
     }
