@@ -75,7 +75,6 @@ import torch
 import yaml
 
 import mdkd
-from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import CachedRow, build_table, shard_schema, write_shard
 from mdkd.pipeline.distributed import Ranks, pick_device
@@ -94,6 +93,7 @@ from mdkd.pipeline.teacher_pass.windows import (
     score_unit,
 )
 from mdkd.stages import cache_logits as stage
+from mdkd.tiny_models import build_masked_lm, train_tokenizer
 
 OVERHEAD_GOAL = 1.15
 LANGUAGE = "xx"

@@ -4,8 +4,8 @@ It uses mdkd's public API only, so a refactoring of the stage's private helpers 
 corpus and a random BERT-shaped teacher it builds a cache with the real stage one, then:
 
 1. runs the real stage two, `mdkd.stages.train.run(config, cache, out)`, for as many steps as are timed below, and
-   reads the throughput it logs for every step (RUN/metrics.jsonl, `tokens_per_second`); the run also leaves the
-   merged vocabulary (RUN/vocab) that everything below maps through;
+   reads the throughput it logs for every step (its metrics log, `tokens_per_second`); the run also leaves the
+   merged vocabulary (its vocab folder) that everything below maps through;
 2. times three kinds of optimizer step through one DeepSpeed engine on one student, over the same stream of
    cached rows (`Stream` and `Sampler`, seeded like the run's), interleaved (step i of each kind back to back,
    so a change in machine load hits every kind alike; medians after 2 untimed steps of each):
@@ -52,7 +52,6 @@ import numpy as np
 import torch
 import yaml
 
-from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import TrainConfig, load_train_config
 from mdkd.pipeline.distill.data import Sampler, Stream, collate
@@ -62,6 +61,7 @@ from mdkd.pipeline.distill.deepspeed_setup import (
     resolve_precision,
 )
 from mdkd.pipeline.distill.losses import kd_loss, mlm_loss
+from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.student import build_student
 from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward
 from mdkd.pipeline.distill.vocab import Alignment
@@ -70,6 +70,7 @@ from mdkd.pipeline.teacher_pass.config import TeacherSpec
 from mdkd.pipeline.teacher_pass.teachers import Teacher, inspect_teacher, pick_dtype
 from mdkd.stages import cache_logits
 from mdkd.stages import train as train_stage
+from mdkd.tiny_models import build_masked_lm, train_tokenizer
 
 TEACHER, LANGUAGE = "teacher", "de"
 TEMPERATURE, TOP_K, ALPHA = 2.0, 8, 0.5
@@ -185,7 +186,7 @@ def run_stage(config: Path, cache: CacheReader, out: Path) -> dict:
     started = time.perf_counter()
     train_stage.run(config, cache.dir, out)
     seconds = time.perf_counter() - started
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    lines = RunFolder(out).metrics.read()
     rates = [line["tokens_per_second"] for line in lines if line["split"] == "train"]
     timed = rates[WARMUP:] or rates  # the first steps pay the warm-up, as in the benchmark's own steps
     return {
@@ -392,7 +393,7 @@ def benchmark(args, work: Path) -> dict:
     config_path = write_train_config(work, preset, args)
     config = load_train_config(config_path)
     stage = run_stage(config_path, cache, work / "run")
-    alignment = Alignment.load(work / "run" / "vocab", [TEACHER])
+    alignment = Alignment.load(RunFolder(work / "run").vocab_dir, [TEACHER])
     reading = reading_throughput(cache, config, alignment)
     precision = resolve_precision(config.precision, device)
     engine = build_engine(config, alignment, cache, precision, device)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
+from mdkd.tiny_models import build_masked_lm, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CORPUS = REPO / "examples" / "tiny" / "corpus"

@@ -14,7 +14,7 @@ from conftest import cache_config, write_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mdkd.cli import cli
-from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
+from mdkd.tiny_models import build_masked_lm, train_tokenizer
 
 
 def assert_one_line_error(result, out: Path, fragment: str) -> None:

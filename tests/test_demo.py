@@ -12,7 +12,9 @@ import pytest
 import yaml
 from conftest import make_documents
 
-from mdkd.demo import corpus, summary
+from mdkd.demo import summary
+from mdkd.demo.corpus import assemble, fetch, fortunes, help_pages, manpages
+from mdkd.demo.corpus.language import is_language, usable
 from mdkd.pipeline.errors import UserError
 from mdkd.stages import demo
 
@@ -91,7 +93,7 @@ Taste <span class="keycode">F1</span> &amp; mehr.</p>
 
 
 def test_man_pages_become_plain_paragraphs():
-    found = corpus.man_paragraphs(GERMAN_MAN)
+    found = manpages.man_paragraphs(GERMAN_MAN)
     assert (
         "Auflistung von Informationen über die DATEIen (Standardvorgabe ist das aktuelle Verzeichnis). Die "
         "Einträge werden alphabetisch sortiert, falls weder -cftuvSUX noch --sort angegeben wurden— so einfach ist "
@@ -105,7 +107,7 @@ def test_man_pages_become_plain_paragraphs():
 
 
 def test_help_pages_become_plain_paragraphs():
-    found = corpus.help_paragraphs(HELP_PAGE)
+    found = help_pages.help_paragraphs(HELP_PAGE)
     assert found[0] == "Makrosicherheit"
     assert found[1] == (
         "Der Dialog erscheint, wenn ein Dokument Makros enthält. Sie können ihn auch über Extras – "
@@ -143,19 +145,19 @@ def test_help_pages_become_plain_paragraphs():
     ],
 )
 def test_the_language_filter_keeps_a_language_and_drops_english_fallbacks(language, text, expected):
-    assert corpus.usable(text, language)
-    assert corpus.is_language(text, language) is expected
+    assert usable(text, language)
+    assert is_language(text, language) is expected
 
 
 def test_short_and_code_like_paragraphs_are_dropped():
-    assert not corpus.usable("Klicken Sie auf OK.", "de")
-    assert not corpus.usable("$count = () = $string =~ /\\d+/g; while (<>) { print; }", "en")
-    assert not corpus.usable("1401, 3c01, 0c01, 801, 2c01, 3401, 3001, 1001, 1801, 2001, 4001, 2801", "en")
-    assert corpus.usable("列出指定文件的信息，默认为当前目录。", "zh")  # 16 Chinese characters are a sentence
+    assert not usable("Klicken Sie auf OK.", "de")
+    assert not usable("$count = () = $string =~ /\\d+/g; while (<>) { print; }", "en")
+    assert not usable("1401, 3c01, 0c01, 801, 2c01, 3401, 3001, 1001, 1801, 2001, 4001, 2801", "en")
+    assert usable("列出指定文件的信息，默认为当前目录。", "zh")  # 16 Chinese characters are a sentence
 
 
 def test_fortunes_are_split_and_cleaned():
-    found = corpus.cookies(
+    found = fortunes.cookies(
         "Ein Mathematiker und ein Physiker\nsitzen im Zug.\n%\n\x1b[33mFarbig\x1b[m und\tmit\x07 "
         "Steuerzeichen.\n%\n各家自扫门前雪，\n莫管他人瓦上霜。\n%\n"
     )
@@ -169,7 +171,7 @@ def test_fortunes_are_split_and_cleaned():
 
 def _unpacked(root, language, help_page="", man_page="", cookies=""):
     """Fake unpacked packages of a language (its help, manual pages and fortunes), as fetch_packages leaves them."""
-    help_source, man_source, fortunes_source = corpus.SOURCES[language]
+    help_source, man_source, fortunes_source = fetch.SOURCES[language]
     pages = root / help_source.package / help_source.under / "text"
     pages.mkdir(parents=True)
     (pages / "page.html").write_text(help_page, encoding="utf-8")
@@ -184,7 +186,7 @@ def _unpacked(root, language, help_page="", man_page="", cookies=""):
     (jokes / "off" / "derb").write_text(
         "Etwas Derbes, das hier nicht hingehört und nicht in den Korpus soll.\n%\n", encoding="utf-8"
     )
-    return [(source, root / source.package) for source in corpus.SOURCES[language]]
+    return [(source, root / source.package) for source in fetch.SOURCES[language]]
 
 
 GERMAN_COOKIES = (
@@ -212,7 +214,7 @@ def test_the_corpus_is_filtered_deduplicated_capped_and_deterministic(tmp_path):
         ),
         "zh": _unpacked(tmp_path / "p", "zh", cookies=f"各家自扫门前雪，莫管他人瓦上霜。 --《谚语》\n%\n{BILINGUAL}\n"),
     }
-    stats = corpus.write_corpus(roots, tmp_path / "a")
+    stats = assemble.write_corpus(roots, tmp_path / "a")
     text = {
         language: (tmp_path / "a" / f"{language}.txt").read_text(encoding="utf-8").splitlines() for language in roots
     }
@@ -248,50 +250,50 @@ def test_the_corpus_is_filtered_deduplicated_capped_and_deterministic(tmp_path):
     assert (stats["ru"]["wrong_language"], stats["ru"]["duplicates"], stats["zh"]["duplicates"]) == (2, 1, 1)
     assert stats["de"]["packages"] == ["libreoffice-help-de", "manpages-de", "fortunes-de"]
 
-    again = corpus.write_corpus(dict(reversed(roots.items())), tmp_path / "b")
+    again = assemble.write_corpus(dict(reversed(roots.items())), tmp_path / "b")
     assert again == stats
     for language in roots:
         assert (tmp_path / "a" / f"{language}.txt").read_bytes() == (tmp_path / "b" / f"{language}.txt").read_bytes()
 
-    capped = corpus.write_corpus(roots, tmp_path / "c", documents_per_language=2)
+    capped = assemble.write_corpus(roots, tmp_path / "c", documents_per_language=2)
     assert capped["de"]["documents"] == 2
     assert (tmp_path / "c" / "de.txt").read_text(encoding="utf-8").splitlines() == text["de"][:2]  # a prefix
     budget = len("\n".join(text["de"][:3]).encode()) + 1
-    by_bytes = corpus.write_corpus(roots, tmp_path / "d", bytes_per_language=budget + 5)
+    by_bytes = assemble.write_corpus(roots, tmp_path / "d", bytes_per_language=budget + 5)
     assert (tmp_path / "d" / "de.txt").read_text(encoding="utf-8").splitlines() == text["de"][:3]
     assert by_bytes["de"]["bytes"] == budget
 
 
 def test_sampling_does_not_depend_on_input_order():
     documents = [f"Dokument Nummer {index} mit etwas Text" for index in range(50)]
-    assert corpus.sample(documents, 10) == corpus.sample(list(reversed(documents)), 10)
-    assert corpus.sample(documents + documents) == corpus.sample(documents)
+    assert assemble.sample(documents, 10) == assemble.sample(list(reversed(documents)), 10)
+    assert assemble.sample(documents + documents) == assemble.sample(documents)
 
 
 def test_unpacked_packages_are_not_fetched_again(tmp_path, monkeypatch):
-    for source in corpus.SOURCES["de"]:
+    for source in fetch.SOURCES["de"]:
         (tmp_path / source.package / "usr").mkdir(parents=True)
-    monkeypatch.setattr(corpus.shutil, "which", lambda tool: f"/usr/bin/{tool}")
-    monkeypatch.setattr(corpus.subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
-    roots = corpus.fetch_packages(["de"], tmp_path)
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    roots = fetch.fetch_packages(["de"], tmp_path)
     assert [source.package for source, _ in roots["de"]] == ["libreoffice-help-de", "manpages-de", "fortunes-de"]
 
 
 def test_without_apt_lists_the_demo_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: f"/usr/bin/{tool}")
     monkeypatch.setattr(
-        corpus.subprocess,
+        fetch.subprocess,
         "run",
         lambda *a, **k: subprocess.CompletedProcess(a[0], 100, "", "E: Unable to locate package libreoffice-help-de\n"),
     )
     with pytest.raises(UserError, match=r"apt-get update.*give --corpus DIR"):
-        corpus.fetch_packages(["de"], tmp_path)
+        fetch.fetch_packages(["de"], tmp_path)
 
 
 def test_without_apt_the_demo_asks_for_a_corpus(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: None)
     with pytest.raises(UserError, match="give --corpus DIR"):
-        corpus.fetch_packages(["de"], tmp_path)
+        fetch.fetch_packages(["de"], tmp_path)
 
 
 @pytest.fixture(scope="module")

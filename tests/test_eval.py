@@ -15,9 +15,9 @@ from conftest import train_config, write_config
 
 from mdkd.cli import cli
 from mdkd.demo import summary
-from mdkd.pipeline.cache.documents import save_held_out
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import CachedPredictions
+from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.evaluation import (
     KINDS,
     Comparison,
@@ -158,14 +158,24 @@ def test_a_teacher_scored_on_its_own_windows_agrees_with_its_cache(training_cach
 
 
 def _fake_run(folder, student, cache, teachers: dict | None):
-    """A run folder as `mdkd train` leaves it, with `student` (any masked LM folder) as its exported student."""
+    """A run folder as an `mdkd train` older than the recorded teacher selection left it (so eval plans the
+    selection from its config), with `student` (any masked LM folder) as its exported student."""
     folder.mkdir()
     shutil.copytree(student, folder / "student")
     (folder / "run.json").write_text(json.dumps({"complete": True, "cache": str(cache)}))
     write_config(folder / "config.yaml", train_config(teachers=teachers))
     reader = CacheReader(cache)
-    save_held_out(folder / "heldout.json", 0.3, (d for s in reader.manifest.shards for d in reader.doc_ids(s)))
+    RunFolder(folder).write_held_out(0.3, (d for s in reader.manifest.shards for d in reader.doc_ids(s)))
     return folder
+
+
+def test_eval_scores_the_teacher_selection_the_run_recorded(training_cache, teachers_dir, tmp_path):
+    """The selection train wrote down wins over what the config would select today (every cached teacher)."""
+    run = _fake_run(tmp_path / "run", teachers_dir / "de_bert", training_cache, None)
+    RunFolder(run).write_teachers({"de": {"de_bert": 1.0}})
+    scope_name, scope = evaluate_stage.teacher_scope(run, CacheReader(training_cache).manifest, all_teachers=False)
+    assert scope_name == "the teachers the run was trained with"
+    assert scope == {"de": ["de_bert"]}
 
 
 def test_a_run_is_scored_on_the_windows_of_the_teachers_it_was_trained_with(training_cache, teachers_dir, tmp_path):

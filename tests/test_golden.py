@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from conftest import EXAMPLE_CORPUS, train_config, write_config
 
 from mdkd.cli import cli
-from mdkd.demo.tiny_models import build_masked_lm
-from mdkd.pipeline.distill.student import student_tokenizer
+from mdkd.pipeline.distill.student_tokenizer import student_tokenizer
+from mdkd.tiny_models import build_masked_lm
 
 # Steps 1 to 4 of each run: (loss, kd_loss, mlm_loss).
 GOLDEN = {

@@ -20,10 +20,10 @@ from test_bad_input import assert_one_line_error, run
 from transformers import AutoConfig, AutoModel, BertForPreTraining, BertModel
 from transformers.utils import logging as transformers_logging
 
-from mdkd.demo.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.teacher_pass.config import TeacherSpec
 from mdkd.pipeline.teacher_pass.teachers import Teacher, inspect_teacher
+from mdkd.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
 
 
 def drop_weights(source: Path, target: Path, drop) -> Path:

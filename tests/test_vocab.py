@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 from conftest import sentences
 
-from mdkd.demo.tiny_models import train_tokenizer
-from mdkd.pipeline.distill.student import student_tokenizer
+from mdkd.pipeline.distill.student_tokenizer import MAX_WORD_CHARS, STUDENT_SPECIALS, student_tokenizer
 from mdkd.pipeline.distill.vocab import (
     DROPPED,
-    MAX_WORD_CHARS,
-    STUDENT_SPECIALS,
     WORD_BOUNDARY,
     Alignment,
     Canonicaliser,
@@ -27,6 +24,7 @@ from mdkd.pipeline.distill.vocab import (
     why_never_emitted,
 )
 from mdkd.pipeline.teacher_pass.teachers import special_token_ids
+from mdkd.tiny_models import train_tokenizer
 
 FAMILIES = ("wordpiece", "unigram", "bytelevel")
 # Chinese text, so that every family holds CJK pieces: WordPiece as words of their own, Unigram and byte-level

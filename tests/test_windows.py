@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import make_documents, sentences
 
-from mdkd.demo.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
 from mdkd.pipeline.masked_lm import ADAPTERS
 from mdkd.pipeline.teacher_pass.config import MaskingConfig
 from mdkd.pipeline.teacher_pass.corpus import Document
 from mdkd.pipeline.teacher_pass.masking import Masker
 from mdkd.pipeline.teacher_pass.windows import length_batches, padded_inputs, prepare_unit
+from mdkd.tiny_models import ARCHITECTURES, build_masked_lm, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ exist only to exercise the pipeline: a German WordPiece BERT and a multilingual 
 
 from pathlib import Path
 
-from mdkd.demo.tiny_models import build_masked_lm, train_tokenizer
+from mdkd.tiny_models import build_masked_lm, train_tokenizer
 
 here = Path(__file__).resolve().parent
 texts = {

@@ -8,9 +8,10 @@ windows the distilled student trained with (MLM-only trains with every teacher, 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from mdkd.pipeline.distill.run import RunFolder
 
 BASELINE = "mlm_only"
 
@@ -37,7 +38,8 @@ def teacher_lines(teachers: dict[str, dict]) -> list[str]:
 
 def summarise(runs: list[Path], languages: list[str], teachers: dict[str, dict]) -> str:
     """The demo's printed summary (see the module docstring); every figure is read from the runs' files."""
-    evals = {run.name: json.loads((run / "eval.json").read_text()) for run in runs if (run / "eval.json").exists()}
+    folders = [RunFolder(run) for run in runs]
+    evals = {folder.name: folder.evaluation() for folder in folders if folder.has_eval()}
     lines = teacher_lines(teachers) + [""] + _against_teachers(evals, languages)
     lines += [""] + _against_mlm_only(evals, languages)
     lines += [""] + _raw_text(evals, languages) + _mono_against_multi(evals, languages)
@@ -159,11 +161,8 @@ def _mono_against_multi(evals: dict[str, dict], languages: list[str]) -> list[st
 
 
 def held_out_records(run: Path) -> list[dict]:
-    """The held-out lines of a run's metrics.jsonl that are scored per 'language/teacher' window; none without."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
+    """The held-out metrics of a run that are scored per 'language/teacher' window; none without."""
+    records = RunFolder(run).metrics.read()
     return [record for record in records if record.get("split") == "heldout" and "per_window" in record]
 
 

@@ -1,112 +1,22 @@
 """`mdkd cache verify DIR`: check every shard against the manifest before trusting a cache.
 
-Catches truncated or corrupted files (size, sha256), shards that no longer parse, and rows whose lists do not
-line up (positions, labels and top-k of different lengths, positions outside the window, ids outside the
-teacher's vocabulary). Returns the list of problems; the CLI exits non-zero when there is any.
+The checks are the cache's own (`mdkd.pipeline.cache.verify`); this recipe opens the cache and shows progress.
+Returns the list of problems; the CLI exits non-zero when there is any.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from mdkd.pipeline.cache.reader import CacheReader
-from mdkd.pipeline.cache.shards import COLUMNS, COLUMNS_SCHEMA_1
-
-
-def _check_rows(table, top_k: int, vocab_size: int, temperatures: list[float]) -> list[str]:
-    problems = []
-    window_lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
-    counts = pc.list_value_length(table.column("positions")).to_numpy()
-    if not np.array_equal(pc.list_value_length(table.column("labels")).to_numpy(), counts):
-        problems.append("labels and positions differ in length")
-    for column in ("topk_ids", "topk_logprobs"):
-        if not np.array_equal(pc.list_value_length(table.column(column)).to_numpy(), counts):
-            problems.append(f"{column} and positions differ in length")
-        inner = pc.list_value_length(pc.list_flatten(table.column(column))).to_numpy()
-        if inner.size and (inner != top_k).any():
-            problems.append(f"{column} has lists that are not {top_k} long")
-    positions = pc.list_flatten(table.column("positions")).to_numpy()
-    owners = np.repeat(np.arange(len(counts)), counts)
-    if positions.size and ((positions < 0) | (positions >= window_lengths[owners])).any():
-        problems.append("a masked position lies outside its window")
-    ids = pc.list_flatten(pc.list_flatten(table.column("topk_ids"))).to_numpy()
-    if ids.size and ((ids < 0) | (ids >= vocab_size)).any():
-        problems.append("a top-k id lies outside the teacher's vocabulary")
-    values = pc.list_flatten(pc.list_flatten(table.column("topk_logprobs"))).to_numpy().astype(np.float64)
-    if values.size and not problems:
-        values = values.reshape(-1, top_k)
-        # Monotone rounding keeps topk's order even in float16, so any increase means damaged data.
-        if not np.isfinite(values).all() or (values > 1e-3).any() or (np.diff(values, axis=1) > 0).any():
-            problems.append("top-k log-probabilities are not finite, non-positive and in descending order")
-        elif (np.exp(values).sum(axis=1) > 1.0 + 1e-2).any():
-            problems.append("top-k probabilities sum to more than 1")
-        elif temperatures:
-            problems.extend(_check_log_partitions(table, values, temperatures, counts))
-    return problems
-
-
-def _check_log_partitions(table, logprobs: np.ndarray, temperatures: list[float], counts: np.ndarray) -> list[str]:
-    """One finite log-partition per temperature, the top-k's tempered mass under it at most one, and one finite
-    non-negative entropy per position."""
-    column = table.column("log_partitions")
-    if not np.array_equal(pc.list_value_length(column).to_numpy(), counts):
-        return ["log_partitions and positions differ in length"]
-    inner = pc.list_value_length(pc.list_flatten(column)).to_numpy()
-    if inner.size and (inner != len(temperatures)).any():
-        return [f"log_partitions has lists that are not {len(temperatures)} long (one per temperature)"]
-    partitions = pc.list_flatten(pc.list_flatten(column)).to_numpy().astype(np.float64).reshape(-1, len(temperatures))
-    if not np.isfinite(partitions).all():
-        return ["log_partitions are not finite"]
-    entropies = table.column("entropies")
-    if not np.array_equal(pc.list_value_length(entropies).to_numpy(), counts):
-        return ["entropies and positions differ in length"]
-    values = pc.list_flatten(entropies).to_numpy()
-    if values.size and (~np.isfinite(values) | (values < -1e-3)).any():
-        return ["entropies are not finite and non-negative"]
-    for index, tau in enumerate(temperatures):
-        tempered_mass = np.exp(logprobs / tau - partitions[:, index : index + 1]).sum(axis=1)
-        if (tempered_mass > 1.0 + 1e-2).any():
-            return [f"the top-k's tempered probabilities at tau {tau:g} sum to more than 1 (log_partitions damaged)"]
-    return []
+from mdkd.pipeline.cache.verify import find_problems
 
 
 def verify(cache_dir: Path) -> list[str]:
     """Every problem found, as `path: what is wrong` lines; empty when the cache is sound."""
-    cache = CacheReader(cache_dir)
-    manifest = cache.manifest
-    problems = []
-    for name, teacher in manifest.teachers.items():
-        if not (cache_dir / teacher.tokenizer_dir).is_dir():
-            problems.append(f"{teacher.tokenizer_dir}: tokenizer copy of teacher {name} is missing")
-    for shard in tqdm(manifest.shards, desc="verifying", unit="shard", leave=False, disable=None):
-        where = shard.path
-        file_problem = cache.check_file(shard)
-        if file_problem:
-            problems.append(file_problem)
-            continue
-        try:
-            table = cache.table(shard)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            problems.append(f"{where}: cannot be read as Parquet ({exc})")
-            continue
-        if tuple(table.column_names) != (COLUMNS if manifest.temperatures else COLUMNS_SCHEMA_1):
-            problems.append(f"{where}: columns {table.column_names} differ from the cache format")
-            continue
-        masked = int(pc.sum(pc.list_value_length(table.column("positions"))).as_py() or 0)
-        if table.num_rows != shard.rows or masked != shard.masked_positions:
-            problems.append(
-                f"{where}: {table.num_rows} rows / {masked} positions, manifest says "
-                f"{shard.rows} / {shard.masked_positions}"
-            )
-        vocab_size = manifest.teachers[shard.teacher].vocab_size
-        problems.extend(f"{where}: {p}" for p in _check_rows(table, manifest.top_k, vocab_size, manifest.temperatures))
-    listed = {shard.path for shard in manifest.shards}
-    for stray in sorted(cache_dir.rglob("*.parquet")):
-        relative = stray.relative_to(cache_dir).as_posix()
-        if relative not in listed:
-            problems.append(f"{relative}: not listed in the manifest")
-    return problems
+    return find_problems(
+        CacheReader(cache_dir),
+        progress=lambda shards: tqdm(shards, desc="verifying", unit="shard", leave=False, disable=None),
+    )

@@ -15,15 +15,16 @@ print a table.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mdkd.pipeline.cache.documents import fraction_rule, load_held_out
-from mdkd.pipeline.cache.manifest import MANIFEST_NAME, Manifest
-from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.cache.documents import fraction_rule
+from mdkd.pipeline.cache.manifest import Manifest
+from mdkd.pipeline.cache.reader import CacheReader, is_cache
+from mdkd.pipeline.distill.plan import check_against_cache, teachers_by_language
+from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.vocab import TeacherVocabulary, map_by_canonical
 from mdkd.pipeline.distributed import Ranks, transformers_console
 from mdkd.pipeline.errors import UserError
@@ -43,6 +44,7 @@ from mdkd.pipeline.teacher_pass.masking import Masker
 from mdkd.pipeline.teacher_pass.windows import padded_inputs, prepare_unit
 
 RAW_TEXT_SEED = 1234  # fresh masking of raw text: a fixed seed, so two models see the same masked text
+RAW_TEXT_BATCH = 32  # windows per forward when scoring raw text
 
 
 def run(
@@ -115,27 +117,20 @@ def run(
 def teacher_scope(target: Path, manifest: Manifest, all_teachers: bool) -> tuple[str, dict[str, list[str]]]:
     """(what the scope is, {language: the teachers whose windows are scored, in cache order}).
 
-    A run folder: the teachers its resolved config.yaml trained it with (every teacher that cached the language
-    when the config leaves `teachers` out); anything else, or `all_teachers`: every teacher that cached it."""
-    cached = manifest.languages()
-    if all_teachers or not (target / "run.json").exists():
-        return "all cached teachers", cached
-    from mdkd.pipeline.distill.config import load_train_config
-    from mdkd.stages.train import plan_against_cache
-
-    config_path = target / "config.yaml"
-    if not config_path.exists():
-        raise UserError(
-            f"run {target} has no config.yaml, so the teachers it was trained with are unknown "
-            "(pass --all-teachers to score every cached teacher)"
-        )
-    selection, _ = plan_against_cache(load_train_config(config_path), manifest)
-    scope = {
-        language: [name for name in cached[language] if name in weights]
-        for language, weights in selection.items()
-        if language in cached
-    }
-    scope = {language: names for language, names in scope.items() if names}
+    A run folder: the teachers it was trained with, as train recorded them (for a run older than that record, as
+    its resolved config selects them); anything else, or `all_teachers`: every teacher that cached the language."""
+    run_folder = RunFolder(target)
+    if all_teachers or not run_folder.is_run():
+        return "all cached teachers", manifest.languages()
+    selection = run_folder.teachers()
+    if selection is None:
+        if not run_folder.has_config():
+            raise UserError(
+                f"run {target} records neither its teachers nor its config, so the teachers it was trained with "
+                "are unknown (pass --all-teachers to score every cached teacher)"
+            )
+        selection, _ = check_against_cache(run_folder.config(), manifest)
+    scope = teachers_by_language(selection, manifest)
     if not scope:
         raise UserError(
             f"the cache holds none of the teachers run {target} was trained with "
@@ -146,24 +141,24 @@ def teacher_scope(target: Path, manifest: Manifest, all_teachers: bool) -> tuple
 
 def _resolve(target: Path, cache_dir, heldout_run, eval_fraction, out_file):
     """(model folder, cache, held-out rule, where eval.json goes) for a run folder or a plain model folder."""
-    if (target / "run.json").exists():
-        status = json.loads((target / "run.json").read_text(encoding="utf-8"))
-        if not (target / "student" / "config.json").exists():
+    run_folder = RunFolder(target)
+    if run_folder.is_run():
+        if not run_folder.has_student():
             raise UserError(f"run {target} has no exported student yet (let `mdkd train` finish, or resume it)")
-        cache_dir = cache_dir or Path(status.get("cache", ""))
+        cache_dir = cache_dir or run_folder.cache_dir()
         heldout_run = heldout_run or target
-        out_file = out_file or target / "eval.json"
-        model_dir = target / "student"
+        out_file = out_file or run_folder.eval_file()
+        model_dir = run_folder.student_dir
     elif (target / "config.json").exists():
         if cache_dir is None:
             raise UserError(f"{target} is a model folder, not a run: give --cache DIR to score it on")
         model_dir = target
     else:
-        raise UserError(f"{target} is neither an mdkd run folder nor a model folder (no run.json or config.json)")
-    if not cache_dir or not (Path(cache_dir) / MANIFEST_NAME).exists():
+        raise UserError(f"{target} is neither an mdkd run folder nor a model folder (no run record or config.json)")
+    if not cache_dir or not is_cache(Path(cache_dir)):
         raise UserError(f"cache {cache_dir} not found (give --cache DIR)")
     if heldout_run is not None:
-        rule = load_held_out(Path(heldout_run))
+        rule = RunFolder(heldout_run).held_out_rule()
     elif eval_fraction is not None:
         rule = fraction_rule(eval_fraction)
     else:
@@ -178,7 +173,7 @@ def _load_model(folder: Path):
         with transformers_console(Ranks.from_env()):
             model = AutoModelForMaskedLM.from_pretrained(folder).eval()
             tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:  # noqa: BLE001 -- transformers raises many types for an unusable folder
+    except Exception as exc:  # transformers raises many types for an unusable folder
         raise UserError(f"cannot load a masked LM and tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
     if not (folder / "tokenizer.json").exists():
         raise UserError(f"{folder} has no tokenizer.json (mdkd compares tokens through a fast tokenizer's file)")
@@ -209,8 +204,8 @@ def _raw_text(model, adapter, tokenizer, manifest: Manifest, language: str, is_h
     )
     unit = prepare_unit(documents, tokenizer, masker, manifest.max_length, copies=1)
     sums = MetricSums()
-    for start in range(0, len(unit.rows), 32):
-        batch = unit.rows[start : start + 32]
+    for start in range(0, len(unit.rows), RAW_TEXT_BATCH):
+        batch = unit.rows[start : start + RAW_TEXT_BATCH]
         input_ids, attention_mask, rows, cols = padded_inputs(batch, tokenizer.pad_token_id or 0)
         labels = torch.from_numpy(np.concatenate([r.labels for r in batch]).astype(np.int64))
         with torch.no_grad():

@@ -12,40 +12,34 @@ import csv
 import json
 from pathlib import Path
 
-import yaml
-
+from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.errors import UserError
 
 
 def load_run(folder: Path) -> dict:
     """A run's config, metrics and evaluation as far as they exist; a folder that is not a run is an error."""
-    if not (folder / "run.json").exists() or not (folder / "config.yaml").exists():
-        raise UserError(f"{folder} is not an mdkd run folder (no run.json and config.yaml from `mdkd train`)")
-    metrics_path = folder / "metrics.jsonl"
-    text = metrics_path.read_text(encoding="utf-8") if metrics_path.exists() else ""
-    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    run_folder = RunFolder(folder)
+    if not run_folder.is_run() or not run_folder.has_config():
+        raise UserError(f"{folder} is not an mdkd run folder (no run record and config from `mdkd train`)")
+    lines = run_folder.metrics.read()
     train = [line for line in lines if line.get("split", "train") == "train"]
     if not train:
-        raise UserError(f"run {folder} has no metrics yet (no training step logged in metrics.jsonl)")
-    evaluation = folder / "eval.json"
+        raise UserError(f"run {folder} has no metrics yet (no training step logged)")
     return {
-        "name": folder.name,
+        "name": run_folder.name,
         "folder": folder,
-        "config": yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")),
-        "status": json.loads((folder / "run.json").read_text(encoding="utf-8")),
+        "config": run_folder.config_values(),
+        "status": run_folder.record(),
         "train": train,
         "heldout": [line for line in lines if line.get("split") == "heldout"],
-        "eval": _current_eval(evaluation),
+        "eval": _current_eval(run_folder.evaluation()),
     }
 
 
-def _current_eval(path: Path) -> dict | None:
-    """eval.json in today's layout (student and teacher on the same positions); None when absent or written by
-    an older mdkd, whose pooled figures are not comparable (rerun `mdkd eval RUN`)."""
-    if not path.exists():
-        return None
-    report = json.loads(path.read_text(encoding="utf-8"))
-    return report if "scope" in report else None
+def _current_eval(report: dict | None) -> dict | None:
+    """The evaluation in today's layout (student and teacher on the same positions); None when absent or written
+    by an older mdkd, whose pooled figures are not comparable (rerun `mdkd eval RUN`)."""
+    return report if report is not None and "scope" in report else None
 
 
 def _flatten(value, prefix: str = "") -> dict:

@@ -3,6 +3,9 @@
 Recipe: expand the grid (every combination of the swept values, keys as dotted paths into the train config),
 validate every combination's config before training any, then train each into OUT/<combination>/ (a finished
 one is skipped, an unfinished one resumed), evaluate each student, and end with the report in OUT/report/.
+
+An orchestrator: it runs other stages (train, eval, report) through their `run` entry points, as the demo runs it
+through `run_many`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import yaml
 from mdkd.pipeline.cache.manifest import Manifest
 from mdkd.pipeline.config import ConfigError, dump_config, read_yaml
 from mdkd.pipeline.distill.config import validate_train_config
+from mdkd.pipeline.distill.plan import check_against_cache
+from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
 
@@ -59,8 +64,6 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sw
     combinations = [dict(zip(grid, values, strict=False)) for values in itertools.product(*grid.values())]
     # Every combination is validated, on its own and against the cache, before any trains: a typo or an
     # unrecorded temperature in the last one should not cost hours.
-    from mdkd.stages.train import plan_against_cache
-
     manifest = Manifest.load(cache_dir)
     planned, problems = [], []
     for combination in combinations:
@@ -73,7 +76,7 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sw
         except ConfigError as error:
             problems += [f"{_name(combination)}: {p}" for p in error.problems]
             continue
-        problems += [f"{_name(combination)}: {p}" for p in plan_against_cache(validated, manifest)[1]]
+        problems += [f"{_name(combination)}: {p}" for p in check_against_cache(validated, manifest)[1]]
         planned.append((out_dir / _name(combination), path, validated))
     if problems:
         raise UserError("invalid sweep: " + "; ".join(problems))
@@ -81,22 +84,24 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sw
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dump_config(config), encoding="utf-8")
     runs = [(path, run_dir) for run_dir, path, _ in planned]
-    train_evaluate_report(runs, cache_dir=cache_dir, report_dir=out_dir / "report")
+    run_many(runs, cache_dir=cache_dir, report_dir=out_dir / "report")
     return [run_dir for run_dir, _, _ in planned]
 
 
-def train_evaluate_report(runs: list[tuple[Path, Path]], *, cache_dir: Path, report_dir: Path) -> dict:
+def run_many(runs: list[tuple[Path, Path]], *, cache_dir: Path, report_dir: Path) -> dict:
     """Train each (config, run folder) from one cache (a finished run is skipped, an unfinished one resumed),
     evaluate each student once, then write the report over all of them; returns the report's result.
 
-    The one path from configs to a comparison, shared by sweeps and the demo."""
+    The one path from configs to a comparison, shared by sweeps and the demo; it calls the other stages through
+    their `run` alone."""
     from mdkd.stages import evaluate, report, train
 
     ranks = Ranks.from_env()
     for index, (config_path, run_dir) in enumerate(runs, start=1):
         ranks.echo(f"[{index}/{len(runs)}] {run_dir.name}")
-        train.run(config_path, cache_dir, run_dir, resume="auto" if (run_dir / train.RUN_FILE).exists() else None)
-        if ranks.is_main and not (run_dir / "eval.json").exists():
+        run_folder = RunFolder(run_dir)
+        train.run(config_path, cache_dir, run_dir, resume="auto" if run_folder.is_run() else None)
+        if ranks.is_main and not run_folder.has_eval():
             try:
                 evaluate.run(run_dir, cache_dir=cache_dir)
             except UserError as error:  # e.g. no held-out windows: the report then shows training metrics only

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from mdkd.pipeline.cache.manifest import Manifest
 from mdkd.pipeline.config import ConfigError, read_yaml
 from mdkd.pipeline.distill.config import validate_train_config
+from mdkd.pipeline.distill.plan import check_against_cache
 from mdkd.pipeline.teacher_pass.config import CacheConfig, validate_cache_config
 
 
@@ -23,9 +24,7 @@ def run(path: Path, cache_dir: Path | None = None) -> BaseModel:
         return validate_cache_config(raw, path)
     config = validate_train_config(raw, path)
     if cache_dir is not None:
-        from mdkd.stages.train import plan_against_cache
-
-        _, problems = plan_against_cache(config, Manifest.load(cache_dir))
+        _, problems = check_against_cache(config, Manifest.load(cache_dir))
         if problems:
             raise ConfigError(path, problems)
     return config

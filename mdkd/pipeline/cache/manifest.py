@@ -1,11 +1,9 @@
-"""The cache manifest (typed) and the per-unit completion markers that make `cache-logits` resumable.
+"""The cache manifest, typed, and its loading: what a cache holds and whether it is complete.
 
 The cache folder holds `manifest.json` from the start, with `complete: false` and the run's identity (config
 content hash, resolved dtype, corpus fingerprints, teacher hashes), so a rerun with a different config is refused.
-A unit of work is one shard: (teacher, language, part). Its marker under `.progress/` is written only after the
-shard has been renamed into place; a rerun skips units with a marker. When every unit has a marker, the markers
-are merged into the manifest, which is rewritten with `complete: true`: only then does the cache count as
-written. docs/cache-format.md describes every field.
+It says `complete: true` only once every unit's shard is written; `writer.py` writes it, and the per-unit markers
+that make `cache-logits` resumable. docs/cache-format.md describes every field.
 """
 
 from __future__ import annotations
@@ -16,13 +14,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.files import write_json_atomic
 
 SCHEMA_VERSION = 2
 # Schema 1 (mdkd 0.1) lacks the tempered log-partitions: stage two can still read it, for `renormalize` only.
 READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
-PROGRESS_DIR = ".progress"
 
 
 class _Record(BaseModel):
@@ -115,9 +111,6 @@ class Manifest(_Record):
         """Documents of a language over all its sources."""
         return sum(entry.documents for entry in self.corpus if entry.language == language)
 
-    def save(self, cache_dir: Path) -> None:
-        write_json_atomic(cache_dir / MANIFEST_NAME, self.model_dump(mode="json"))
-
     @classmethod
     def load(cls, cache_dir: Path, require_complete: bool = True) -> Manifest:
         """Read DIR/manifest.json; a missing, unreadable, unknown or (by default) incomplete one is a UserError."""
@@ -166,27 +159,3 @@ def special_token_ids(tokenizer) -> dict[str, int]:
         if token_id is not None:
             ids[role] = int(token_id)
     return ids
-
-
-def shard_path(teacher: str, language: str, part: int) -> str:
-    """Where a unit's shard lives, relative to the cache folder."""
-    return f"{teacher}/{language}/part-{part:05d}.parquet"
-
-
-def marker_path(cache_dir: Path, teacher: str, language: str, part: int) -> Path:
-    return cache_dir / PROGRESS_DIR / teacher / language / f"part-{part:05d}.json"
-
-
-def write_marker(cache_dir: Path, entry: ShardEntry) -> None:
-    """Declare a unit finished: called only once its shard is renamed into place."""
-    write_json_atomic(marker_path(cache_dir, entry.teacher, entry.language, entry.part), entry.model_dump(mode="json"))
-
-
-def read_marker(cache_dir: Path, teacher: str, language: str, part: int) -> ShardEntry | None:
-    """The finished unit's entry, or None when the unit still has to run (no marker, a torn one, no shard)."""
-    path = marker_path(cache_dir, teacher, language, part)
-    try:
-        entry = ShardEntry.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValidationError):
-        return None
-    return entry if (cache_dir / entry.path).is_file() else None

@@ -1,7 +1,8 @@
 """Reading a cache: what stage two, evaluation, `cache inspect` and `cache verify` know of stage one.
 
 A `CacheReader` is the manifest plus access to the shards and tokenizer copies it lists. It hands out decoded
-arrays (`ShardRows`), doc_ids and file checks; nothing outside this package opens a shard or parses the manifest.
+arrays (`ShardRows`), doc_ids and file checks; nothing outside this package opens a shard or parses the manifest,
+and `is_cache` says whether a folder holds a cache at all.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mdkd.pipeline.cache.manifest import Manifest, ShardEntry, TeacherEntry
+from mdkd.pipeline.cache.manifest import MANIFEST_NAME, Manifest, ShardEntry, TeacherEntry
 from mdkd.pipeline.cache.shards import CachedPredictions, ShardRows, read_doc_ids, read_table
 from mdkd.pipeline.files import sha256_of_file
+
+
+def is_cache(folder: Path) -> bool:
+    """Whether `folder` holds a cache (complete or not): a manifest file, readable or not."""
+    return (Path(folder) / MANIFEST_NAME).exists()
 
 
 class CacheReader:
@@ -30,6 +36,9 @@ class CacheReader:
     def tokenizer_file(self, name: str) -> Path:
         """The teacher's `tokenizer.json` as stage one saved it."""
         return self.dir / self.teacher(name).tokenizer_dir / "tokenizer.json"
+
+    def has_tokenizer_copy(self, name: str) -> bool:
+        return (self.dir / self.teacher(name).tokenizer_dir).is_dir()
 
     def rows(self, shard: ShardEntry, top_k: int | None = None) -> ShardRows:
         """A shard decoded; `top_k` keeps the k' most probable cached predictions per position."""
@@ -78,3 +87,9 @@ class CacheReader:
         if sha256_of_file(path) != shard.sha256:
             return f"{shard.path}: sha256 differs from the manifest (the file is corrupted)"
         return None
+
+    def unlisted_shards(self) -> list[str]:
+        """Parquet files in the folder that the manifest does not list (relative paths, sorted)."""
+        listed = {shard.path for shard in self.manifest.shards}
+        found = (path.relative_to(self.dir).as_posix() for path in sorted(self.dir.rglob("*.parquet")))
+        return [relative for relative in found if relative not in listed]

@@ -1,9 +1,10 @@
 """Parquet shards of cached teacher predictions: the one place that knows their columns.
 
 One row per (window, copy) of a document; docs/cache-format.md gives the meaning of each column. Stage one
-builds rows with `build_table` and writes them with `write_shard` (a temporary name in the final folder, fsync,
-rename, so a reader or a resumed run never sees a half-written file under a real name). Everything else reads
-them back as flat numpy arrays through `ShardRows` (or `read_columns` for a few whole columns).
+builds rows with `build_table`, and the cache writer writes them with `write_shard` (a temporary name in the final
+folder, fsync, rename, so a reader or a resumed run never sees a half-written file under a real name). Everything
+else reads them back as flat numpy arrays through `ShardRows`, or as `read_doc_ids` (the doc_id column alone) and
+`read_table` (the raw Arrow table, for verification).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mdkd.pipeline.distill.config import StudentConfig
-from mdkd.pipeline.distill.vocab import STUDENT_SPECIALS
+from mdkd.pipeline.distill.student_tokenizer import STUDENT_SPECIALS, student_tokenizer
 from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 
 
@@ -65,40 +65,6 @@ def build_student(settings: StudentConfig, vocab_size: int, max_positions: int, 
         model_class = BertForMaskedLM
     torch.manual_seed(seed)
     return MaskedLMStudent(model_class(config))
-
-
-def student_tokenizer(tokens: list[str], lowercase: bool, max_length: int = 512):
-    """A WordPiece tokenizer over the merged vocabulary, with BERT's normaliser, pre-tokenizer and templates.
-
-    Accents are kept (`strip_accents=False` is saved, so a reload keeps them too); transformers rebuilds BERT's
-    normaliser on load, so there is no NFC step: decomposed input text may meet [UNK] (docs/vocabulary.md).
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
-
-    vocab = {token: index for index, token in enumerate(tokens)}
-    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    backend.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=lowercase
-    )
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece(prefix="##")
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    return BertTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        mask_token="[MASK]",
-        do_lower_case=lowercase,
-        strip_accents=False,
-        model_max_length=max_length,
-    )
 
 
 def export_student(student: MaskedLMStudent, tokens: list[str], lowercase: bool, out_dir: Path) -> None:

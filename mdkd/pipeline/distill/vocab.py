@@ -45,9 +45,9 @@ import numpy as np
 from mdkd.pipeline.cache.manifest import ShardEntry, special_token_ids
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import ShardRows
+from mdkd.pipeline.distill.student_tokenizer import MAX_WORD_CHARS, STUDENT_SPECIALS, student_tokenizer
 from mdkd.pipeline.errors import UserError
 
-STUDENT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 ROLE_TO_SPECIAL = {
     "cls": "[CLS]",
     "bos": "[CLS]",
@@ -60,7 +60,6 @@ ROLE_TO_SPECIAL = {
 METASPACE = "▁"  # SentencePiece's default word-start marker (Metaspace replacement)
 WORD_BOUNDARY = "[▁]"  # the canonical lone word boundary; bracketed so that no text ever spells it
 DROPPED = -1
-MAX_WORD_CHARS = 100  # student_tokenizer's max_input_chars_per_word: a longer word becomes [UNK]
 _BYTE_FALLBACK = re.compile(r"^(<0x[0-9A-Fa-f]{2}>)+$")
 _BYTE_FORM = re.compile(r"^(<0x[0-9A-F]{2}>)+$")
 
@@ -101,8 +100,6 @@ def _piece(continues: bool, data: bytes) -> str:
 def _student_text_steps(lowercase: bool):
     """The student tokenizer's own normaliser and pre-tokenizer, so that what is decided here about its words
     follows it exactly, Unicode tables of the installed `tokenizers` included (they differ from Python's)."""
-    from mdkd.pipeline.distill.student import student_tokenizer
-
     backend = student_tokenizer(list(STUDENT_SPECIALS), lowercase).backend_tokenizer
     return backend.normalizer, backend.pre_tokenizer
 
@@ -133,7 +130,7 @@ def why_never_emitted(token: str, lowercase: bool = False) -> str | None:
     "word boundary" (`[▁]`), "bytes" (a byte form such as `<0xE2>`), "too long" (the word would exceed
     MAX_WORD_CHARS and become [UNK]), "split or normalised" (text the student's pre-tokenization cuts, such as
     `'s`, `...` or `##.`, or that its normaliser changes or removes, such as `The` in a lowercasing student).
-    `lowercase` is the student tokenizer's setting (stats.json's `lowercase`).
+    `lowercase` is the student tokenizer's setting (`Alignment.lowercase`).
     """
     if token in STUDENT_SPECIALS:
         return None  # added tokens of the student tokenizer: matched in text, and placed by its templates
@@ -280,7 +277,8 @@ class Alignment:
 
     tokens: list[str]
     id_maps: dict[str, np.ndarray]
-    stats: dict
+    lowercase: bool  # the student tokenizer lowercases (only when every teacher of the run does)
+    stats: dict  # what stats.json reports (size, overlaps, never-emitted tokens; `lowercase` too)
 
     @property
     def unk_id(self) -> int:
@@ -300,11 +298,17 @@ class Alignment:
             json.dumps(self.stats, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
 
+    @staticmethod
+    def saved_in(folder: Path) -> bool:
+        """Whether `save` has finished in `folder` (stats.json is written last)."""
+        return (folder / "stats.json").exists()
+
     @classmethod
     def load(cls, folder: Path, teachers: list[str]) -> Alignment:
         tokens = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
         id_maps = {name: np.load(folder / f"idmap-{name}.npy") for name in teachers}
-        return cls(tokens, id_maps, json.loads((folder / "stats.json").read_text(encoding="utf-8")))
+        stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+        return cls(tokens, id_maps, stats["lowercase"], stats)
 
 
 def build_alignment(
@@ -340,13 +344,15 @@ def build_alignment(
         v.name: np.array([student_id.get(token, DROPPED) for token in v.canonical], dtype=np.int32)
         for v in vocabularies
     }
-    return Alignment(kept, id_maps, _stats(vocabularies, union, kept, id_maps))
+    lowercase = all(v.family.lowercase for v in vocabularies)  # the student tokenizer lowercases only then
+    return Alignment(kept, id_maps, lowercase, _stats(vocabularies, union, kept, id_maps, lowercase))
 
 
-def _stats(vocabularies: list[TeacherVocabulary], union: list[str], kept: list[str], id_maps: dict) -> dict:
+def _stats(
+    vocabularies: list[TeacherVocabulary], union: list[str], kept: list[str], id_maps: dict, lowercase: bool
+) -> dict:
     sets = {v.name: set(v.canonical) for v in vocabularies}
     overlap = {a: {b: len(sets[a] & sets[b]) for b in sets} for a in sets}
-    lowercase = all(v.family.lowercase for v in vocabularies)  # the student tokenizer lowercases only then
     reasons = Counter(why_never_emitted(token, lowercase) for token in kept)
     del reasons[None]
     return {
@@ -431,8 +437,9 @@ def teacher_token_shares(alignment: Alignment, teacher: str, tally: TokenTally) 
             f"{tally.topk_mass.shape}"
         )
     specials = len(STUDENT_SPECIALS)
-    lowercase = alignment.stats.get("lowercase", False)
-    never = np.array([why_never_emitted(token, lowercase) is not None for token in alignment.tokens], dtype=bool)
+    never = np.array(
+        [why_never_emitted(token, alignment.lowercase) is not None for token in alignment.tokens], dtype=bool
+    )
     shared = np.zeros(len(alignment.tokens), dtype=bool)
     for name, other in alignment.id_maps.items():
         if name != teacher:

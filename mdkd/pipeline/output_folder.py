@@ -7,17 +7,20 @@ the identity of what is being built and whether it is complete. A command pointe
 - whose record has another identity, or an unfinished one that may not be resumed: is refused unless
   --overwrite, which replaces the folder;
 - that is empty or missing: starts; one that holds other files is refused, so nothing of the user's is deleted.
-Every rank decides with `claim_folder` before rank 0 changes anything with `prepare_folder`.
+Every rank decides with `claim_folder` before rank 0 changes anything with `prepare_folder`; `take_over` is that
+sequence for a command running on one or many ranks.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mdkd.pipeline.distributed import Ranks, barrier
 from mdkd.pipeline.errors import UserError
 
 
@@ -40,12 +43,13 @@ def claim_folder(
     resume: bool,
     resume_hint: str = "",
     folder_option: str = "--out",
+    resume_only: bool = False,
 ) -> FolderClaim:
     """Decide what to do with `folder` (see the module docstring); bad cases are UserErrors that say the way out.
 
     `what` names the folder's content in messages ("cache", "run"); `resume_hint` says how to resume when
     `resume` is false but the folder holds an unfinished run of the same identity; `folder_option` is the command's
-    option that chose the folder.
+    option that chose the folder; `resume_only` (an explicit --resume) refuses a folder with nothing to resume.
     """
     record_file = folder / record_name
     if record_file.exists():
@@ -68,6 +72,8 @@ def claim_folder(
             f"{folder} holds a {what} with a different config or inputs (choose another {folder_option}, "
             "or pass --overwrite to replace it)"
         )
+    if resume_only:
+        raise UserError(f"nothing to resume in {folder}: it holds no {what} (drop --resume to start one)")
     if folder.exists() and any(folder.iterdir()):
         raise UserError(
             f"{folder} is not empty and is not an mdkd {what} (choose an empty or new {folder_option} folder)"
@@ -80,3 +86,43 @@ def prepare_folder(claim: FolderClaim) -> None:
     if claim.action == "replace":
         shutil.rmtree(claim.folder)
     claim.folder.mkdir(parents=True, exist_ok=True)
+
+
+def take_over(
+    folder: Path,
+    record_name: str,
+    identity: dict,
+    ranks: Ranks,
+    *,
+    what: str,
+    overwrite: bool,
+    resume: bool,
+    resume_hint: str = "",
+    folder_option: str = "--out",
+    resume_only: bool = False,
+    start: Callable[[FolderClaim], None] | None = None,
+) -> FolderClaim:
+    """The claim sequence of every command that writes an output folder: every rank claims (`claim_folder`) and waits
+    until all have, so nobody reads the folder after rank 0 changed it; unless the folder is complete already, rank
+    0 prepares it and runs `start(claim)` (the first records: a record file saying "not complete", say) while the
+    others wait. A claim of `complete` touches nothing."""
+    claim = claim_folder(
+        folder,
+        record_name,
+        identity,
+        what=what,
+        overwrite=overwrite,
+        resume=resume,
+        resume_hint=resume_hint,
+        folder_option=folder_option,
+        resume_only=resume_only,
+    )
+    barrier(ranks)
+    if claim.action == "complete":
+        return claim
+    if ranks.is_main:
+        prepare_folder(claim)
+        if start is not None:
+            start(claim)
+    barrier(ranks)
+    return claim

@@ -1,4 +1,9 @@
-"""Small tokenizers and masked LMs built locally, for the demo, the benchmarks, the tests and the examples.
+"""Small tokenizers and masked LMs built locally, shared by the demo (its teachers), the tests (conftest's
+teachers), the benchmarks (bench/) and the tiny example (examples/tiny/make_teachers.py).
+
+It is a module of its own, at the top of the package: not under pipeline/, because mdkd's pipeline reads whatever
+masked LMs it is given and builds none, and not under demo/, because the tests, benchmarks and examples need it
+without the demo.
 
 No model hub is needed: `tokenizers` trains a vocabulary in well under a second, and a masked LM of any of the
 supported architectures is built from a small transformers config and saved with `save_pretrained`, exactly

@@ -1,0 +1,157 @@
+"""Writing a cache: every file stage one puts in a cache folder, in the order that makes it resumable.
+
+`start` writes the manifest with `complete: false` and the run's identity, the resolved config and the teachers'
+tokenizer copies (a resumed cache keeps them). `write_unit` writes one unit (teacher, language, part): its shard,
+then its marker under `.progress/`, then a line of this rank's log; a unit is done once its marker parses and its
+shard exists, so a rerun redoes exactly the units a crash cut short. `finish` merges the markers into the
+manifest, which is written last with `complete: true`. docs/cache-format.md, "Units, completion and resuming".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+from pydantic import ValidationError
+
+from mdkd import __version__
+from mdkd.pipeline.cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardEntry, Totals
+from mdkd.pipeline.cache.reader import CacheReader, is_cache
+from mdkd.pipeline.cache.shards import write_shard
+from mdkd.pipeline.files import sha256_of_folder, write_json_atomic
+
+PROGRESS_DIR = ".progress"
+
+
+class Tokenizer(Protocol):
+    """All the writer needs of a teacher's tokenizer: Hugging Face's `save_pretrained`."""
+
+    def save_pretrained(self, save_directory: Path) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TokenizerCopy:
+    """A teacher's tokenizer as the cache holds it: its folder, relative to the cache, and that folder's hash."""
+
+    folder: str
+    sha256: str
+
+
+class CacheWriter:
+    """The cache folder `folder`, as rank `rank` of stage one writes it."""
+
+    def __init__(self, folder: Path, rank: int = 0):
+        self.folder = Path(folder)
+        self.log_path = self.folder / "logs" / f"cache-logits.rank{rank}.jsonl"
+
+    def start(
+        self,
+        config_yaml: str,
+        tokenizers: Mapping[str, Tokenizer],
+        describe: Callable[[dict[str, TokenizerCopy]], dict],
+    ) -> None:
+        """Rank 0, before any unit: clear the temporary files of an interrupted run and, for a new cache, write the
+        tokenizer copies, config.yaml and the incomplete manifest. `describe` gives the manifest's fields from the
+        copies (all but the schema, the version and what `finish` fills in)."""
+        for leftover in self.folder.rglob(".*.tmp"):
+            leftover.unlink()
+        if is_cache(self.folder):
+            return  # resumed: its manifest is the record the markers' work belongs to
+        copies = {}
+        for name, tokenizer in tokenizers.items():
+            tokenizer.save_pretrained(self.folder / "tokenizers" / name)
+            copies[name] = TokenizerCopy(f"tokenizers/{name}", sha256_of_folder(self.folder / "tokenizers" / name))
+        fields = describe(copies)
+        (self.folder / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        self._save(Manifest(schema_version=SCHEMA_VERSION, mdkd_version=__version__, complete=False, **fields))
+
+    def is_done(self, teacher: str, language: str, part: int) -> bool:
+        return self._finished(teacher, language, part) is not None
+
+    def write_unit(
+        self,
+        teacher: str,
+        language: str,
+        part: int,
+        table: pa.Table,
+        *,
+        documents: int,
+        windows_without_tokens: int,
+        seconds: float,
+        tokens: int,
+    ) -> None:
+        """The shard first, then its marker (the unit's completion record), then the log line."""
+        path = _shard_path(teacher, language, part)
+        written = write_shard(self.folder, path, table)
+        entry = ShardEntry(
+            teacher=teacher,
+            language=language,
+            part=part,
+            documents=documents,
+            windows_without_tokens=windows_without_tokens,
+            path=path,
+            rows=written.rows,
+            masked_positions=written.masked_positions,
+            bytes=written.bytes,
+            sha256=written.sha256,
+        )
+        write_json_atomic(self._marker(teacher, language, part), entry.model_dump(mode="json"))
+        event = {
+            **entry.model_dump(),
+            "seconds": round(seconds, 4),
+            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(json.dumps(event) + "\n")
+
+    def finish(self, parts: Mapping[str, int]) -> Manifest:
+        """Rank 0, once every rank is done: the manifest with every unit's record, saying complete.
+
+        `parts` is each language's number of parts; a unit without a marker then is a bug, not a user error."""
+        manifest = CacheReader(self.folder, require_complete=False).manifest
+        shards, missing = [], []
+        for name, teacher in manifest.teachers.items():
+            for language in teacher.languages:
+                for part in range(parts[language]):
+                    entry = self._finished(name, language, part)
+                    if entry is None:
+                        missing.append(_shard_path(name, language, part))
+                    else:
+                        shards.append(entry)
+        if missing:
+            raise RuntimeError(f"{len(missing)} units have no shard after every rank finished, e.g. {missing[0]}")
+        manifest.shards = shards
+        manifest.totals = Totals(
+            rows=sum(s.rows for s in shards),
+            masked_positions=sum(s.masked_positions for s in shards),
+            bytes=sum(s.bytes for s in shards),
+        )
+        manifest.complete = True
+        self._save(manifest)
+        shutil.rmtree(self.folder / PROGRESS_DIR, ignore_errors=True)
+        return manifest
+
+    def _save(self, manifest: Manifest) -> None:
+        write_json_atomic(self.folder / MANIFEST_NAME, manifest.model_dump(mode="json"))
+
+    def _marker(self, teacher: str, language: str, part: int) -> Path:
+        return self.folder / PROGRESS_DIR / teacher / language / f"part-{part:05d}.json"
+
+    def _finished(self, teacher: str, language: str, part: int) -> ShardEntry | None:
+        """The unit's record, or None when it still has to run (no marker, a torn one, no shard)."""
+        try:
+            entry = ShardEntry.model_validate_json(self._marker(teacher, language, part).read_text(encoding="utf-8"))
+        except (OSError, ValidationError):
+            return None
+        return entry if (self.folder / entry.path).is_file() else None
+
+
+def _shard_path(teacher: str, language: str, part: int) -> str:
+    """Where a unit's shard lives, relative to the cache folder."""
+    return f"{teacher}/{language}/part-{part:05d}.parquet"

@@ -1,0 +1,190 @@
+"""A run folder: what `mdkd train` writes, and what eval, report, sweeps, the demo and the benchmarks read of it.
+
+| path | written by | what it holds |
+|---|---|---|
+| `run.json` | train, first and last | the run's identity (config hash, cache identity), `complete`, the cache folder |
+| `config.yaml` | train, at the start | the resolved train config, with its hash in a header comment |
+| `teachers.json` | train, at the start | the teacher selection it trains with: {language: {teacher: weight}} |
+| `heldout.json` | train, at the start | the held-out documents (rule, fraction, doc_ids), so eval scores exactly them |
+| `vocab/` | train, at the start | the merged vocabulary and id maps (`Alignment.save`) |
+| `metrics.jsonl` | train, every step | one JSON object per training step and per held-out evaluation |
+| `checkpoints/` | train (DeepSpeed) | engine checkpoints with the data position |
+| `student/` | train, at the end | the exported HF model and tokenizer |
+| `eval.json` | eval | the student against each teacher on held-out windows |
+
+Nothing outside this module names these files; every command that reads or writes a run goes through a
+`RunFolder`. Taking a folder over (new, resume, complete, refuse) follows the protocol of
+`mdkd.pipeline.output_folder`, with `run.json` as the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import yaml
+
+from mdkd.pipeline.cache.documents import HELD_OUT_RULE, held_out
+from mdkd.pipeline.config import dump_config
+from mdkd.pipeline.distill.config import TrainConfig, load_train_config
+from mdkd.pipeline.distill.plan import TeacherSelection
+from mdkd.pipeline.distributed import Ranks
+from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.files import sync_folder, write_json_atomic
+from mdkd.pipeline.output_folder import FolderClaim, take_over
+
+RECORD = "run.json"
+
+
+class MetricsLog:
+    """`metrics.jsonl`: the run's metrics, one JSON object per line (the source of truth for every figure).
+
+    A `MetricsLogger` (mdkd.pipeline.distill.metrics): training logs its records here on rank 0."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, records: list[dict]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in records)
+
+    def close(self) -> None:
+        """Every record is written when `log` returns; nothing is held open."""
+
+    def read(self) -> list[dict]:
+        """Every record, in order; a last line torn by a crash mid-write is left out (the next resume drops it)."""
+        if not self.path.exists():
+            return []
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for index, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if index == len(lines) - 1:
+                    break
+                raise UserError(f"{self.path} line {index + 1} is not JSON (the file is damaged)") from None
+        return records
+
+    def keep_until(self, step: int) -> None:
+        """Drop the records past `step`, where a resumed run continues, so that every step is logged once; the file is
+        replaced whole (a crash leaves the old one or the new one)."""
+        if not self.path.exists():
+            return
+        kept = [record for record in self.read() if record["step"] <= step]
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        os.replace(temporary, self.path)
+        sync_folder(self.path.parent)
+
+
+class RunFolder:
+    """One run folder (see the module docstring for its files)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.vocab_dir = self.path / "vocab"
+        self.student_dir = self.path / "student"
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.metrics = MetricsLog(self.path / "metrics.jsonl")
+        self._record = self.path / RECORD
+        self._config = self.path / "config.yaml"
+        self._teachers = self.path / "teachers.json"
+        self._held_out = self.path / "heldout.json"
+        self._eval = self.path / "eval.json"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # ---------------------------------------------------------------- the record: identity and completion
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (complete or not)."""
+        return self._record.exists()
+
+    def claim(self, identity: dict, ranks: Ranks, *, resume: str | None, overwrite: bool, start) -> FolderClaim:
+        """Take the folder over for a run of `identity` on every rank (`output_folder.take_over`); rank 0 calls
+        `start(claim)` on a new, replaced or resumed run before any rank goes on."""
+        return take_over(
+            self.path,
+            RECORD,
+            identity,
+            ranks,
+            what="run",
+            overwrite=overwrite and not resume,
+            resume=resume is not None,
+            resume_hint="pass --resume auto to continue it",
+            resume_only=resume is not None,
+            start=start,
+        )
+
+    def record(self) -> dict:
+        if not self.is_run():
+            raise UserError(f"{self.path} is not an mdkd run folder (no {RECORD} from `mdkd train`)")
+        return json.loads(self._record.read_text(encoding="utf-8"))
+
+    def write_record(self, identity: dict, complete: bool, cache_dir: Path, **extra) -> None:
+        record = {"identity": identity, "complete": complete, **extra, "cache": str(Path(cache_dir).resolve())}
+        write_json_atomic(self._record, record)
+
+    def cache_dir(self) -> Path:
+        """The cache the run was trained from, as its record names it."""
+        return Path(self.record().get("cache", ""))
+
+    # ---------------------------------------------------------------- what the run was told to do
+
+    def write_config(self, config: TrainConfig, source: Path, identity: dict, cache_dir: Path) -> None:
+        header = (
+            f"# mdkd train config (resolved from {source}); hash {identity['config_hash']}\n"
+            f"# cache: {Path(cache_dir).resolve()}\n"
+        )
+        self._config.write_text(header + dump_config(config), encoding="utf-8")
+
+    def has_config(self) -> bool:
+        return self._config.exists()
+
+    def config(self) -> TrainConfig:
+        return load_train_config(self._config)
+
+    def config_values(self) -> dict:
+        """The resolved config as plain values (for comparing runs key by key)."""
+        return yaml.safe_load(self._config.read_text(encoding="utf-8"))
+
+    def write_teachers(self, selection: TeacherSelection) -> None:
+        write_json_atomic(self._teachers, {"teachers": selection})
+
+    def teachers(self) -> TeacherSelection | None:
+        """The teacher selection the run trained with; None for a run written before mdkd recorded it."""
+        if not self._teachers.exists():
+            return None
+        return json.loads(self._teachers.read_text(encoding="utf-8"))["teachers"]
+
+    def write_held_out(self, fraction: float, doc_ids: Iterable[str]) -> None:
+        """Record the held-out documents (those of `doc_ids` the rule holds out), so that eval scores exactly them."""
+        documents = sorted({d for d in doc_ids if held_out(d, fraction)})
+        write_json_atomic(self._held_out, {"eval_fraction": fraction, "rule": HELD_OUT_RULE, "documents": documents})
+
+    def held_out_rule(self) -> Callable[[str], bool]:
+        """The recorded held-out documents, as a predicate on doc_ids."""
+        if not self._held_out.exists():
+            raise UserError(f"{self.path} has no {self._held_out.name} (give a run folder of `mdkd train`)")
+        return set(json.loads(self._held_out.read_text(encoding="utf-8"))["documents"]).__contains__
+
+    # ---------------------------------------------------------------- what came out
+
+    def has_student(self) -> bool:
+        return (self.student_dir / "config.json").exists()
+
+    def has_eval(self) -> bool:
+        return self._eval.exists()
+
+    def eval_file(self) -> Path:
+        """Where `mdkd eval RUN` writes its report by default."""
+        return self._eval
+
+    def evaluation(self) -> dict | None:
+        """eval.json, or None when `mdkd eval` has not run."""
+        return json.loads(self._eval.read_text(encoding="utf-8")) if self._eval.exists() else None
