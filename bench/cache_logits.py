@@ -24,7 +24,8 @@ generated, seeded corpus it measures:
 3. Masked-only head: `masked_logits` with the architecture's adapter (encoder on the whole batch, MLM head only at
    masked positions) against `masked_logits` with no adapter (the full `*ForMaskedLM` forward, then a gather),
    same batches. Both are the public function `Teacher.top_k` calls; what follows it there (log-softmax, top-k,
-   tempered log-partitions) is the same on both paths and is not timed.
+   tempered log-partitions) is the same on both paths and is not timed. The largest logit and log-probability
+   differences between the two paths on the first batch are reported.
 4. Bytes per cached position: total shard bytes (every column, the log-partitions included) / masked positions,
    for float32 log-probabilities (what the run wrote) and float16 (the same shards with that one column cast,
    written by the stage's `write_shard`).
@@ -61,11 +62,8 @@ import math
 import os
 import platform
 import random
-import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +71,9 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 import yaml
+
+# bench/common.py: `python bench/<script>.py` puts bench/ first on sys.path
+from common import median, peak_rss_mb, preset_parser, print_figures, say, session
 
 import mdkd
 from mdkd.pipeline.cache.reader import CacheReader
@@ -144,15 +145,7 @@ SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["an", "en"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark for `mdkd cache-logits` (see the module docstring).")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument(
-        "--tiny",
-        dest="preset",
-        action="store_const",
-        const="tiny",
-        help="same as --preset tiny: a smoke run of a few seconds (its figures mean little)",
-    )
+    parser = preset_parser("Benchmark for `mdkd cache-logits` (see the module docstring).", PRESETS)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--documents", type=int, default=None, help="corpus size N (default: the preset's)")
@@ -182,7 +175,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--rss-factor", type=int, default=4, help="the second peak-RSS run uses this many x N")
     parser.add_argument("--skip-rss", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and print its path")
     parser.add_argument("--rss-child", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -248,10 +240,9 @@ def write_config(path: Path, corpus: Path, teacher: Path, args) -> Path:
 
 def run_stage(config: Path, out: Path) -> dict:
     """One whole stage run into a fresh folder: its wall-clock time, its manifest and its per-unit log."""
-    with contextlib.redirect_stdout(sys.stderr):  # the stage's summary line must not end our stdout
-        started = time.perf_counter()
-        manifest = stage.run(config, out)
-        total = time.perf_counter() - started
+    started = time.perf_counter()
+    manifest = stage.run(config, out)
+    total = time.perf_counter() - started
     units = [json.loads(line) for line in (out / LOG_FILE).read_text(encoding="utf-8").splitlines() if line]
     return {
         "out": out,
@@ -379,11 +370,16 @@ def head_pass(teacher: Teacher, batches: list[tuple], masked_only: bool) -> floa
 
 
 @torch.inference_mode()
-def head_difference(teacher: Teacher, batch: tuple) -> float:
-    """Both head paths must give the same logits (the adapter's contract): a sanity check, reported."""
-    masked = masked_logits(teacher.model, teacher.adapter, *batch, teacher.device)
-    full = masked_logits(teacher.model, None, *batch, teacher.device)
-    return float((masked.float() - full.float()).abs().max())
+def head_difference(teacher: Teacher, batch: tuple) -> dict[str, float]:
+    """Both head paths must give the same logits (the adapter's contract), and so the same log-probabilities over
+    the tokenizer's ids, as `Teacher.top_k` normalises them: a sanity check, reported."""
+    masked = masked_logits(teacher.model, teacher.adapter, *batch, teacher.device).float()
+    full = masked_logits(teacher.model, None, *batch, teacher.device).float()
+    logprobs = [torch.log_softmax(logits[:, : teacher.vocab_limit], dim=-1) for logits in (masked, full)]
+    return {
+        "logit": float((masked - full).abs().max()),
+        "logprob": float((logprobs[0] - logprobs[1]).abs().max()),
+    }
 
 
 def warm_up(teacher: Teacher, batches: list[tuple], config: CacheConfig) -> None:
@@ -416,24 +412,11 @@ def float16_bytes(cache: CacheReader, scratch: Path) -> int:
 
 def rss_child(config: str, out: str) -> None:
     """Entry point of the subprocess: run the stage once and report this process's peak RSS."""
-    before = max_rss_mb()
-    with contextlib.redirect_stdout(sys.stderr):
+    before = peak_rss_mb()
+    with contextlib.redirect_stdout(sys.stderr):  # the stage's summary line must not end the child's stdout
         stage.run(Path(config), Path(out))
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    print(json.dumps({"rss_after_imports_mb": before, "peak_rss_mb": max_rss_mb(), "peak_gpu_allocated_mb": gpu}))
-
-
-def max_rss_mb() -> float:
-    """This process's peak resident set size in MB.
-
-    VmHWM first: ru_maxrss survives fork and exec on Linux, so a child started from this (already large)
-    benchmark process would report the parent's peak; VmHWM belongs to the address space exec creates.
-    """
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    print_figures({"rss_after_imports_mb": before, "peak_rss_mb": peak_rss_mb(), "peak_gpu_allocated_mb": gpu})
 
 
 def peak_rss(config: Path, out: Path) -> dict:
@@ -455,15 +438,9 @@ def main(argv=None) -> None:
         return rss_child(*args.rss_child)
     preset = PRESETS[args.preset]
     args.device_name = resolve_device(args.device)
-    scratch = Path(tempfile.mkdtemp(prefix="mdkd-bench-"))
-    try:
+    with session("mdkd-bench-", keep=args.keep) as scratch:
         figures = benchmark(args, preset, scratch)
-    finally:
-        if args.keep:
-            say(f"scratch folder kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(figures))
+    print_figures(figures)
 
 
 def resolve_device(requested: str) -> str:
@@ -472,10 +449,6 @@ def resolve_device(requested: str) -> str:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch sees no GPU here (use --device cpu)")
     return requested
-
-
-def say(line: str) -> None:
-    print(line, flush=True)
 
 
 def benchmark(args, preset: dict, scratch: Path) -> dict:
@@ -523,7 +496,7 @@ def setup_section(args, preset: dict, words: list[str], scratch: Path) -> dict:
     started = time.perf_counter()
     vocab, parameters = build_teacher(preset, words, scratch / "teacher")
     write_corpus(scratch / "corpus.txt", words, args.documents, args.seed)
-    write_config(scratch / "cache.yaml", scratch / "corpus.txt", scratch / "teacher", args)
+    config = load_cache_config(write_config(scratch / "cache.yaml", scratch / "corpus.txt", scratch / "teacher", args))
     result = {
         "preset": args.preset,
         "hidden": preset["hidden"],
@@ -538,7 +511,8 @@ def setup_section(args, preset: dict, words: list[str], scratch: Path) -> dict:
         "batch_tokens": args.batch_tokens,
         "device": args.device_name,
         "dtype": args.dtype,
-        "temperatures": load_cache_config(scratch / "cache.yaml").temperatures,  # the stage's default
+        "temperatures": config.temperatures,  # the stage's default
+        "masking": {"probability": config.masking.probability, "copies": config.masking.copies},
         "repeats": args.repeats,
         "full_repeats": args.full_repeats,
         "seconds": time.perf_counter() - started,
@@ -601,7 +575,6 @@ def end_to_end_section(cold: dict, runs: list[dict], one_offs: dict, counts: dic
     one_off = sum(one_offs.values())
     steady = best["total_s"] - one_off
     # The stage logs each unit's tokens_per_second (its scoring and table building, main thread only).
-    unit_rates = sorted(unit["tokens_per_second"] for unit in best["units"])
     result = {
         "total_s": best["total_s"],
         "one_off_s": one_off,
@@ -611,7 +584,7 @@ def end_to_end_section(cold: dict, runs: list[dict], one_offs: dict, counts: dic
         "one_offs_s": one_offs,
         "units_s": best["units_s"],
         "units": len(best["units"]),
-        "logged_unit_tokens_per_s_median": unit_rates[len(unit_rates) // 2],
+        "logged_unit_tokens_per_s_median": median([unit["tokens_per_second"] for unit in best["units"]]),
         "counts": counts,
         "tokens_per_s": counts["tokens"] / best["total_s"],
         "tokens_per_s_without_one_offs": counts["tokens"] / steady,
@@ -685,7 +658,7 @@ def bare_section(end_to_end: dict, rounds: dict, batches: int, difference: float
     return result
 
 
-def head_section(masked_s: list[float], full_s: list[float], difference: float) -> dict:
+def head_section(masked_s: list[float], full_s: list[float], difference: dict[str, float]) -> dict:
     per_round = [
         full / masked for full, masked in zip(full_s, masked_s, strict=False)
     ]  # back-to-back passes in one round
@@ -696,13 +669,15 @@ def head_section(masked_s: list[float], full_s: list[float], difference: float) 
         "all_full_forward_s": full_s,
         "full_over_masked": min(full_s) / min(masked_s),
         "full_over_masked_per_round": per_round,
-        "max_abs_logit_difference": difference,
+        "max_abs_logit_difference": difference["logit"],
+        "max_abs_logprob_difference": difference["logprob"],
     }
     say(
         f"[3] head (masked_logits): masked-only {result['masked_only_s']:.2f} s, full forward "
         f"{result['full_forward_s']:.2f} s (rounds: {_seconds(full_s)}); full / masked-only = "
         f"{result['full_over_masked']:.2f} (round by round: {_seconds(per_round)}), i.e. the masked-only head saves "
-        f"{1 - 1 / result['full_over_masked']:.0%}; largest |logit difference| between the two {difference:.1e}"
+        f"{1 - 1 / result['full_over_masked']:.0%}; largest difference between the two: |logit| "
+        f"{difference['logit']:.1e}, |log-prob| {difference['logprob']:.1e}"
     )
     return result
 

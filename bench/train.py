@@ -20,7 +20,9 @@ corpus and a random BERT-shaped teacher it builds a cache with the real stage on
 It prints step(cache) / step(MLM) (goal <= 1.10: reading the cache and the KD loss are nearly free),
 step(online) / step(cache) (what the cache saves on every ablation), the Parquet reading throughput in masked
 positions per second against what a step consumes, the stage's own logged throughput against the benchmark's
-cache step (a check that the timed step is the stage's), and the peak resident memory of this process.
+cache step (a check that the timed step is the stage's), and the peak resident memory of this process. Beside
+them it reports the counts those figures can be checked against: the cache's rows and masked positions (from its
+manifest), the teacher's vocabulary and the vocabulary of the student the stage exported.
 
 The KD loss is `missing_mass: rest`, the default, on both KD paths: it needs the teacher's tempered
 log-partition at the loss temperature, which the cache records (its config lists that temperature) and which
@@ -39,18 +41,18 @@ Everything but the figures goes to stderr; the last line of stdout is one JSON o
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import random
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+
+# bench/common.py: `python bench/<script>.py` puts bench/ first on sys.path
+from common import median, peak_rss_mb, preset_parser, print_figures, session
+from transformers import AutoConfig
 
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import TrainConfig, load_train_config
@@ -106,15 +108,7 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark for `mdkd train` (see the module docstring).")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument(
-        "--tiny",
-        dest="preset",
-        action="store_const",
-        const="tiny",
-        help="same as --preset tiny: a smoke run (its figures mean little)",
-    )
+    parser = preset_parser("Benchmark for `mdkd train` (see the module docstring).", PRESETS)
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     parser.add_argument(
         "--steps",
@@ -122,7 +116,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help=f"timed steps per kind, after {WARMUP} warm-up steps (default: the preset's)",
     )
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.steps = max(args.steps or PRESETS[args.preset]["steps"], 1)
     return args
@@ -192,7 +185,7 @@ def run_stage(config: Path, cache: CacheReader, out: Path) -> dict:
     return {
         "seconds": seconds,
         "steps": len(rates),
-        "tokens_per_second": _median(timed),
+        "tokens_per_second": median(timed),
         "all_tokens_per_second": rates,
     }
 
@@ -350,8 +343,8 @@ def step_timings(
         "online_over_cache": [o / c for o, c in zip(times["online"], times["cache"], strict=False)],
     }
     return {
-        **{name: _median(values) for name, values in times.items()},
-        **{f"{name}_per_step": _median(values) for name, values in ratios.items()},
+        **{name: median(values) for name, values in times.items()},
+        **{f"{name}_per_step": median(values) for name, values in ratios.items()},
         "positions_per_step": float(np.mean(seen["positions"])),
         "tokens_per_step": float(np.mean(seen["tokens"])),
     }
@@ -373,19 +366,6 @@ def reading_throughput(cache: CacheReader, config: TrainConfig, alignment: Align
 # ---------------------------------------------------------------- the benchmark and its report
 
 
-def peak_rss_mb() -> float:
-    """VmHWM: this process's own peak (ru_maxrss would include a parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 def benchmark(args, work: Path) -> dict:
     preset = PRESETS[args.preset]
     device = pick_device("auto", Ranks.from_env())  # what stage two itself picks
@@ -393,7 +373,8 @@ def benchmark(args, work: Path) -> dict:
     config_path = write_train_config(work, preset, args)
     config = load_train_config(config_path)
     stage = run_stage(config_path, cache, work / "run")
-    alignment = Alignment.load(RunFolder(work / "run").vocab_dir, [TEACHER])
+    run = RunFolder(work / "run")
+    alignment = Alignment.load(run.vocab_dir, [TEACHER])
     reading = reading_throughput(cache, config, alignment)
     precision = resolve_precision(config.precision, device)
     engine = build_engine(config, alignment, cache, precision, device)
@@ -404,6 +385,8 @@ def benchmark(args, work: Path) -> dict:
         "precision": precision,
         "missing_mass": config.loss.missing_mass,
         "student_vocabulary": len(alignment.tokens),
+        "exported_student_vocabulary": AutoConfig.from_pretrained(run.student_dir).vocab_size,
+        "teacher_vocabulary": cache.teacher(TEACHER).vocab_size,
         "micro_batch_size": config.train.micro_batch_size,
         "timed_steps": args.steps,
         "step_seconds_mlm": steps["mlm"],
@@ -415,6 +398,9 @@ def benchmark(args, work: Path) -> dict:
         "online_over_cache_per_step": steps["online_over_cache_per_step"],
         "read_positions_per_second": reading["positions_per_second"],
         "read_rows": reading["rows"],
+        "read_positions": reading["positions"],
+        "cache_rows": cache.manifest.totals.rows,
+        "cache_masked_positions": cache.manifest.totals.masked_positions,
         "positions_per_step": steps["positions_per_step"],
         "positions_consumed_per_second": steps["positions_per_step"] / steps["cache"],
         "bench_cache_tokens_per_second": steps["tokens_per_step"] / steps["cache"],
@@ -453,14 +439,13 @@ def report(figures: dict) -> None:
         f"{figures['stage_steps']} steps {figures['stage_seconds']:.1f} s (set-up, checkpoint and export included)"
     )
     print(f"peak RSS {figures['peak_rss_mb']:.0f} MB")
-    print(json.dumps(figures))
+    print_figures(figures)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # The stages and DeepSpeed print to stdout; the figures alone go there, the JSON line last.
-    with tempfile.TemporaryDirectory(prefix="mdkd-bench-train-") as scratch, contextlib.redirect_stdout(sys.stderr):
-        figures = benchmark(args, Path(scratch))
+    with session("mdkd-bench-train-") as scratch:
+        figures = benchmark(args, scratch)
     report(figures)
 
 

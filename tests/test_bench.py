@@ -1,12 +1,15 @@
 """The benchmarks in bench/ still run: each at its tiny size, as a subprocess, exactly as a user starts it.
 
-Nothing here checks a timing against a threshold (they depend on the machine); only that every figure is there
-and sane: positive times and rates, ratios above 0, and the set-up checks the benchmarks report.
+Nothing here checks a timing against a threshold (they depend on the machine). What is checked are the figures
+that can be derived another way: counts against the corpus, the masking rule and each other, shard bytes against
+the shard schema (docs/cache-format.md), the two head paths against each other, step counts and sizes against
+the run's settings. The rest must be there and positive.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +17,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+SPECIAL_TOKENS_PER_ROW = 2  # [CLS] and [SEP]: the benchmarks' teachers are BERTs
+# Parquet footer of one shard: about 2.9 KB with this schema (docs/cache-format.md); 4 KB leaves room.
+FOOTER_BYTES = 4000
+# float16 keeps 10 of float32's 23 mantissa bits. In the output of an fp32 teacher with random weights the 13 it
+# drops are noise that zstd cannot shrink: each float32 value costs at least 13 bits more than its float16 cast.
+NOISE_BYTES_PER_FLOAT32 = 13 / 8
 
 
 def run_bench(script: str, *flags: str) -> dict:
@@ -42,7 +51,8 @@ def positive(*values) -> bool:
 def test_cache_logits_benchmark_reports_every_figure():
     figures = run_bench("cache_logits.py")
     assert {"machine", "setup", "end_to_end", "bare_forward", "head", "bytes_per_position", "peak_rss"} <= set(figures)
-    assert figures["setup"]["preset"] == "tiny"
+    setup = figures["setup"]
+    assert setup["preset"] == "tiny"
 
     end_to_end = figures["end_to_end"]
     counts = end_to_end["counts"]
@@ -58,9 +68,28 @@ def test_cache_logits_benchmark_reports_every_figure():
         end_to_end["logged_unit_tokens_per_s_median"],
     )
     assert positive(counts["tokens"], counts["rows"], counts["masked_positions"], counts["bytes"], counts["shards"])
+    # One teacher, one language: a unit, and so a shard, per `shard_documents` documents.
+    assert counts["shards"] == math.ceil(setup["documents"] / setup["shard_documents"])
     assert end_to_end["units"] == counts["shards"], "one logged event per unit"
+    # The stage logs each unit's main-thread seconds, one unit after another inside the run that the benchmark
+    # timed: the two clocks must agree that they fit (this fails if the log mixed in another run's units).
+    assert end_to_end["units_s"] <= end_to_end["total_s"]
     assert set(end_to_end["one_offs_s"]) == {"corpus_scan", "teacher_checks", "model_load"}
     assert end_to_end["shards_identical_across_rounds"] is True
+
+    # Rows are windows x copies. A document's windows hold at most max_length - 2 ordinary tokens each and all
+    # but its last are full, so it has between (its tokens) / (max_length - 2) and that plus one windows, and at
+    # least one (every generated document has words).
+    copies, probability = setup["masking"]["copies"], setup["masking"]["probability"]
+    ordinary = counts["tokens"] - SPECIAL_TOKENS_PER_ROW * counts["rows"]
+    full_windows = ordinary / copies / (setup["max_length"] - SPECIAL_TOKENS_PER_ROW)
+    assert counts["rows"] % copies == 0
+    windows = counts["rows"] // copies
+    assert max(setup["documents"], full_windows) <= windows <= setup["documents"] + full_windows, (windows, ordinary)
+    # Each window gets max(1, round(n x probability)) masked positions among its n ordinary tokens, within one of
+    # n x probability: the total is within one per row of the rate applied to all ordinary tokens.
+    expected = probability * ordinary
+    assert abs(counts["masked_positions"] - expected) <= counts["rows"], (counts["masked_positions"], expected)
 
     bare = figures["bare_forward"]
     assert positive(
@@ -79,18 +108,38 @@ def test_cache_logits_benchmark_reports_every_figure():
 
     head = figures["head"]
     assert positive(head["masked_only_s"], head["full_forward_s"], head["full_over_masked"])
-    assert head["max_abs_logit_difference"] < 1e-3, "masked-only and full heads disagree"
+    # The adapter only moves the MLM head after the gather: the same fp32 products, so the same logits and the same
+    # log-probabilities (what the cache stores) up to float rounding.
+    assert head["max_abs_logit_difference"] <= 1e-5, "masked-only and full heads disagree"
+    assert head["max_abs_logprob_difference"] <= 1e-5, "masked-only and full heads give other log-probabilities"
 
     sizes = figures["bytes_per_position"]
-    assert positive(sizes["float32"], sizes["float16"])
-    assert sizes["float16"] < sizes["float32"]
+    k, temperatures, positions = setup["top_k"], setup["temperatures"], counts["masked_positions"]
+    # What grows per position before compression (docs/cache-format.md): 4k bytes of ids, 4 per temperature's
+    # log-partition, 4 each for the entropy, the position and the label, and the row's input ids (4 per token),
+    # besides the log-probabilities; the footers are the one cost that does not shrink. Compressed shards stay
+    # below that, for float32 (4 bytes a log-probability) and float16 (2 bytes).
+    uncompressed = 4 * k + 4 * len(temperatures) + 3 * 4 + 4 * counts["tokens"] / positions
+    footers = FOOTER_BYTES * counts["shards"] / positions
+    assert sizes["float32"] < uncompressed + 4 * k + footers, (sizes, uncompressed)
+    assert sizes["float16"] < uncompressed + 2 * k + footers, (sizes, uncompressed)
+    # The two figures differ by the log-probability column alone: at most the whole 4 bytes of each of the k
+    # values, at least their 13 noise bits (1.5 bytes, for some slack).
+    saved = sizes["float32"] - sizes["float16"]
+    assert 1.5 * k <= saved <= 4 * k, saved
+    # Above the incompressible part: the noise bits of the float32 values in every position (the entropy and the
+    # log-partitions at tau != 1; at tau = 1 it is 0 up to rounding), and of the k log-probabilities in float32.
+    noisy = 1 + sum(temperature != 1 for temperature in temperatures)
+    assert sizes["float16"] > NOISE_BYTES_PER_FLOAT32 * noisy, sizes
+    assert sizes["float32"] > NOISE_BYTES_PER_FLOAT32 * (noisy + k), sizes
 
     runs = figures["peak_rss"]["runs"]
     assert len(runs) == 2 and all(positive(run["peak_rss_mb"], run["rss_after_imports_mb"]) for run in runs.values())
 
 
 def test_train_benchmark_reports_every_figure():
-    figures = run_bench("train.py", "--steps", "2")
+    timed_steps, warm_up_steps = 2, 2
+    figures = run_bench("train.py", "--steps", str(timed_steps))
     assert figures["preset"] == "tiny"
     assert figures["missing_mass"] in ("rest", "renormalize")
     assert positive(
@@ -109,5 +158,19 @@ def test_train_benchmark_reports_every_figure():
         figures["student_vocabulary"],
         figures["peak_rss_mb"],
     )
-    assert figures["timed_steps"] == 2
-    assert figures["stage_steps"] == len(figures["stage_all_tokens_per_second"]) == 2 + 2, "timed + warm-up steps"
+    assert figures["timed_steps"] == timed_steps
+    # The stage runs as many steps as the benchmark times and warms up, and logs each one.
+    assert figures["stage_steps"] == len(figures["stage_all_tokens_per_second"]) == timed_steps + warm_up_steps
+
+    # No held-out documents: one epoch reads every row the manifest counts, with every masked position.
+    assert figures["read_rows"] == figures["cache_rows"]
+    assert figures["read_positions"] == figures["cache_masked_positions"]
+    # A cache step draws one micro-batch of rows: about micro-batch x the cache's positions per row. The steps
+    # draw only a few dozen rows, so allow half either way; a count per row or per token is off by far more.
+    per_row = figures["cache_masked_positions"] / figures["cache_rows"]
+    expected = figures["micro_batch_size"] * per_row
+    assert 0.5 * expected <= figures["positions_per_step"] <= 1.5 * expected, (figures["positions_per_step"], expected)
+
+    # One WordPiece teacher over text without punctuation: every token keeps its own canonical spelling, so the
+    # merged vocabulary is the teacher's, and the stage exported a student of that size.
+    assert figures["student_vocabulary"] == figures["teacher_vocabulary"] == figures["exported_student_vocabulary"]
