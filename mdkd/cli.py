@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -12,9 +13,20 @@ from mdkd.pipeline.config import ConfigError
 from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
 
+_FREE_SPACE = "free some disk space, then rerun the same command: it resumes"
+_PERMISSIONS = "check that path's permissions, or choose a folder you may write"
+_ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: _FREE_SPACE,
+    errno.EDQUOT: _FREE_SPACE,
+    errno.EACCES: _PERMISSIONS,
+    errno.EPERM: _PERMISSIONS,
+    errno.EROFS: "that file system is read-only: choose a folder on a writable one",
+}
+
 
 class MdkdGroup(click.Group):
-    """Turns a UserError into one line on stderr and exit status 2, and Ctrl-C into a hint to resume."""
+    """Turns a UserError, a full disk or a folder mdkd may not write into one line on stderr and exit status 2, and
+    Ctrl-C into a hint to resume."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -23,6 +35,13 @@ class MdkdGroup(click.Group):
             # Every rank reports its own error (one may fail alone); only rank 0 does so without a prefix.
             ranks = Ranks.from_env()
             click.echo(f"error: {error}" if ranks.is_main else f"error (rank {ranks.rank}): {error}", err=True)
+            ctx.exit(2)
+        except OSError as error:
+            if error.errno not in _ENVIRONMENT_ERRORS:
+                raise
+            # A full disk or a folder mdkd may not write: nothing was marked complete, so the same command resumes.
+            where = f": {error.filename}" if error.filename else ""
+            click.echo(f"error: {error.strerror}{where} ({_ENVIRONMENT_ERRORS[error.errno]})", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             hint = " with --resume auto" if ctx.invoked_subcommand == "train" else ""

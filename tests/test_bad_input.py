@@ -176,7 +176,7 @@ def test_train_on_a_cache_that_fails_verification(tmp_path, training_cache):
     data = bytearray(shard.read_bytes())
     data[100] ^= 0x55
     shard.write_bytes(bytes(data))
-    assert_train_error(run_train(tmp_path, cache, train_config()), tmp_path, "fails verification")
+    assert_train_error(run_train(tmp_path, cache, train_config()), tmp_path, "is damaged")
 
 
 @pytest.mark.parametrize(
@@ -204,7 +204,8 @@ def test_train_into_a_run_folder_of_another_config(tmp_path, training_cache):
     from conftest import train_config
 
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"identity": {"config_hash": "other"}, "complete": False}))
+    record = {"identity": {"config_hash": "sha256:other", "cache": {}}, "complete": False, "cache": "/elsewhere"}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
     assert_train_error(run_train(tmp_path, training_cache, train_config()), tmp_path, "different config or inputs")
 
 

@@ -231,8 +231,8 @@ def test_a_checkpoint_of_another_config_is_refused(training_cache, tmp_path):
     )
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: checkpoint in {tmp_path / 'other' / 'checkpoints'} was written by a different config "
-        "(start a new run instead)"
+        f"error: checkpoint {tmp_path / 'other' / 'checkpoints' / 'step-0000004'} was written by a different config "
+        "(give a folder under RUN/checkpoints, or --resume auto)"
     ]
     assert not (crashed / "student").exists()
 

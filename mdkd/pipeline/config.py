@@ -60,6 +60,8 @@ def read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config {path} is not UTF-8 text (byte {exc.start}; save it as UTF-8)") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -65,3 +65,12 @@ def sha256_of_folder(folder: Path) -> str:
 def content_hash(data) -> str:
     """`sha256:<hex>` of JSON-serialisable data (keys sorted): the identity of a resolved config."""
     return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be written there, before work whose result would be lost
+    (an OSError names the folder otherwise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".mdkd-write-test.{os.getpid()}.tmp"
+    probe.write_bytes(b"")
+    probe.unlink()

@@ -5,16 +5,25 @@ the identity of what is being built and whether it is complete. A command pointe
 - whose record has the same identity and says complete: has nothing to do;
 - whose record has the same identity and is not complete: resumes (where resuming is allowed);
 - whose record has another identity, or an unfinished one that may not be resumed: is refused unless
-  --overwrite, which replaces the folder;
+  --overwrite, which empties the folder and starts again;
+- whose record file mdkd cannot recognise as its own record of that kind (unreadable, another tool's, another
+  kind's): is refused, with --overwrite too;
 - that is empty or missing: starts; one that holds other files is refused, so nothing of the user's is deleted.
+
+One process at a time writes a folder: rank 0 holds an advisory lock (`.mdkd.lock`, naming its host and pid) from
+the moment it takes the folder over until the process ends, and a second process is refused at once.
 Every rank decides with `claim_folder` before rank 0 changes anything with `prepare_folder`; `take_over` is that
 sequence for a command running on one or many ranks.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
+import os
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +32,12 @@ from typing import Literal
 from mdkd.pipeline.distributed import Ranks, barrier
 from mdkd.pipeline.errors import UserError
 
+LOCK_NAME = ".mdkd.lock"
+
 
 @dataclass(frozen=True)
 class FolderClaim:
-    """What to do with an output folder: `complete` (nothing), `resume`, `new` or `replace` (delete, then new)."""
+    """What to do with an output folder: `complete` (nothing), `resume`, `new` or `replace` (empty it, then new)."""
 
     folder: Path
     action: Literal["complete", "resume", "new", "replace"]
@@ -39,6 +50,7 @@ def claim_folder(
     identity: dict,
     *,
     what: str,
+    is_record: Callable[[dict], bool],
     overwrite: bool,
     resume: bool,
     resume_hint: str = "",
@@ -47,17 +59,23 @@ def claim_folder(
 ) -> FolderClaim:
     """Decide what to do with `folder` (see the module docstring); bad cases are UserErrors that say the way out.
 
-    `what` names the folder's content in messages ("cache", "run"); `resume_hint` says how to resume when
-    `resume` is false but the folder holds an unfinished run of the same identity; `folder_option` is the command's
-    option that chose the folder; `resume_only` (an explicit --resume) refuses a folder with nothing to resume.
+    `what` names the folder's content in messages ("cache", "run"); `is_record` tells a record mdkd wrote for this
+    kind of folder; `resume_hint` says how to resume when `resume` is false but the folder holds an unfinished run
+    of the same identity; `folder_option` is the command's option that chose the folder; `resume_only` (an
+    explicit --resume) refuses a folder with nothing to resume.
     """
     record_file = folder / record_name
     if record_file.exists():
         try:
             record = json.loads(record_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            record = {}
-        same = isinstance(record, dict) and record.get("identity") == identity
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict) or not is_record(record):
+            raise UserError(
+                f"{folder} holds a {record_name} that is not an mdkd {what} record (damaged, or another tool's), so "
+                f"nothing there is replaced (move the folder away, or choose another {folder_option})"
+            )
+        same = record.get("identity") == identity
         if same and record.get("complete"):
             return FolderClaim(folder, "complete", record)
         if same and resume:
@@ -74,7 +92,7 @@ def claim_folder(
         )
     if resume_only:
         raise UserError(f"nothing to resume in {folder}: it holds no {what} (drop --resume to start one)")
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and any(entry.name != LOCK_NAME for entry in folder.iterdir()):
         raise UserError(
             f"{folder} is not empty and is not an mdkd {what} (choose an empty or new {folder_option} folder)"
         )
@@ -82,9 +100,16 @@ def claim_folder(
 
 
 def prepare_folder(claim: FolderClaim) -> None:
-    """Rank 0 only, after every rank has claimed: clear a replaced folder and make sure the folder exists."""
+    """Rank 0 only, after every rank has claimed: empty a replaced folder (the folder itself stays, so a symbolic
+    link to it keeps working; so does the lock) and make sure the folder exists."""
     if claim.action == "replace":
-        shutil.rmtree(claim.folder)
+        for entry in claim.folder.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     claim.folder.mkdir(parents=True, exist_ok=True)
 
 
@@ -95,6 +120,7 @@ def take_over(
     ranks: Ranks,
     *,
     what: str,
+    is_record: Callable[[dict], bool],
     overwrite: bool,
     resume: bool,
     resume_hint: str = "",
@@ -102,15 +128,18 @@ def take_over(
     resume_only: bool = False,
     start: Callable[[FolderClaim], None] | None = None,
 ) -> FolderClaim:
-    """The claim sequence of every command that writes an output folder: every rank claims (`claim_folder`) and waits
-    until all have, so nobody reads the folder after rank 0 changed it; unless the folder is complete already, rank
-    0 prepares it and runs `start(claim)` (the first records: a record file saying "not complete", say) while the
-    others wait. A claim of `complete` touches nothing."""
+    """The claim sequence of every command that writes an output folder: rank 0 takes the folder's lock, every
+    rank claims (`claim_folder`) and waits until all have, so nobody reads the folder after rank 0 changed it;
+    unless the folder is complete already, rank 0 prepares it and runs `start(claim)` (the first records: a record
+    file saying "not complete", say) while the others wait. A claim of `complete` touches nothing."""
+    if ranks.is_main:
+        lock_folder(folder, folder_option)
     claim = claim_folder(
         folder,
         record_name,
         identity,
         what=what,
+        is_record=is_record,
         overwrite=overwrite,
         resume=resume,
         resume_hint=resume_hint,
@@ -126,3 +155,59 @@ def take_over(
             start(claim)
     barrier(ranks)
     return claim
+
+
+# Folders this process holds the lock of: a process may take over the same folder again (a rerun inside one
+# Python session, the demo's steps); the locks end with the process.
+_held: dict[Path, int] = {}
+
+
+def lock_folder(folder: Path, folder_option: str = "--out") -> None:
+    """Take `folder`'s advisory lock for the rest of this process, creating the folder if needed; a UserError
+    naming the holder when another process has it."""
+    key = folder.resolve()
+    if key in _held:
+        return
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(descriptor)
+            os.close(descriptor)
+            raise UserError(
+                f"{folder} is being written by another mdkd ({holder}); wait for it to finish, or choose another "
+                f"{folder_option}"
+            ) from None
+        # The holder before us may have removed the file as it ended: then ours is a lock on nothing; retry.
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+            break
+        os.close(descriptor)
+    holder = {"host": socket.gethostname(), "pid": os.getpid()}
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, json.dumps(holder).encode())
+    _held[key] = descriptor
+    atexit.register(_release, path, descriptor, folder if created else None)
+
+
+def _read_holder(descriptor: int) -> str:
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0).decode())
+        return f"host {holder['host']}, pid {holder['pid']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _release(path: Path, descriptor: int, created: Path | None) -> None:
+    """At exit: remove the lock file while still holding it, then let go; a folder this process only created to
+    hold the lock (nothing else was ever written there) goes too."""
+    try:
+        path.unlink()
+        if created is not None and not any(created.iterdir()):
+            created.rmdir()
+    except OSError:
+        pass
+    os.close(descriptor)

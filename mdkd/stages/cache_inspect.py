@@ -33,6 +33,7 @@ def collect(cache_dir: Path) -> Inspection:
     """Summaries per (teacher, language) and per teacher, and warnings. Entropies and tempered masses need a
     schema-2 cache; a schema-1 one reports only what its top-k gives."""
     cache = CacheReader(cache_dir)
+    cache.require_intact(cache.manifest.shards, list(cache.manifest.teachers))
     temperatures = cache.manifest.temperatures
     vocabularies = {name: TeacherVocabulary.from_cache(cache, name) for name in cache.manifest.teachers}
     tallies = {

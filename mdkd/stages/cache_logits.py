@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mdkd.pipeline.cache.manifest import MANIFEST_NAME, CorpusEntry, Manifest
+from mdkd.pipeline.cache.manifest import MANIFEST_NAME, CorpusEntry, Manifest, is_manifest
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import build_table
 from mdkd.pipeline.cache.writer import CacheWriter, TokenizerCopy
@@ -57,6 +57,7 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest |
         identity,
         ranks,
         what="cache",
+        is_record=is_manifest,
         overwrite=overwrite,
         resume=True,
         start=lambda _: writer.start(
@@ -66,8 +67,18 @@ def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest |
         ),
     )
     if claim.action == "complete":
-        ranks.echo(f"cache {out_dir} is already complete; nothing to do")
-        return CacheReader(out_dir).manifest
+        # A complete cache whose files no longer match its manifest is repaired: its damaged units run again.
+        damage = broadcast_from_main(ranks, writer.damage() if ranks.is_main else None)
+        if not damage:
+            ranks.echo(f"cache {out_dir} is already complete; nothing to do")
+            return CacheReader(out_dir).manifest
+        ranks.echo(
+            f"cache {out_dir} is complete but damaged: repairing {len(damage.shards)} shard(s) and "
+            f"{len(damage.tokenizers)} tokenizer copy(ies)"
+        )
+        if ranks.is_main:
+            writer.reopen(damage, {name: info.tokenizer for name, info in teachers.items()})
+        barrier(ranks)
 
     # Run. Units (teacher, language, part) are dealt round-robin over ranks in one sequence, so each rank's
     # share is fixed by the corpus alone, shares differ by at most one unit, and a rerun (with any number of

@@ -78,6 +78,11 @@ def run(
         identity,
         Ranks.from_env(),
         what="demo",
+        is_record=lambda record: (
+            isinstance(record.get("identity"), dict)
+            and record["identity"].keys() == identity.keys()
+            and isinstance(record.get("complete"), bool)
+        ),
         overwrite=overwrite,
         resume=True,
         folder_option="--workdir",

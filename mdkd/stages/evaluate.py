@@ -36,7 +36,7 @@ from mdkd.pipeline.evaluation import (
     held_out_windows,
     model_sums,
 )
-from mdkd.pipeline.files import write_json_atomic
+from mdkd.pipeline.files import ensure_writable, write_json_atomic
 from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 from mdkd.pipeline.teacher_pass.config import CorpusSource, MaskingConfig
 from mdkd.pipeline.teacher_pass.corpus import Document, read_language
@@ -59,9 +59,16 @@ def run(
 ) -> dict:
     """Score TARGET (a run folder or a model folder); write eval.json (a run's by default) and return the report."""
     model_dir, cache_dir, is_held_out, out_file = _resolve(target, cache_dir, heldout_run, eval_fraction, out_file)
+    if out_file is not None:
+        ensure_writable(out_file.parent)  # before the scoring, whose result would be lost
     cache = CacheReader(cache_dir)
     manifest = cache.manifest
     scope, teachers_of = teacher_scope(target, manifest, all_teachers)
+    scored = sorted({name for names in teachers_of.values() for name in names})
+    cache.require_intact(
+        [s for language, names in teachers_of.items() for name in names for s in manifest.shards_of(name, language)],
+        scored,
+    )
     model, tokenizer = _load_model(model_dir)
     adapter = ADAPTERS.get(model.config.model_type)
     own = TeacherVocabulary.from_tokenizer("model", model_dir, tokenizer)

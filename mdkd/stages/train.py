@@ -14,7 +14,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mdkd import __version__
-from mdkd.pipeline.cache.manifest import ShardEntry
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import TrainConfig, load_train_config
 from mdkd.pipeline.distill.deepspeed_setup import init_distributed, resolve_precision
@@ -23,7 +22,6 @@ from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.trainer import Distiller
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, TokenTally, build_alignment, teacher_token_shares
 from mdkd.pipeline.distributed import Ranks, barrier, pick_device
-from mdkd.pipeline.errors import UserError
 
 
 def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = None, overwrite: bool = False) -> dict:
@@ -35,7 +33,8 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
 
     # Setup: everything that can be wrong with the inputs is found before any training starts.
     plan = plan_run(config, cache.manifest)
-    _check_shards(cache, plan.shards, ranks)
+    # Every file the run reads, checked now (sizes, hashes, tokenizer copies): not hours into training.
+    cache.require_intact(plan.shards, plan.teachers, progress=_progress_bar(ranks, "checking cache"))
     identity = {"config_hash": config.content_hash(), "cache": cache.manifest.identity}
     device = pick_device("auto", ranks)
     precision = resolve_precision(config.precision, device)
@@ -73,12 +72,8 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
     return run_folder.record()
 
 
-def _check_shards(cache: CacheReader, shards: list[ShardEntry], ranks: Ranks) -> None:
-    """Size and sha256 of every shard the run reads: a damaged cache fails now, not hours into training."""
-    for shard in tqdm(shards, desc="checking cache", unit="shard", leave=False, disable=not ranks.progress_enabled()):
-        problem = cache.check_file(shard)
-        if problem:
-            raise UserError(f"cache {cache.dir} fails verification: {problem} (run `mdkd cache verify`, then rebuild)")
+def _progress_bar(ranks: Ranks, description: str):
+    return lambda items: tqdm(items, desc=description, unit="shard", leave=False, disable=not ranks.progress_enabled())
 
 
 def _build_vocabulary(cache: CacheReader, plan: RunPlan, config: TrainConfig, folder: Path) -> None:

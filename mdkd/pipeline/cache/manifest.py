@@ -9,9 +9,10 @@ that make `cache-logits` resumable. docs/cache-format.md describes every field.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from mdkd.pipeline.errors import UserError
 
@@ -19,6 +20,19 @@ SCHEMA_VERSION = 2
 # Schema 1 (mdkd 0.1) lacks the tempered log-partitions: stage two can still read it, for `renormalize` only.
 READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+# What to do about a manifest this mdkd cannot use: cache-logits refuses to replace what it does not recognise.
+_REBUILD = "move the cache folder away, or delete it, and rerun `mdkd cache-logits` to rebuild it"
+
+
+def _inside_the_cache(path: str) -> str:
+    """A path the manifest names must stay inside the cache folder: relative, no `..`, POSIX separators."""
+    parts = PurePosixPath(path).parts
+    if not path or path.startswith("/") or "\\" in path or ".." in parts or (parts and parts[0].endswith(":")):
+        raise ValueError(f"{path!r} is not a path inside the cache folder")
+    return path
+
+
+CachePath = Annotated[str, AfterValidator(_inside_the_cache)]  # relative to the cache folder, and inside it
 
 
 class _Record(BaseModel):
@@ -39,7 +53,7 @@ class TeacherEntry(_Record):
     model_vocab_size: int
     special_token_ids: dict[str, int]
     languages: list[str]
-    tokenizer_dir: str
+    tokenizer_dir: CachePath
     tokenizer_hash: str
 
 
@@ -51,7 +65,7 @@ class ShardEntry(_Record):
     part: int
     documents: int
     windows_without_tokens: int
-    path: str  # relative to the cache folder
+    path: CachePath
     rows: int
     masked_positions: int
     bytes: int
@@ -119,27 +133,41 @@ class Manifest(_Record):
             raise UserError(f"{cache_dir} is not an mdkd cache: no {MANIFEST_NAME} (run `mdkd cache-logits` first)")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read {path}: {exc} (rerun `mdkd cache-logits` to rewrite it)") from None
-        version = raw.get("schema_version") if isinstance(raw, dict) else None
-        if version not in READABLE_SCHEMAS:
-            raise UserError(
-                f"{path} has schema version {version}, this mdkd reads {READABLE_SCHEMAS} "
-                "(rebuild the cache with this version)"
-            )
-        if version == 1:
-            raw = _from_schema_1(raw)
-        try:
-            manifest = cls.model_validate(raw)
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise UserError(f"{path} is damaged: {where}: {first['msg']} (rebuild the cache)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {path}: {exc} ({_REBUILD})") from None
+        manifest = cls.from_record(raw, path)
         if require_complete and not manifest.complete:
             raise UserError(
                 f"cache {cache_dir} is incomplete (rerun the same `mdkd cache-logits` command to finish it)"
             )
         return manifest
+
+    @classmethod
+    def from_record(cls, raw, path: Path) -> Manifest:
+        """A parsed manifest.json validated (a schema-1 one brought to today's shape); a UserError naming the first
+        problem."""
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if version not in READABLE_SCHEMAS or isinstance(version, bool):
+            shown = f"{version!r} ({type(version).__name__})" if not isinstance(version, int) else str(version)
+            readable = ", ".join(str(v) for v in READABLE_SCHEMAS)
+            raise UserError(f"{path} has schema version {shown}; this mdkd reads the integers {readable} ({_REBUILD})")
+        if version == 1:
+            raw = _from_schema_1(raw)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise UserError(f"{path} is damaged: {where}: {first['msg']} ({_REBUILD})") from None
+
+
+def is_manifest(raw: dict) -> bool:
+    """Whether a parsed record is a manifest this mdkd wrote and can read (complete or not)."""
+    try:
+        Manifest.from_record(raw, Path(MANIFEST_NAME))
+    except UserError:
+        return False
+    return True
 
 
 def _from_schema_1(raw: dict) -> dict:

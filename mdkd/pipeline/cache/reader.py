@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from mdkd.pipeline.cache.manifest import MANIFEST_NAME, Manifest, ShardEntry, TeacherEntry
 from mdkd.pipeline.cache.shards import CachedPredictions, ShardRows, read_doc_ids, read_table
-from mdkd.pipeline.files import sha256_of_file
+from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.files import sha256_of_file, sha256_of_folder
 
 
 def is_cache(folder: Path) -> bool:
@@ -37,8 +38,39 @@ class CacheReader:
         """The teacher's `tokenizer.json` as stage one saved it."""
         return self.dir / self.teacher(name).tokenizer_dir / "tokenizer.json"
 
-    def has_tokenizer_copy(self, name: str) -> bool:
-        return (self.dir / self.teacher(name).tokenizer_dir).is_dir()
+    def check_tokenizer_copy(self, name: str) -> str | None:
+        """A one-line problem when the teacher's tokenizer copy is missing, lies outside the cache, or differs from
+        the hash stage one recorded (a swapped id would silently remap every prediction)."""
+        entry = self.teacher(name)
+        folder = self.dir / entry.tokenizer_dir
+        if not self._inside(folder):
+            return f"{entry.tokenizer_dir}: tokenizer copy of teacher {name} lies outside the cache"
+        if not folder.is_dir():
+            return f"{entry.tokenizer_dir}: tokenizer copy of teacher {name} is missing"
+        if sha256_of_folder(folder) != entry.tokenizer_hash:
+            return f"{entry.tokenizer_dir}: tokenizer copy of teacher {name} differs from the manifest's hash"
+        return None
+
+    def problems(self, shards: list[ShardEntry], teachers: list[str], progress=iter) -> list[str]:
+        """What is wrong with the files a command is about to read: the tokenizer copies of `teachers` and the
+        `shards` (size and sha256), every path inside the cache folder. The one check of every reader (`verify`
+        goes on to the rows); `progress` wraps the shard list (a progress bar, say)."""
+        found = [problem for name in teachers if (problem := self.check_tokenizer_copy(name))]
+        return found + [problem for shard in progress(shards) if (problem := self.check_file(shard))]
+
+    def require_intact(self, shards: list[ShardEntry], teachers: list[str], progress=iter) -> None:
+        """`problems`, as a UserError naming the first one and the command that repairs the cache."""
+        found = self.problems(shards, teachers, progress)
+        if found:
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            raise UserError(
+                f"cache {self.dir} is damaged: {found[0]}{more} (`mdkd cache verify {self.dir}` lists every "
+                f"problem; rerun `mdkd cache-logits` with its config and --out {self.dir} to repair it)"
+            )
+
+    def _inside(self, path: Path) -> bool:
+        """Whether `path` resolves inside the cache folder (a symbolic link may point anywhere)."""
+        return path.resolve().is_relative_to(self.dir.resolve())
 
     def rows(self, shard: ShardEntry, top_k: int | None = None) -> ShardRows:
         """A shard decoded; `top_k` keeps the k' most probable cached predictions per position."""
@@ -80,6 +112,8 @@ class CacheReader:
     def check_file(self, shard: ShardEntry) -> str | None:
         """A one-line problem when the shard file is missing or differs from its manifest entry (size, sha256)."""
         path = self.dir / shard.path
+        if not self._inside(path):
+            return f"{shard.path}: lies outside the cache"
         if not path.is_file():
             return f"{shard.path}: missing"
         if path.stat().st_size != shard.bytes:

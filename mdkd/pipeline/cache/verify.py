@@ -2,7 +2,8 @@
 
 Catches truncated or corrupted files (size, sha256), shards that no longer parse, and rows whose lists do not
 line up (positions, labels and top-k of different lengths, positions outside the window, ids outside the
-teacher's vocabulary), as well as missing tokenizer copies and shards the manifest does not list.
+teacher's vocabulary), as well as tokenizer copies that are missing or differ from their recorded hash, paths
+that leave the cache folder, and shards the manifest does not list.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ def find_problems(cache: CacheReader, progress: Callable[[list[ShardEntry]], Ite
     """Every problem found, as `path: what is wrong` lines; empty when the cache is sound. `progress` wraps the
     shard list (a progress bar, say)."""
     manifest = cache.manifest
-    problems = []
-    for name, teacher in manifest.teachers.items():
-        if not cache.has_tokenizer_copy(name):
-            problems.append(f"{teacher.tokenizer_dir}: tokenizer copy of teacher {name} is missing")
+    problems = [problem for name in manifest.teachers if (problem := cache.check_tokenizer_copy(name))]
     for shard in progress(manifest.shards):
         where = shard.path
         file_problem = cache.check_file(shard)

@@ -42,6 +42,17 @@ class TokenizerCopy:
     sha256: str
 
 
+@dataclass(frozen=True)
+class Damage:
+    """The parts of a complete cache that differ from its manifest; empty when it is intact."""
+
+    shards: list[ShardEntry]
+    tokenizers: list[str]  # teachers whose tokenizer copy differs from its recorded hash
+
+    def __bool__(self) -> bool:
+        return bool(self.shards or self.tokenizers)
+
+
 class CacheWriter:
     """The cache folder `folder`, as rank `rank` of stage one writes it."""
 
@@ -69,6 +80,33 @@ class CacheWriter:
         fields = describe(copies)
         (self.folder / "config.yaml").write_text(config_yaml, encoding="utf-8")
         self._save(Manifest(schema_version=SCHEMA_VERSION, mdkd_version=__version__, complete=False, **fields))
+
+    def damage(self) -> Damage:
+        """What of a complete cache no longer matches its manifest: shards (size, sha256) and tokenizer copies."""
+        reader = CacheReader(self.folder)
+        return Damage(
+            shards=[shard for shard in reader.manifest.shards if reader.check_file(shard)],
+            tokenizers=[name for name in reader.manifest.teachers if reader.check_tokenizer_copy(name)],
+        )
+
+    def reopen(self, damage: Damage, tokenizers: Mapping[str, Tokenizer]) -> None:
+        """Rank 0: make a damaged complete cache an unfinished one that a run finishes like any other. Every intact
+        unit gets its marker back, the damaged shards go, damaged tokenizer copies are written again, and only then
+        does the manifest say complete: false (a crash in between leaves a complete manifest and the same damage)."""
+        manifest = CacheReader(self.folder).manifest
+        for name in damage.tokenizers:
+            shutil.rmtree(self.folder / manifest.teachers[name].tokenizer_dir, ignore_errors=True)
+            tokenizers[name].save_pretrained(self.folder / manifest.teachers[name].tokenizer_dir)
+        damaged = {shard.path for shard in damage.shards}
+        for shard in manifest.shards:
+            if shard.path in damaged:
+                (self.folder / shard.path).unlink(missing_ok=True)
+            else:
+                write_json_atomic(
+                    self._marker(shard.teacher, shard.language, shard.part), shard.model_dump(mode="json")
+                )
+        manifest.shards, manifest.totals, manifest.complete = [], None, False
+        self._save(manifest)
 
     def is_done(self, teacher: str, language: str, part: int) -> bool:
         return self._finished(teacher, language, part) is not None

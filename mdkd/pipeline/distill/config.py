@@ -99,7 +99,10 @@ class LossConfig(StrictModel):
 
 
 class TrainLoopConfig(StrictModel):
-    steps: int = Field(1000, ge=1, description="Optimiser steps.")
+    steps: int = Field(
+        ge=1,
+        description="Optimiser steps. Required: a run's length is a choice, so an empty config is not a valid run.",
+    )
     micro_batch_size: int = Field(32, ge=1, description="Cached rows (windows) per micro-batch per rank.")
     gradient_accumulation: int = Field(
         1,
@@ -168,9 +171,7 @@ class TrainConfig(StrictModel):
     student: StudentConfig = Field(StudentConfig(), description="The student's size (default: the `tiny` preset).")
     vocab: VocabConfig = Field(VocabConfig(), description="The merged vocabulary (default: no size cap).")
     loss: LossConfig = Field(LossConfig(), description="Temperature, k', the α schedule, the missing mass.")
-    train: TrainLoopConfig = Field(
-        TrainLoopConfig(), description="Steps, batch, optimiser, checkpoints, held-out share."
-    )
+    train: TrainLoopConfig = Field(description="Steps (required), batch, optimiser, checkpoints, held-out share.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="Training precision. `auto` is bf16 on a CUDA device that supports it, fp32 otherwise. bf16 "

@@ -114,6 +114,7 @@ class RunFolder:
             identity,
             ranks,
             what="run",
+            is_record=_is_run_record,
             overwrite=overwrite and not resume,
             resume=resume is not None,
             resume_hint="pass --resume auto to continue it",
@@ -188,3 +189,15 @@ class RunFolder:
     def evaluation(self) -> dict | None:
         """eval.json, or None when `mdkd eval` has not run."""
         return json.loads(self._eval.read_text(encoding="utf-8")) if self._eval.exists() else None
+
+
+def _is_run_record(record: dict) -> bool:
+    """Whether a parsed run.json is one `mdkd train` wrote: --overwrite replaces nothing else."""
+    identity = record.get("identity")
+    return (
+        isinstance(identity, dict)
+        and isinstance(identity.get("config_hash"), str)
+        and isinstance(identity.get("cache"), dict)
+        and isinstance(record.get("complete"), bool)
+        and isinstance(record.get("cache"), str)
+    )

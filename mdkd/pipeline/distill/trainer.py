@@ -3,11 +3,13 @@
 Its state is the DeepSpeed engine (student, optimizer, lr schedule), the sampler (the data position), the
 held-out sets scored during training and the step; a checkpoint holds all of it (the engine's own files plus the
 sampler state, the step and the config hash), so a resumed run continues exactly where the checkpoint left off.
+What a resume trusts is in checkpoints.py.
 Metrics go to one `MetricsLogger`, on rank 0.
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 
 from mdkd.pipeline.cache.documents import fraction_rule
 from mdkd.pipeline.cache.reader import CacheReader
+from mdkd.pipeline.distill import checkpoints
 from mdkd.pipeline.distill.config import TrainConfig
 from mdkd.pipeline.distill.data import Sampler, Stream, language_probabilities
 from mdkd.pipeline.distill.deepspeed_setup import deepspeed_config, linear_schedule
@@ -71,29 +74,41 @@ class Distiller:
     # ---------------------------------------------------------------- checkpoints
 
     def resume(self, resume: str) -> None:
-        """Load the checkpoint named by --resume (auto: the latest, if there is one), then drop the metrics logged
-        past it, so that every step is logged once."""
+        """Load the checkpoint named by --resume (auto: the newest that mdkd wrote and that is intact, if any),
+        then drop the metrics logged past it, so that every step is logged once. Nothing is loaded before its
+        record checks out (`checkpoints.check`), and then as tensors and plain values only."""
         if resume == "auto":
-            load_dir, tag = self.run.checkpoints_dir, None
-            has_checkpoint = (load_dir / "latest").exists()  # none: the run stopped before its first checkpoint
+            folder, passed_over = checkpoints.newest_valid(self.run.checkpoints_dir, self.config_hash)
+            for problem in passed_over:
+                self.ranks.echo(f"passed over: {problem}", err=True)
         else:
-            path = Path(resume)
-            load_dir, tag = path.parent, path.name
-            if not path.is_dir():
-                raise UserError(f"checkpoint {path} does not exist (give a folder under RUN/checkpoints or 'auto')")
-            has_checkpoint = True
-        if has_checkpoint:
-            _, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
-            if client is None or client.get("config_hash") != self.config_hash:
-                raise UserError(f"checkpoint in {load_dir} was written by a different config (start a new run instead)")
+            folder = Path(resume)
+            _, problem = checkpoints.check(folder, self.config_hash)
+            if problem:
+                raise UserError(f"{problem} (give a folder under RUN/checkpoints, or --resume auto)")
+        if folder is not None:  # none: the run stopped before its first checkpoint, and starts over
+            if not checkpoints.install_weights_only_loading(self.engine):
+                self.ranks.echo("note: a custom DeepSpeed checkpoint engine loads this checkpoint", err=True)
+            try:
+                _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            except pickle.UnpicklingError as error:  # weights_only refused an object it may not build
+                raise UserError(
+                    f"checkpoint {folder} holds more than tensors and plain values, so mdkd does not load it "
+                    f"({str(error).splitlines()[0]})"
+                ) from None
             self.sampler.restore(client["sampler"])
             self.step = int(client["step"])
         if self.ranks.is_main:
             self.run.metrics.keep_until(self.step)
 
     def save_checkpoint(self) -> None:
+        """Every rank writes its part; then rank 0 records what was written, last (`checkpoints.write_record`)."""
         client = {"step": self.step, "sampler": self.sampler.state(), "config_hash": self.config_hash}
-        self.engine.save_checkpoint(str(self.run.checkpoints_dir), tag=f"step-{self.step:07d}", client_state=client)
+        tag = checkpoints.tag_of(self.step)
+        self.engine.save_checkpoint(str(self.run.checkpoints_dir), tag=tag, client_state=client)
+        barrier(self.ranks)
+        if self.ranks.is_main:
+            checkpoints.write_record(self.run.checkpoints_dir / tag, self.config_hash, self.step)
 
     # ---------------------------------------------------------------- the loop
 

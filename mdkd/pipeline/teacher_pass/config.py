@@ -102,6 +102,23 @@ class CorpusSource(StrictModel):
             return self.path
         return "dataset:" + json.dumps(self.dataset, sort_keys=True)
 
+    def files(self) -> list[tuple[Path, str]]:
+        """(file, its name in doc_ids) for a `path` source, in a stable order: a file is named by its base name, a
+        folder's files by their paths relative to it."""
+        root = Path(self.path)
+        if root.is_file():
+            return [(root, root.name)]
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES)
+        return [(p, p.relative_to(root).as_posix()) for p in files]
+
+    def dataset_name(self) -> str:
+        """What a `dataset` source's doc_ids start with: its path, name and split."""
+        return ":".join(str(self.dataset[k]) for k in ("path", "name", "split") if self.dataset.get(k))
+
+    def document_names(self) -> list[str]:
+        """The names this source gives its documents' files in doc_ids (`<language>:<name>:<line or row>`)."""
+        return [name for _, name in self.files()] if self.path is not None else [self.dataset_name()]
+
 
 class TeacherSpec(StrictModel):
     """A teacher masked LM, its tokenizer (default: the model's own) and the languages it serves."""
@@ -141,6 +158,9 @@ class TeacherSpec(StrictModel):
         bad = [language for language in value if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", language)]
         if bad:
             raise ValueError(f"language names are folder names: letters, digits, '_', '.', '-' (got {bad})")
+        twice = sorted({language for language in value if value.count(language) > 1})
+        if twice:
+            raise ValueError(f"languages {twice} are listed twice (each would be computed and trained on twice)")
         return value
 
     @field_validator("model", "tokenizer")
@@ -327,9 +347,32 @@ def validate_cache_config(raw: Any, path: Path) -> CacheConfig:
     except ValidationError as error:
         problems.extend(format_validation_error(error))
     problems.extend(_cross_checks(raw))
+    if config is not None:
+        problems.extend(_document_name_clashes(config))
     if problems or config is None:
         raise ConfigError(path, problems)
     return config
+
+
+def _document_name_clashes(config: CacheConfig) -> list[str]:
+    """Two sources of a language that would give documents the same doc_id (the same file listed twice, or
+    `a/de.txt` and `b/de.txt`, both named `de.txt`): the held-out rule and the cache could not tell them apart."""
+    problems = []
+    for language in config.languages():
+        owners: dict[str, str] = {}
+        for source in config.sources_for(language):
+            for name in dict.fromkeys(source.document_names()):
+                if name in owners:
+                    same = owners[name] == source.description
+                    problems.append(
+                        f"corpus: {source.description} is listed twice for language '{language}' (remove one)"
+                        if same
+                        else f"corpus: {owners[name]} and {source.description} both name documents '{name}' in "
+                        f"language '{language}', so their doc_ids collide (rename one file, or give their folder)"
+                    )
+                    break
+                owners[name] = source.description
+    return problems
 
 
 def load_cache_config(path: str | Path) -> CacheConfig:

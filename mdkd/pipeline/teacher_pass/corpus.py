@@ -38,14 +38,13 @@ class SourceCounts:
 
 
 def _files_of(source: CorpusSource) -> list[tuple[Path, str]]:
-    """(file, name relative to the source) pairs in a stable order."""
-    root = Path(source.path)
-    if root.is_file():
-        return [(root, root.name)]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES)
+    """(file, name relative to the source) pairs in a stable order (`CorpusSource.files`)."""
+    files = source.files()
     if not files:
-        raise UserError(f"corpus folder {root} holds no {', '.join(CORPUS_SUFFIXES)} files (point 'path' at the data)")
-    return [(p, p.relative_to(root).as_posix()) for p in files]
+        raise UserError(
+            f"corpus folder {source.path} holds no {', '.join(CORPUS_SUFFIXES)} files (point 'path' at the data)"
+        )
+    return files
 
 
 def _text_lines(path: Path, counts: SourceCounts) -> Iterator[tuple[int, str | None]]:
@@ -128,7 +127,7 @@ def _read_dataset(source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[
     # A map-style dataset carries a content fingerprint; a streamed one only its spec.
     counts._hash.update(str(getattr(dataset, "_fingerprint", "")).encode())
     counts._hash.update(json.dumps(spec, sort_keys=True).encode())
-    prefix = ":".join(str(spec[k]) for k in ("path", "name", "split") if spec.get(k))
+    prefix = source.dataset_name()
     for row, record in enumerate(dataset):
         yield f"{prefix}:{row}", _text(record.get(source.text_field), f"dataset {spec['path']} row {row}", source)
 

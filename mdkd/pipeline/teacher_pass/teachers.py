@@ -76,6 +76,9 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     where = f"teacher {spec.name}"
+    for role, reference in (("model", spec.model), ("tokenizer", spec.tokenizer_ref)):
+        if Path(reference).is_file():
+            return None, [f"{where}: {role} {reference} is a file (give the folder that holds it, or a hub id)"]
     try:
         config = AutoConfig.from_pretrained(
             spec.model, revision=spec.revision, trust_remote_code=spec.trust_remote_code
@@ -111,8 +114,9 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
             f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size} "
             "(give the tokenizer that was trained with this model)"
         )
-    if top_k > config.vocab_size:
-        problems.append(f"{where}: top_k {top_k} is larger than its vocabulary of {config.vocab_size} (lower top_k)")
+    # Scoring takes the top-k over the tokenizer's ids (a head padded past them never counts), so they bound k.
+    if top_k > len(tokenizer):
+        problems.append(f"{where}: top_k {top_k} is larger than its vocabulary of {len(tokenizer)} (lower top_k)")
     limit = position_limit(config)
     if limit is not None and max_length > limit:
         problems.append(
