@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 from conftest import sentences
 
+from mdkd.pipeline.canonical import DROPPED, WORD_BOUNDARY, Canonicaliser, Family
 from mdkd.pipeline.distill.student_tokenizer import MAX_WORD_CHARS, STUDENT_SPECIALS, student_tokenizer
 from mdkd.pipeline.distill.vocab import (
-    DROPPED,
-    WORD_BOUNDARY,
     Alignment,
-    Canonicaliser,
-    Family,
     TeacherVocabulary,
     TokenTally,
     build_alignment,
