@@ -52,7 +52,7 @@ def built(tmp_path_factory, teachers_dir):
 def test_manifest_records_sources_teachers_and_shards(built):
     cache = built / "cache"
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["complete"] is True and manifest["schema_version"] == 2 and manifest["top_k"] == 5
+    assert manifest["complete"] is True and manifest["schema_version"] == 3 and manifest["top_k"] == 5
     de = next(c for c in manifest["corpus"] if c["language"] == "de")
     assert (de["documents"], de["skipped_invalid_utf8_lines"], de["skipped_blank_lines"]) == (20, 1, 1)
     assert de["fingerprint"].startswith("sha256:")
@@ -78,18 +78,94 @@ def test_manifest_records_sources_teachers_and_shards(built):
     assert not (cache / ".progress").exists()
 
 
-def test_cached_topk_equals_recomputation_from_full_logits(built, teachers_dir):
-    cache = built / "cache"
+def _token_groups(cache: Path, name: str) -> dict[str, list[int]]:
+    """The teacher's ids grouped by canonical token (its twins together), from the tokenizer copy in the cache."""
+    from mdkd.pipeline.cache.reader import CacheReader
+    from mdkd.pipeline.distill.vocab import TeacherVocabulary
+
+    groups: dict[str, list[int]] = {}
+    for token_id, token in enumerate(TeacherVocabulary.from_cache(CacheReader(cache), name).canonical):
+        groups.setdefault(token, []).append(token_id)
+    return groups
+
+
+def _check_against_full_logits(cache: Path, teachers: dict[str, Path]) -> int:
+    """Recompute every cached position from the teachers' full logits: probabilities summed over each canonical
+    token's ids (twins), its smallest id standing for it; the top-k of those tokens, their log-partitions at every
+    temperature, the entropy, and every tail draw's log-probability. Returns how many twin groups there were."""
     manifest = json.loads((cache / "manifest.json").read_text())
-    for name in ("de_bert", "multi_xlmr"):
-        model = AutoModelForMaskedLM.from_pretrained(teachers_dir / name).eval()
+    k = manifest["top_k"]
+    twin_groups = 0
+    for name, folder in teachers.items():
+        model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+        groups = list(_token_groups(cache, name).values())
+        twin_groups += sum(len(ids) > 1 for ids in groups)
+        representatives = torch.tensor([min(ids) for ids in groups])
         for shard in (s for s in manifest["shards"] if s["teacher"] == name):
             for row in pq.read_table(cache / shard["path"]).to_pylist():
                 with torch.no_grad():
                     logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, row["positions"]]
-                expected = torch.log_softmax(logits, dim=-1).topk(5, dim=-1)
-                assert row["topk_ids"] == expected.indices.tolist()
+                probs = torch.softmax(logits.double()[:, : manifest["teachers"][name]["vocab_size"]], dim=-1)
+                grouped = torch.stack([probs[:, ids].sum(dim=1) for ids in groups], dim=1)
+                expected = grouped.log().topk(k, dim=-1)
+                assert row["topk_ids"] == representatives[expected.indices].tolist()
                 np.testing.assert_allclose(row["topk_logprobs"], expected.values.numpy(), atol=1e-5)
+                for column, tau in enumerate(manifest["temperatures"]):
+                    partition = torch.logsumexp(grouped.log() / tau, dim=-1).numpy()
+                    np.testing.assert_allclose([p[column] for p in row["log_partitions"]], partition, atol=1e-4)
+                entropy = -(grouped * grouped.log()).sum(dim=-1).numpy()
+                np.testing.assert_allclose(row["entropies"], entropy, atol=1e-4)
+                group_of = {int(r): g for g, r in enumerate(representatives)}
+                for position, (ids, logprobs) in enumerate(zip(row["tail_ids"], row["tail_logprobs"], strict=True)):
+                    expected_tail = [float(grouped[position, group_of[i]].log()) for i in ids]
+                    np.testing.assert_allclose(logprobs, expected_tail, atol=1e-5)
+    return twin_groups
+
+
+def test_cached_topk_equals_recomputation_from_full_logits(built, teachers_dir):
+    _check_against_full_logits(built / "cache", {n: teachers_dir / n for n in ("de_bert", "multi_xlmr")})
+
+
+def test_twins_are_summed_before_the_top_k(tmp_path, corpus_dir):
+    """A WordPiece teacher that spells `.` and `##.` (the same canonical token: the student tokenizer never
+    continues a word with punctuation), with tail draws: the recomputation above, on a teacher with twins."""
+    from mdkd.pipeline.distill.student_tokenizer import student_tokenizer
+    from mdkd.tiny_models import build_masked_lm
+
+    characters = sorted({ch for line in (corpus_dir / "de.txt").read_text(errors="ignore").split() for ch in line})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{ch}" for ch in characters)]
+    teacher = tmp_path / "twins"
+    tokenizer = student_tokenizer(tokens, lowercase=False, max_length=64)
+    model = build_masked_lm("bert", tokenizer, seed=3)
+    twins = [i for i, token in enumerate(tokens) if token.removeprefix("##") in ".,:;!?" and len(token) <= 3]
+    with torch.no_grad():  # twins among the most probable tokens, so that their sums meet the top-k
+        model.cls.predictions.bias[twins] += 4.0
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    config = {
+        "corpus": [{"language": "de", "path": str(corpus_dir / "de.txt")}],
+        "teachers": [{"name": "twins", "model": str(teacher), "languages": ["de"]}],
+        "max_length": 32,
+        "top_k": 6,
+        "tail_samples": 16,
+        "tail_temperature": 2.0,
+        "shard_documents": 8,
+    }
+    result = run_cli(
+        "cache-logits", "--config", str(write_config(tmp_path / "c.yaml", config)), "--out", str(tmp_path / "c")
+    )
+    assert result.exit_code == 0, result.output
+    assert _check_against_full_logits(tmp_path / "c", {"twins": teacher}) >= 2
+    cached = {
+        i
+        for path in (tmp_path / "c").rglob("*.parquet")
+        for r in pq.read_table(path).to_pylist()
+        for ids in r["topk_ids"]
+        for i in ids
+    }
+    assert cached & set(twins), "some twin stands in the top-k"
+    assert not cached & {i for i in twins if tokens[i].startswith("##")}, "represented by its smallest id alone"
+    assert run_cli("cache", "verify", str(tmp_path / "c")).exit_code == 0
 
 
 def test_labels_are_the_original_tokens_of_each_window(built):
@@ -293,3 +369,23 @@ def test_two_ranks_write_one_manifest_equal_to_one_rank(tmp_path, teachers_dir):
         json.loads(line)["part"] % 2 for line in (double / "logs" / "cache-logits.rank1.jsonl").read_text().splitlines()
     }
     assert parts == {1}, "rank 1 takes the odd parts"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_tail_draws_follow_the_tempered_distribution_outside_the_top_k(temperature):
+    """Stage one's inverse-CDF draws: over many uniforms, each token's share of the draws is its tempered
+    probability renormalised outside the top-k (within 5 binomial standard errors); top-k tokens are never drawn."""
+    from mdkd.pipeline.teacher_pass.teachers import _draw_outside
+
+    generator = torch.Generator().manual_seed(0)
+    logprobs = torch.log_softmax(torch.randn(1, 40, generator=generator) * 2, dim=-1)
+    top = logprobs.topk(5, dim=-1).indices
+    draws = 200_000
+    drawn = _draw_outside(logprobs, top, torch.rand(1, draws, generator=generator), temperature)
+    counts = torch.bincount(drawn[0], minlength=40).double()
+    tempered = torch.softmax(logprobs[0].double() / temperature, dim=-1)
+    tempered[top[0]] = 0.0
+    expected = tempered / tempered.sum()
+    assert counts[top[0]].sum() == 0
+    standard_error = (expected * (1 - expected) / draws).sqrt()
+    assert ((counts / draws - expected).abs() <= 5 * standard_error + 1e-12).all()

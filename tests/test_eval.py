@@ -34,19 +34,22 @@ from mdkd.stages import evaluate as evaluate_stage
 
 
 def test_model_metrics_by_hand():
-    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25]]))
+    # Four model tokens; the teacher can emit the first three only.
+    logits = torch.log(torch.tensor([[0.6, 0.2, 0.1, 0.1], [0.1, 0.3, 0.5, 0.1], [0.5, 0.2, 0.2, 0.1]]))
     labels = torch.tensor([0, 1, -1])  # the third label cannot be spelled by the model: left out
     teacher_ids = torch.tensor([[0, 1], [2, 0], [-1, 0]])
     teacher_logprobs = torch.log(torch.tensor([[0.6, 0.2], [0.5, 0.5], [0.9, 0.1]]))
-    result = model_sums(logits, labels, teacher_ids, teacher_logprobs).result()
+    support = torch.tensor([True, True, True, False])
+    result = model_sums(logits, labels, teacher_ids, teacher_logprobs, support=support).result()
     assert result["positions"] == 2 and result["accuracy"] == 0.5
-    assert result["perplexity"] == pytest.approx(math.exp(-(math.log(0.7) + math.log(0.3)) / 2), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(-(math.log(0.6) + math.log(0.3)) / 2), rel=1e-5)
     assert result["agreement"] == 1.0  # rows 1 and 2: top-1 0 == 0 and 2 == 2; row 3 has no teacher top-1
-    # Exact KL at tau = 1 over the teacher's top-k plus one bucket for everything else (rest 0.2, then 0).
-    q1, p1 = np.array([0.6, 0.2, 0.2]), np.array([0.7, 0.2, 0.1])
-    q2, p2 = np.array([0.5, 0.5]), np.array([0.6, 0.1])
-    expected_kl = ((q1 * np.log(q1 / p1)).sum() + (q2 * np.log(q2 / p2)).sum()) / 2
+    # Exact KL at tau = 1 over the teacher's top-k, the rest of its own tokens (row 1: token 2 with 0.2; row 2:
+    # nothing left), and the token it cannot emit with teacher mass 0 (no term, but the model's 0.1 there is in
+    # no bucket of the teacher's).
+    expected_kl = (0.2 * math.log(0.2 / 0.1) + 0.5 * math.log(0.5 / 0.1)) / 2
     assert result["kl"] == pytest.approx(expected_kl, rel=1e-4)
+    assert result["outside_mass"] == pytest.approx(0.1, rel=1e-5)
 
 
 def test_teacher_metrics_by_hand():

@@ -89,26 +89,51 @@ def test_pure_kd_from_a_weak_teacher_keeps_its_tempered_top_k_mass(training_cach
     assert renormalized["model"]["topk_mass_tau2"] > 3 * teacher_mass, (renormalized, teacher_mass)
 
 
-def _as_schema_1(training_cache: Path, tmp_path: Path) -> Path:
-    """A copy of the cache as mdkd 0.1 wrote it: no log-partition or entropy columns, plain-hex shard hashes, no
-    temperatures in the manifest."""
+def _as_older_schema(training_cache: Path, tmp_path: Path, version: int) -> Path:
+    """A copy of the cache as an older mdkd wrote it: schema 2 without the tail columns and the tail's manifest
+    fields; schema 1 also without log-partitions and entropies, with plain-hex shard hashes and no temperatures."""
     import hashlib
 
-    cache = tmp_path / "schema1"
+    cache = tmp_path / f"schema{version}"
     shutil.copytree(training_cache, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
+    dropped = ["tail_ids", "tail_counts", "tail_logprobs"] + (["log_partitions", "entropies"] if version == 1 else [])
     for shard in manifest["shards"]:
         path = cache / shard["path"]
-        pq.write_table(pq.read_table(path).drop_columns(["log_partitions", "entropies"]), path)
-        shard.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-    manifest.update(schema_version=1, config_hash="0" * 64)
-    del manifest["temperatures"]
+        pq.write_table(pq.read_table(path).drop_columns(dropped), path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        shard.update(bytes=path.stat().st_size, sha256=digest if version == 1 else "sha256:" + digest)
+    del manifest["tail_samples"], manifest["tail_temperature"]
+    manifest.update(schema_version=version)
+    if version == 1:
+        manifest.update(config_hash="0" * 64)
+        del manifest["temperatures"]
     (cache / "manifest.json").write_text(json.dumps(manifest))
     return cache
 
 
+def test_a_schema_2_cache_is_read_verified_and_trains_with_support(training_cache, tmp_path):
+    """Caches written before the sampled tail (and before twins were summed) still serve the default loss."""
+    cache = _as_older_schema(training_cache, tmp_path, 2)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["cache", "verify", str(cache)]).exit_code == 0
+    result = runner.invoke(
+        cli,
+        ["train", "--config", str(write_config(tmp_path / "c.yaml", train_config())), "--cache", str(cache)]
+        + ["--out", str(tmp_path / "run")],
+    )
+    assert result.exit_code == 0, result.output
+    sampled = train_config(loss={"tail": "sampled"})
+    result = runner.invoke(
+        cli,
+        ["train", "--config", str(write_config(tmp_path / "s.yaml", sampled)), "--cache", str(cache)]
+        + ["--out", str(tmp_path / "sampled")],
+    )
+    assert result.exit_code == 2 and "needs a cache with tail draws" in result.stderr
+
+
 def test_a_schema_1_cache_trains_with_renormalize_only(training_cache, tmp_path):
-    cache = _as_schema_1(training_cache, tmp_path)
+    cache = _as_older_schema(training_cache, tmp_path, 1)
     runner = CliRunner()
     renormalize = train_config(loss={"missing_mass": "renormalize"}, train={"steps": 2})
     result = runner.invoke(
@@ -138,8 +163,8 @@ def test_a_schema_1_cache_trains_with_renormalize_only(training_cache, tmp_path)
     )
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        "error: loss.missing_mass 'rest' needs the tempered log-partitions that this schema-1 cache lacks (rebuild the "
-        "cache with this mdkd, or set loss.missing_mass: renormalize)"
+        "error: loss.missing_mass 'support' needs the tempered log-partitions that this schema-1 cache lacks (rebuild "
+        "the cache with this mdkd, or set loss.missing_mass: renormalize)"
     ]
     assert not (tmp_path / "b").exists()
 

@@ -10,8 +10,11 @@ Model metrics:
 - accuracy: the model's top-1 equals the original token;
 - perplexity: exp(mean cross-entropy against the original token);
 - agreement: the model's top-1 equals the teacher's top-1 (positions where the teacher's top-1 maps to a token);
-- kl: the exact KL at temperature 1 between teacher and model over the teacher's top-k tokens plus one bucket for
-  everything else (at tau = 1 the teacher's log-partition is 0, so every cache has what this needs);
+- kl: the exact KL at temperature 1 between teacher and model over the teacher's top-k tokens, one bucket for the
+  rest of the teacher's own tokens, and the model's tokens the teacher cannot emit (teacher mass 0) (at tau = 1
+  the teacher's log-partition is 0, so every cache has what this needs);
+- outside_mass: the model's probability (temperature 1) on tokens the teacher cannot emit: what a model that has
+  learnt this teacher's distribution puts nowhere;
 - topk_mass_tau<T>: the model's probability at temperature T on the teacher's top-k tokens (for every
   temperature the cache recorded), to hold against the teacher's own figure: a student that matches its teacher
   puts the same share of its mass there.
@@ -46,6 +49,7 @@ class MetricSums:
     agreement_positions: float = 0.0
     agreements: float = 0.0
     kl: float = 0.0
+    outside_mass: float = 0.0
     topk_mass: dict[float, float] = field(default_factory=dict)  # temperature -> summed tempered top-k mass
 
     def add(self, other: MetricSums) -> None:
@@ -66,6 +70,7 @@ class MetricSums:
         if self.agreement_positions:
             result["agreement"] = self.agreements / self.agreement_positions
             result["kl"] = self.kl / self.agreement_positions
+            result["outside_mass"] = self.outside_mass / self.agreement_positions
         for tau, mass in sorted(self.topk_mass.items()):
             result[f"topk_mass_tau{tau:g}"] = mass / self.positions
         return result
@@ -77,9 +82,11 @@ def model_sums(
     teacher_ids: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     temperatures: list[float] = (),
+    support: torch.Tensor | None = None,
 ) -> MetricSums:
     """Sums for one batch. labels [N] (-1: the model cannot spell the label; left out), teacher_ids [N, k] in the
-    model's ids (-1: no such token), teacher_logprobs [N, k]; top-k masses at each of `temperatures`."""
+    model's ids (-1: no such token), teacher_logprobs [N, k]; top-k masses at each of `temperatures`; `support`
+    [model vocabulary] bool, the model's tokens the teacher can emit (needed with teacher_ids)."""
     logits = logits.float()
     known = labels >= 0
     logp = torch.log_softmax(logits[known], dim=-1)
@@ -95,16 +102,20 @@ def model_sums(
         sums.agreements = float((predicted[comparable] == teacher_ids[comparable, 0]).sum())
         if comparable.any():
             no_partition = torch.zeros(int(comparable.sum()))  # log sum_j p_j = 0 at tau = 1
+            support_rows = support.unsqueeze(0).expand(int(comparable.sum()), -1)
             sums.kl = float(
                 kd_loss(
                     logits[comparable],
                     teacher_ids[comparable],
                     teacher_logprobs[comparable],
                     1.0,
-                    missing_mass="rest",
+                    missing_mass="support",
                     teacher_log_partition=no_partition,
+                    support=support_rows,
                 ).sum()
             )
+            outside = torch.softmax(logits[comparable], dim=-1).masked_fill(support_rows, 0.0)
+            sums.outside_mass = float(outside.sum())
         # Each student token once, however many teacher ids map to it; ids the model lacks add nothing.
         covered = torch.zeros_like(logits, dtype=torch.bool)
         covered.scatter_(1, teacher_ids.clamp(min=0), teacher_ids >= 0)
@@ -261,6 +272,7 @@ def compare_on_windows(
     top-k ids the model cannot spell count for nothing on the model's side. `mask_id` (the teacher's) and the
     cached inputs say each position's kind; `unk_id` (the teacher's) counts labels that are its unknown token."""
     comparison = Comparison()
+    support = None  # the model's tokens the teacher can emit, once the model's vocabulary size is known
     for start in range(0, len(windows.rows), batch_size):
         rows = windows.rows[start : start + batch_size]
         examples = [
@@ -269,6 +281,9 @@ def compare_on_windows(
         batch = collate(examples, [windows.language], pad_id)
         with torch.no_grad():
             logits = logits_fn(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"]).float().cpu()
+        if support is None:
+            support = torch.zeros(logits.shape[1], dtype=torch.bool)
+            support[torch.from_numpy(target_map[target_map >= 0].astype(np.int64))] = True
         labels = np.concatenate([r.labels for r in rows])
         kinds = position_kinds(np.concatenate([r.input_ids[r.positions] for r in rows]), labels, mask_id)
         known = batch["labels"].numpy() >= 0
@@ -293,6 +308,7 @@ def compare_on_windows(
                     batch["topk_ids"][chosen],
                     batch["topk_logprobs"][chosen],
                     temperatures,
+                    support,
                 )
             )
             comparison.teacher[kind].add(

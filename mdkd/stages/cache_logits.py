@@ -30,7 +30,7 @@ from mdkd.pipeline.teacher_pass.config import CacheConfig, load_cache_config
 from mdkd.pipeline.teacher_pass.corpus import SourceSummary, read_language, scan_source
 from mdkd.pipeline.teacher_pass.masking import Masker
 from mdkd.pipeline.teacher_pass.teachers import Teacher, TeacherInfo, inspect_teacher, pick_dtype
-from mdkd.pipeline.teacher_pass.windows import prepare_unit, score_unit
+from mdkd.pipeline.teacher_pass.windows import TailSampling, prepare_unit, score_unit
 
 
 def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest | None:
@@ -163,6 +163,8 @@ def _describe(
         "masking": resolved["masking"],
         "top_k": config.top_k,
         "temperatures": config.temperatures,
+        "tail_samples": config.tail_samples,
+        "tail_temperature": config.tail_temperature if config.tail_samples else None,
         "max_length": config.max_length,
         "logprobs_dtype": config.logprobs_dtype,
         "shard_documents": config.shard_documents,
@@ -190,6 +192,9 @@ def _run_teacher(
     """Compute this rank's pending units for one (loaded once) teacher; the writer thread writes each one."""
     name, tokenizer = info.spec.name, info.tokenizer
     masker = Masker(config.masking, tokenizer.mask_token_id, set(tokenizer.all_special_ids), len(tokenizer))
+    tail = (
+        TailSampling(config.tail_samples, config.tail_temperature, config.masking.seed) if config.tail_samples else None
+    )
     wanted = set(todo)
 
     def pending_units():
@@ -208,7 +213,7 @@ def _run_teacher(
     for language, part, documents, unit in prefetch(pending_units()):
         started = time.perf_counter()
         predictions = score_unit(
-            teacher, unit, config.top_k, config.temperatures, config.batch_tokens, config.batch_size
+            teacher, unit, config.top_k, config.temperatures, config.batch_tokens, config.batch_size, tail
         )
         table = build_table(unit.rows, language, predictions, config.logprobs_dtype)
         seconds = time.perf_counter() - started

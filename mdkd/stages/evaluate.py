@@ -236,6 +236,7 @@ def render(report: dict) -> str:
         *[f"{kind} acc" for kind in KINDS],
         "agree",
         "KL",
+        "outside",
         "ppl",
         "teacher ppl>=",
         "raw acc",
@@ -263,6 +264,7 @@ def render(report: dict) -> str:
             row += [
                 _f(model.get("agreement")),
                 _f(model.get("kl")),
+                _f(model.get("outside_mass")),
                 _f(model.get("perplexity"), 1),
                 _f(teacher.get("perplexity"), 1),
             ]
@@ -274,7 +276,8 @@ def render(report: dict) -> str:
     )
     return (
         f"Scored on the held-out windows of {report.get('scope', 'every cached teacher')}; model and teacher on "
-        "the same positions (left out: labels the model cannot spell); <kind> acc = model/teacher.\n" + table
+        "the same positions (left out: labels the model cannot spell); <kind> acc = model/teacher; outside: the "
+        "model's mass on tokens the teacher cannot emit.\n" + table
     )
 
 

@@ -16,9 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from mdkd.pipeline.errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Schema 1 (mdkd 0.1) lacks the tempered log-partitions: stage two can still read it, for `renormalize` only.
-READABLE_SCHEMAS = (1, 2)
+# Schema 2 takes the top-k over ids, not canonical tokens (twins outside it are not summed), and has no tail.
+READABLE_SCHEMAS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 # What to do about a manifest this mdkd cannot use: cache-logits refuses to replace what it does not recognise.
 _REBUILD = "move the cache folder away, or delete it, and rerun `mdkd cache-logits` to rebuild it"
@@ -101,6 +102,8 @@ class Manifest(_Record):
     masking: dict
     top_k: int
     temperatures: list[float]  # the tau of each cached tempered log-partition, in column order
+    tail_samples: int = 0  # ids drawn per masked position outside the top-k (schema 3; 0: none)
+    tail_temperature: float | None = None  # the tau they are drawn at (one of `temperatures`)
     max_length: int
     logprobs_dtype: str
     shard_documents: int

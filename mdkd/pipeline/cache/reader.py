@@ -72,9 +72,10 @@ class CacheReader:
         """Whether `path` resolves inside the cache folder (a symbolic link may point anywhere)."""
         return path.resolve().is_relative_to(self.dir.resolve())
 
-    def rows(self, shard: ShardEntry, top_k: int | None = None) -> ShardRows:
-        """A shard decoded; `top_k` keeps the k' most probable cached predictions per position."""
-        return ShardRows(self.dir / shard.path, self.manifest.top_k, top_k)
+    def rows(self, shard: ShardEntry, top_k: int | None = None, tail: bool = False) -> ShardRows:
+        """A shard decoded; `top_k` keeps the k' most probable cached predictions per position; `tail` decodes the
+        sampled tail too (a cache drawing one)."""
+        return ShardRows(self.dir / shard.path, self.manifest.top_k, top_k, self.manifest.tail_samples if tail else 0)
 
     def doc_ids(self, shard: ShardEntry) -> list[str]:
         return read_doc_ids(self.dir / shard.path)

@@ -32,8 +32,13 @@ COLUMNS = (
     "topk_logprobs",
     "log_partitions",
     "entropies",
+    "tail_ids",
+    "tail_counts",
+    "tail_logprobs",
 )
-COLUMNS_SCHEMA_1 = COLUMNS[:-2]  # before the tempered log-partitions and entropies
+COLUMNS_SCHEMA_2 = COLUMNS[:-3]  # before the sampled tail
+COLUMNS_SCHEMA_1 = COLUMNS[:-5]  # before the tempered log-partitions and entropies
+COLUMNS_BY_SCHEMA = {1: COLUMNS_SCHEMA_1, 2: COLUMNS_SCHEMA_2, 3: COLUMNS}
 
 
 def shard_schema(logprobs_dtype: str) -> pa.Schema:
@@ -52,6 +57,11 @@ def shard_schema(logprobs_dtype: str) -> pa.Schema:
             # Always float32: stage two subtracts it from log p / tau, and fp16 would lose the small tail masses.
             ("log_partitions", pa.list_(pa.list_(pa.float32()))),
             ("entropies", pa.list_(pa.float32())),
+            # The sampled tail: per position the distinct ids drawn outside the top-k, ascending, how often each
+            # was drawn, and its log-probability at tau = 1 (empty lists when the cache draws none).
+            ("tail_ids", pa.list_(pa.list_(pa.int32()))),
+            ("tail_counts", pa.list_(pa.list_(pa.int16()))),
+            ("tail_logprobs", pa.list_(pa.list_(logprob_type))),
         ]
     )
 
@@ -76,6 +86,8 @@ class TeacherPredictions:
     topk_logprobs: np.ndarray  # [P, k] log-probabilities at temperature 1
     log_partitions: np.ndarray  # [P, temperatures] logsumexp_j(log p_j / tau) over the whole vocabulary
     entropies: np.ndarray  # [P] entropy of the whole distribution at temperature 1, in nats
+    tail_ids: np.ndarray  # [P, M] ids drawn outside the top-k (-1: none drawn at that position)
+    tail_logprobs: np.ndarray  # [P, M] their log-probabilities at temperature 1
 
 
 def _list_array(values: np.ndarray, lengths) -> pa.ListArray:
@@ -116,7 +128,25 @@ def build_table(rows: list[CachedRow], language: str, predictions: TeacherPredic
         ),
         "entropies": _list_array(predictions.entropies.astype(np.float32), counts),
     }
+    ids, draws, logprobs, per_tail = _distinct_draws(predictions.tail_ids, predictions.tail_logprobs)
+    columns["tail_ids"] = _list_array(_list_array(ids.astype(np.int32), per_tail), counts)
+    columns["tail_counts"] = _list_array(_list_array(draws.astype(np.int16), per_tail), counts)
+    columns["tail_logprobs"] = _list_array(_list_array(logprobs.astype(value_type), per_tail), counts)
     return pa.Table.from_pydict(columns, schema=shard_schema(logprobs_dtype))
+
+
+def _distinct_draws(ids: np.ndarray, logprobs: np.ndarray):
+    """[P, M] draws (-1: none) -> the distinct ids of each position ascending, how often each was drawn, its
+    log-probability, and how many distinct ids each position has (flat arrays, position after position)."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    ids, logprobs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(logprobs, order, axis=1)
+    first = ids >= 0
+    first[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    starts = np.flatnonzero(first.ravel())
+    width = ids.shape[1]
+    # A run of one id ends where the next distinct id starts, or at the end of its position's row.
+    ends = np.minimum(np.append(starts[1:], ids.size), (starts // max(width, 1) + 1) * width)
+    return ids.ravel()[starts], ends - starts, logprobs.ravel()[starts], first.sum(axis=1)
 
 
 @dataclass(frozen=True)
@@ -129,6 +159,9 @@ class CachedPredictions:
     topk_ids: np.ndarray  # [n, k']
     topk_logprobs: np.ndarray  # [n, k'] log-probabilities at temperature 1
     log_partitions: np.ndarray | None  # [n, temperatures] tempered log-partitions (None in a schema-1 cache)
+    tail_ids: np.ndarray | None = None  # [n, M] distinct ids drawn outside the top-k (-1: padding); None: no tail
+    tail_counts: np.ndarray | None = None  # [n, M] how often each was drawn (0: padding)
+    tail_logprobs: np.ndarray | None = None  # [n, M] their log-probabilities at temperature 1
 
 
 @dataclass(frozen=True)
@@ -176,6 +209,17 @@ def _offsets(column) -> np.ndarray:
     return offsets
 
 
+def _padded(column, width: int, fill) -> np.ndarray:
+    """A list<list<x>> column (per row, per position, a variable list) as [positions, width], padded with `fill`."""
+    per_position = pc.list_flatten(column)
+    lengths = pc.list_value_length(per_position).to_numpy()
+    values = _flat(per_position)
+    padded = np.full((len(lengths), width), fill, dtype=values.dtype)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    padded[np.repeat(np.arange(len(lengths)), lengths), np.arange(len(values)) - starts] = values
+    return padded
+
+
 class ShardRows:
     """A shard's rows decoded into flat numpy arrays plus offsets: slicing a row costs no Python object per token.
 
@@ -184,11 +228,13 @@ class ShardRows:
     no log-partitions and no entropies (None).
     """
 
-    def __init__(self, path: Path, cached_k: int, top_k: int | None = None):
+    def __init__(self, path: Path, cached_k: int, top_k: int | None = None, tail_samples: int = 0):
         # Only the columns decoded here: doc_ids and languages are strings, costly to read on the training path.
         columns = ["input_ids", "positions", "labels", "topk_ids", "topk_logprobs"]
         if "log_partitions" in pq.read_schema(path).names:  # a schema-1 shard has neither
             columns += ["log_partitions", "entropies"]
+        if tail_samples:
+            columns += ["tail_ids", "tail_counts", "tail_logprobs"]
         table = pq.read_table(path, columns=columns)
         k = top_k or cached_k
         self.input_ids, self.input_offsets = _flat(table.column("input_ids")), _offsets(table.column("input_ids"))
@@ -201,6 +247,11 @@ class ShardRows:
         if "log_partitions" in columns:
             self.log_partitions = _flat(pc.list_flatten(table.column("log_partitions"))).reshape(len(self.labels), -1)
             self.entropies = _flat(table.column("entropies"))
+        self.tail_ids = self.tail_counts = self.tail_logprobs = None
+        if tail_samples:
+            self.tail_ids = _padded(table.column("tail_ids"), tail_samples, -1).astype(np.int64)
+            self.tail_counts = _padded(table.column("tail_counts"), tail_samples, 0).astype(np.int64)
+            self.tail_logprobs = _padded(table.column("tail_logprobs"), tail_samples, 0).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.input_offsets) - 1
@@ -210,6 +261,11 @@ class ShardRows:
         a, b = self.input_offsets[index], self.input_offsets[index + 1]
         c, d = self.position_offsets[index], self.position_offsets[index + 1]
         partitions = None if self.log_partitions is None else self.log_partitions[c:d]
+        tail = (
+            (None,) * 3
+            if self.tail_ids is None
+            else (x[c:d] for x in (self.tail_ids, self.tail_counts, self.tail_logprobs))
+        )
         return CachedPredictions(
             self.input_ids[a:b],
             self.positions[c:d],
@@ -217,6 +273,7 @@ class ShardRows:
             self.topk_ids[c:d],
             self.topk_logprobs[c:d],
             partitions,
+            *tail,
         )
 
     def original_inputs(self) -> np.ndarray:

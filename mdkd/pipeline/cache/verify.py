@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from mdkd.pipeline.cache.manifest import ShardEntry
 from mdkd.pipeline.cache.reader import CacheReader
-from mdkd.pipeline.cache.shards import COLUMNS, COLUMNS_SCHEMA_1
+from mdkd.pipeline.cache.shards import COLUMNS_BY_SCHEMA
 
 
 def find_problems(cache: CacheReader, progress: Callable[[list[ShardEntry]], Iterable[ShardEntry]] = iter) -> list[str]:
@@ -34,7 +34,7 @@ def find_problems(cache: CacheReader, progress: Callable[[list[ShardEntry]], Ite
         except Exception as exc:  # pyarrow raises several types for a damaged file
             problems.append(f"{where}: cannot be read as Parquet ({exc})")
             continue
-        if tuple(table.column_names) != (COLUMNS if manifest.temperatures else COLUMNS_SCHEMA_1):
+        if tuple(table.column_names) != COLUMNS_BY_SCHEMA[manifest.schema_version]:
             problems.append(f"{where}: columns {table.column_names} differ from the cache format")
             continue
         masked = int(pc.sum(pc.list_value_length(table.column("positions"))).as_py() or 0)
@@ -45,6 +45,8 @@ def find_problems(cache: CacheReader, progress: Callable[[list[ShardEntry]], Ite
             )
         vocab_size = manifest.teachers[shard.teacher].vocab_size
         problems.extend(f"{where}: {p}" for p in _check_rows(table, manifest.top_k, vocab_size, manifest.temperatures))
+        if manifest.schema_version >= 3:
+            problems.extend(f"{where}: {p}" for p in _check_tail(table, manifest.tail_samples, vocab_size))
     problems.extend(f"{relative}: not listed in the manifest" for relative in cache.unlisted_shards())
     return problems
 
@@ -105,4 +107,43 @@ def _check_log_partitions(table, logprobs: np.ndarray, temperatures: list[float]
         tempered_mass = np.exp(logprobs / tau - partitions[:, index : index + 1]).sum(axis=1)
         if (tempered_mass > 1.0 + 1e-2).any():
             return [f"the top-k's tempered probabilities at tau {tau:g} sum to more than 1 (log_partitions damaged)"]
+    return []
+
+
+def _check_tail(table, samples: int, vocab_size: int) -> list[str]:
+    """The sampled tail: three lists that line up per position, distinct ascending ids in the vocabulary and
+    outside the position's top-k, counts that add up to the draws, log-probabilities no higher than the k-th."""
+    counts = pc.list_value_length(table.column("positions")).to_numpy()
+    lengths = {}
+    for column in ("tail_ids", "tail_counts", "tail_logprobs"):
+        if not np.array_equal(pc.list_value_length(table.column(column)).to_numpy(), counts):
+            return [f"{column} and positions differ in length"]
+        lengths[column] = pc.list_value_length(pc.list_flatten(table.column(column))).to_numpy()
+    if not (
+        np.array_equal(lengths["tail_ids"], lengths["tail_counts"])
+        and np.array_equal(lengths["tail_ids"], lengths["tail_logprobs"])
+    ):
+        return ["tail_ids, tail_counts and tail_logprobs differ in length"]
+    per_position = lengths["tail_ids"]
+    if not samples:
+        return [] if not per_position.any() else ["a tail is stored, but the manifest says no samples were drawn"]
+    ids = pc.list_flatten(pc.list_flatten(table.column("tail_ids"))).to_numpy().astype(np.int64)
+    draws = pc.list_flatten(pc.list_flatten(table.column("tail_counts"))).to_numpy().astype(np.int64)
+    values = pc.list_flatten(pc.list_flatten(table.column("tail_logprobs"))).to_numpy().astype(np.float64)
+    owner = np.repeat(np.arange(len(per_position)), per_position)
+    totals = np.bincount(owner, weights=draws, minlength=len(per_position))
+    if ((totals != samples) & (per_position > 0)).any() or (draws < 1).any():
+        return [f"tail counts do not add up to the {samples} draws of a position"]
+    if ((ids < 0) | (ids >= vocab_size)).any():
+        return ["a tail id lies outside the teacher's vocabulary"]
+    same_position = owner[1:] == owner[:-1]
+    if (same_position & (ids[1:] <= ids[:-1])).any():
+        return ["tail ids are not distinct and ascending within a position"]
+    top = pc.list_flatten(pc.list_flatten(table.column("topk_ids"))).to_numpy().reshape(len(per_position), -1)
+    if (top[owner] == ids[:, None]).any():
+        return ["a tail id is one of its position's top-k"]
+    kth = pc.list_flatten(pc.list_flatten(table.column("topk_logprobs"))).to_numpy().astype(np.float64)
+    kth = kth.reshape(len(per_position), -1)[:, -1]
+    if not np.isfinite(values).all() or (values > kth[owner] + 1e-3).any():
+        return ["tail log-probabilities are not finite and below the top-k's"]
     return []

@@ -88,13 +88,24 @@ class LossConfig(StrictModel):
     alpha: AlphaConfig = Field(
         AlphaConfig(), description="Weight of KD against MLM over training (default: linear from 1)."
     )
-    missing_mass: Literal["renormalize", "rest"] = Field(
-        "rest",
-        description="The teacher's probability outside the k' kept tokens. `rest`: the KL runs over k'+1 buckets, "
-        "the kept tokens plus everything else, with both sides' exact tempered masses (the teacher's from the "
-        "cached log-partition at `temperature`, which the cache must have recorded). `renormalize`: the kept "
-        "tokens are rescaled to sum to one, so the student learns that everything else has probability 0 "
-        "(Knowledge Inheritance's top-K recipe; the only mode a schema-1 cache supports).",
+    missing_mass: Literal["support", "rest", "renormalize"] = Field(
+        "support",
+        description="The teacher's probability outside the k' kept tokens. `support`: the KL runs over the kept "
+        "tokens, one bucket for the rest of the teacher's own vocabulary, and everything else in the student "
+        "vocabulary with teacher mass exactly 0 (tokens only other teachers have), with both sides' exact tempered "
+        "masses (the teacher's from the cached log-partition at `temperature`, which the cache must have "
+        "recorded). `rest`: one bucket for everything outside the kept tokens, so the student may put the "
+        "teacher's rest on tokens that teacher cannot emit. `renormalize`: the kept tokens are rescaled to sum to "
+        "one, so the student learns that everything else has probability 0 (Knowledge Inheritance's top-K recipe; "
+        "the only mode a schema-1 cache supports).",
+    )
+    tail: Literal["auto", "sampled", "none"] = Field(
+        "auto",
+        description="The inside of the rest bucket. `sampled`: the cache's tail draws (cache config `tail_samples`) "
+        "add an unbiased estimate of it, so the loss estimates the dense KD loss over the whole vocabulary; needs "
+        "`missing_mass: support` and `top_k` equal to the cached one (the draws were made outside all of it). "
+        "`none`: the rest is one bucket whose inside is free. `auto`: `sampled` when the cache has draws, "
+        "`missing_mass` is `support` and `top_k` is the cached one; else `none`.",
     )
 
 

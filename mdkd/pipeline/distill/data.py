@@ -37,6 +37,11 @@ class Example:
     topk_ids: np.ndarray  # [n, k'] student ids, -1 where the token was dropped by the vocabulary cap
     topk_logprobs: np.ndarray  # [n, k'] teacher log-probabilities at temperature 1
     log_partitions: np.ndarray | None  # [n] the teacher's tempered log-partition at the loss's temperature
+    teacher: str = ""  # whose predictions these are (the loss's support is that teacher's tokens)
+    tail_ids: np.ndarray | None = None  # [n, M] student ids drawn outside the top-k (-1: padding or none)
+    tail_counts: np.ndarray | None = None  # [n, M] how often each was drawn
+    tail_logprobs: np.ndarray | None = None  # [n, M] their teacher log-probabilities at temperature 1
+    tail_log_partitions: np.ndarray | None = None  # [n] the teacher's log-partition at the draws' temperature
 
     @classmethod
     def from_cached(
@@ -47,11 +52,23 @@ class Example:
         label_map: np.ndarray,
         target_map: np.ndarray,
         temperature_column: int | None,
+        teacher: str = "",
+        tail_column: int | None = None,
     ) -> Example:
         """Map a cached row (teacher ids) into student ids: inputs through `input_map`, labels through `label_map`,
-        top-k ids through `target_map` (-1 for a token the student lacks); keep the log-partition of one cached
-        temperature (None: none)."""
+        top-k ids and tail draws through `target_map` (-1 for a token the student lacks); keep the log-partition
+        of one cached temperature (None: none), and with `tail_column` the draws and the log-partition at the
+        temperature they were drawn at."""
         partitions = None if temperature_column is None else cached.log_partitions[:, temperature_column]
+        tail = {}
+        if tail_column is not None:
+            drawn = cached.tail_ids >= 0
+            tail = {
+                "tail_ids": np.where(drawn, target_map[cached.tail_ids.clip(min=0)], -1).astype(np.int64),
+                "tail_counts": cached.tail_counts,
+                "tail_logprobs": cached.tail_logprobs,
+                "tail_log_partitions": cached.log_partitions[:, tail_column],
+            }
         return cls(
             language,
             input_map[cached.input_ids].astype(np.int64),
@@ -60,6 +77,8 @@ class Example:
             target_map[cached.topk_ids].astype(np.int64),
             cached.topk_logprobs,
             partitions,
+            teacher,
+            **tail,
         )
 
 
@@ -77,8 +96,10 @@ class Stream:
         temperature_column: int | None,
         input_map: np.ndarray,
         target_map: np.ndarray,
+        tail_column: int | None = None,
     ):
         self.cache, self.teacher, self.language = cache, teacher, language
+        self.tail_column = tail_column  # which log-partition the sampled tail was drawn at (None: no tail)
         self.shards: list[ShardEntry] = cache.manifest.shards_of(teacher, language)
         self.seed, self.eval_fraction, self.top_k = seed, eval_fraction, top_k
         self.temperature_column = temperature_column
@@ -129,10 +150,18 @@ class Stream:
 
     def example(self, shard: int, row: int) -> Example:
         if self._loaded is None or self._loaded[0] != shard:
-            self._loaded = (shard, self.cache.rows(self.shards[shard], self.top_k))
+            rows = self.cache.rows(self.shards[shard], self.top_k, tail=self.tail_column is not None)
+            self._loaded = (shard, rows)
         cached = self._loaded[1].row(row)
         return Example.from_cached(
-            self.language, cached, self.input_map, self.input_map, self.target_map, self.temperature_column
+            self.language,
+            cached,
+            self.input_map,
+            self.input_map,
+            self.target_map,
+            self.temperature_column,
+            self.teacher,
+            self.tail_column,
         )
 
     def state(self) -> list[int]:
@@ -188,8 +217,11 @@ def language_probabilities(sizes: dict[str, int], exponent: float) -> dict[str, 
     return {language: w / total for language, w in weights.items()}
 
 
-def collate(examples: list[Example], languages: list[str], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """A padded student batch; everything about masked positions is flat over the batch ([N, ...])."""
+def collate(
+    examples: list[Example], languages: list[str], pad_id: int = 0, teachers: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """A padded student batch; everything about masked positions is flat over the batch ([N, ...]). With
+    `teachers`, each position's teacher too (its index there), and the sampled tails when every example has one."""
     longest = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
@@ -211,4 +243,11 @@ def collate(examples: list[Example], languages: list[str], pad_id: int = 0) -> d
     }
     if all(e.log_partitions is not None for e in examples):
         batch["log_partitions"] = torch.from_numpy(np.concatenate([e.log_partitions for e in examples]))
+    if teachers is not None:
+        batch["teacher"] = torch.repeat_interleave(
+            torch.tensor([teachers.index(e.teacher) for e in examples]), torch.tensor(counts)
+        )
+    if all(e.tail_ids is not None for e in examples):
+        for field in ("tail_ids", "tail_counts", "tail_logprobs", "tail_log_partitions"):
+            batch[field] = torch.from_numpy(np.concatenate([getattr(e, field) for e in examples]))
     return batch

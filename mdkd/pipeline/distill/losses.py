@@ -2,32 +2,42 @@
 
 Per masked position the cache holds the teacher's k most probable tokens (already mapped into the student vocabulary,
 -1 = dropped, e.g. by a vocabulary cap), their log-probabilities logp_i at temperature 1 (the teacher's full-vocabulary
-log-softmax) and, per temperature tau, the tempered log-partition A_tau = logsumexp_j(logp_j / tau) over the teacher's
-FULL vocabulary. Write s_tau = softmax(student logits / tau).
+log-softmax; from schema 3 over canonical tokens, twins summed) and, per temperature tau, the tempered log-partition
+A_tau = logsumexp_j(logp_j / tau) over the teacher's FULL vocabulary. Write s_tau = softmax(student logits / tau). The
+teacher's exact tempered probability of a cached token is p_i = exp(logp_i / tau - A_tau).
 
-- `rest` (default, exact): the teacher's tempered probability of a cached id is q_i = exp(logp_i / tau - A_tau),
-  exactly softmax(teacher logits / tau)_i. Ids mapped to the same student token are merged by summing these tempered
-  q_i (merge after tempering). The KL is over k' + 1 buckets: the k' distinct kept student ids, plus "rest" =
-  everything else (dropped ids included). Teacher rest = 1 - sum of the bucket q's, the teacher's exact tempered mass
-  outside them; student rest = s_tau mass outside the bucket ids, computed stably as logsumexp of the student's
-  z / tau over the vocabulary with the bucket ids masked out minus the full logsumexp (no 1 - sum cancellation).
-  With every vocabulary id present the rest is empty and the loss is exactly the dense KD loss.
+- `support` (default, exact): three kinds of bucket. Each of the k' kept tokens is a bucket; "rest" is the teacher's
+  own vocabulary outside them (its support in the student vocabulary, `support`, less the kept tokens), with
+  teacher mass 1 - sum p_i; everything else in the student vocabulary (tokens only other teachers have) has teacher
+  mass exactly 0, so the student is taught to put nothing there. With every teacher token present the rest is empty
+  and the loss is the dense KD loss. Given a sampled tail (`TailSample`: ids drawn from the teacher's tempered
+  distribution outside the cached top-k), the rest bucket's internal term P_R * KL(p_R / P_R || s_R / S_R) is added
+  as an unbiased estimate (Anshumann et al., 2025): the average over the draws of log(p_j / P_R) - log(s_j / S_R),
+  importance-weighted exactly when the draws were made at another temperature. The whole is then an unbiased
+  estimate of the dense KD loss, and of its gradient.
+- `rest` (schema 2's): two kinds of bucket, the kept tokens and "rest" = everything else in the student vocabulary
+  (dropped ids included), so the student may put the teacher's rest on tokens the teacher cannot emit. Kept for
+  comparison and for caches whose runs used it.
 - `renormalize` (Knowledge Inheritance's top-K recipe): the tau = 1 probabilities of the kept ids are merged, then
   renormalised to q and tempered, q_tau ∝ q^(1/tau); the student side is s_tau at those ids. This teaches the student
   that everything outside the top-k has probability 0. `teacher_log_partition` is ignored.
+- Ids mapped to the same student token are merged by summing their tempered probabilities (a schema-2 cache's twins
+  inside the top-k; schema 3 sums twins over the whole vocabulary before the top-k).
 - KD = tau^2 * KL(teacher buckets || student buckets) (Hinton et al.: tau^2 keeps gradient scale comparable).
-- A position with no kept id (all -1) contributes loss 0 and gradient 0 in both modes; teacher-side quantities are
+- A position with no kept id (all -1) contributes loss 0 and gradient 0 in every mode; teacher-side quantities are
   sanitised before they meet the student so that masked-out entries cannot leak NaN into the gradient.
 - MLM = cross-entropy of the student (temperature 1) against the original token.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mdkd.pipeline.distill.config import AlphaConfig
 
-MISSING_MASS_MODES = ("rest", "renormalize")
+MISSING_MASS_MODES = ("support", "rest", "renormalize")
 
 
 def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +54,21 @@ def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tens
     return torch.where(keep, ids, torch.full_like(ids, -1)), torch.where(keep, merged, torch.zeros_like(merged))
 
 
+@dataclass(frozen=True)
+class TailSample:
+    """Ids drawn from the teacher's distribution outside its cached top-k, for `support`'s internal rest term.
+
+    ids [N, M] student ids (-1: padding, or a draw the student cannot spell), counts [N, M] how often each was drawn
+    (0 for padding), logprobs [N, M] the teacher's log-probability of each at tau = 1, and the draws' temperature
+    with the teacher's log-partition there, log_partition [N]."""
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+    logprobs: torch.Tensor
+    temperature: float
+    log_partition: torch.Tensor
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -51,12 +76,16 @@ def kd_loss(
     temperature: float,
     missing_mass: str = "rest",
     teacher_log_partition: torch.Tensor | None = None,
+    support: torch.Tensor | None = None,
+    tail: TailSample | None = None,
 ) -> torch.Tensor:
     """Per-position KD loss [N] (see the module docstring).
 
     student_logits [N, V] (any float dtype; computed in at least fp32), teacher_ids [N, k] student ids or -1,
     teacher_logprobs [N, k] cached teacher log-probabilities at tau = 1 (full-vocabulary log-softmax),
-    teacher_log_partition [N] the cached A_tau = logsumexp(logp / tau) for this `temperature` (required in `rest`).
+    teacher_log_partition [N] the cached A_tau = logsumexp(logp / tau) for this `temperature` (required in `rest`
+    and `support`), support [N, V] bool: the student tokens each position's teacher can emit (required in
+    `support`), tail: the sampled tail (`support` only; None: the rest bucket's inside is left free).
     """
     if missing_mass not in MISSING_MASS_MODES:
         raise ValueError(f"missing_mass must be one of {MISSING_MASS_MODES}, got {missing_mass!r}")
@@ -68,9 +97,13 @@ def kd_loss(
     # Teacher side in float64: it is [N, k], and the rest is a difference of sums.
     valid = teacher_ids >= 0
     teacher_logq = teacher_logprobs.double()
-    if missing_mass == "rest":
+    if missing_mass == "support" and (support is None or support.shape != student_logits.shape):
+        raise ValueError("missing_mass='support' needs support, a [N, V] bool mask of each teacher's tokens")
+    if tail is not None and missing_mass != "support":
+        raise ValueError("a sampled tail goes with missing_mass='support' only")
+    if missing_mass != "renormalize":
         if teacher_log_partition is None:
-            raise ValueError("missing_mass='rest' needs teacher_log_partition (A_tau for this temperature)")
+            raise ValueError(f"missing_mass={missing_mass!r} needs teacher_log_partition (A_tau for this temperature)")
         if teacher_log_partition.shape != (n,):
             raise ValueError(f"teacher_log_partition must have shape ({n},), got {tuple(teacher_log_partition.shape)}")
         teacher_logq = teacher_logq / temperature - teacher_log_partition.double().unsqueeze(1)
@@ -87,12 +120,14 @@ def kd_loss(
         teacher_logp = torch.log_softmax(tempered, dim=1)
         student_logp = gathered
     else:
-        # Student mass outside the bucket ids: mask them out of the vocabulary (dropped ids go to a spare column).
+        # Student mass in the rest bucket: the bucket ids masked out of the vocabulary (dropped ids go to a spare
+        # column), and in `support` everything the teacher cannot emit too.
         slot = torch.where(kept, ids, torch.full_like(ids, vocab))
         in_bucket = torch.zeros(n, vocab + 1, dtype=torch.bool, device=logits.device).scatter_(1, slot, True)[:, :vocab]
-        has_rest = (~in_bucket & (logits > -torch.inf)).any(dim=1, keepdim=True)  # a non-empty, finite rest
+        outside_rest = in_bucket if support is None else in_bucket | ~support
+        has_rest = (~outside_rest & (logits > -torch.inf)).any(dim=1, keepdim=True)  # a non-empty, finite rest
         # Rows without a rest keep the full row, so logsumexp never sees only -inf and student_rest stays finite.
-        rest_logits = logits.masked_fill(in_bucket & has_rest, -torch.inf)
+        rest_logits = logits.masked_fill(outside_rest & has_rest, -torch.inf)
         student_rest = torch.logsumexp(rest_logits, dim=1, keepdim=True) - log_z
         teacher_rest = (1.0 - probs.sum(dim=1, keepdim=True)).clamp(min=0.0)
         # An empty rest is exactly 0 for the teacher too (what is left there is float rounding).
@@ -105,10 +140,57 @@ def kd_loss(
     mask = mask & row_valid
     # Sanitise the teacher side where masked out, so 0 * NaN cannot reach the student's gradient.
     teacher_logp = torch.where(mask, teacher_logp, torch.zeros_like(teacher_logp))
+    teacher_rest_logp = teacher_logp[:, -1:]  # log P_R in float64, for the sampled tail
     teacher_p = torch.where(mask, teacher_logp.exp(), torch.zeros_like(teacher_logp)).to(dtype)
     teacher_logp = teacher_logp.to(dtype)
     terms = torch.where(mask, teacher_p * (teacher_logp - student_logp), torch.zeros_like(student_logp))
-    return temperature**2 * terms.sum(dim=1)
+    loss = terms.sum(dim=1)
+    if tail is not None:
+        rest_mask = mask[:, -1:]
+        loss = loss + _sampled_rest(
+            logits - log_z,
+            student_rest,
+            teacher_rest_logp,
+            rest_mask,
+            tail,
+            temperature,
+            teacher_log_partition,
+            teacher_logprobs,
+        ).to(dtype)
+    return temperature**2 * loss
+
+
+def _sampled_rest(
+    student_logp: torch.Tensor,
+    student_rest: torch.Tensor,
+    teacher_rest_logp: torch.Tensor,
+    has_rest: torch.Tensor,
+    tail: TailSample,
+    temperature: float,
+    teacher_log_partition: torch.Tensor,
+    cached_logprobs: torch.Tensor,
+) -> torch.Tensor:
+    """[N] the unbiased estimate of the rest bucket's internal term, P_R * KL(p_R / P_R || s_R / S_R), from the
+    draws: P_R * sum_m (c_m / M) * w_m * (log(p_m / P_R) - log(s_m / S_R)). The draws were made from the teacher's
+    distribution outside its whole cached top-k at tail.temperature, so w_m = (p_m / P_R at tau) / (p_m / P_R' at
+    the draws' temperature), exact from the cached log-partitions; w = 1 when the two temperatures agree."""
+    drawn = (tail.ids >= 0) & (tail.counts > 0) & has_rest
+    total = tail.counts.double().mul(drawn).sum(dim=1, keepdim=True)
+    drawn = drawn & (total > 0)
+    share = torch.where(drawn, tail.counts.double() / total.clamp(min=1), torch.zeros_like(total))
+    teacher_conditional = (
+        tail.logprobs.double() / temperature - teacher_log_partition.double().unsqueeze(1) - teacher_rest_logp.double()
+    )  # log(p_m / P_R) at tau
+    if tail.temperature != temperature:
+        draws_partition = tail.log_partition.double().unsqueeze(1)
+        cached_mass = (cached_logprobs.double() / tail.temperature - draws_partition).exp().sum(dim=1, keepdim=True)
+        draws_rest = (1.0 - cached_mass).clamp(min=torch.finfo(torch.float64).tiny).log()
+        draws_conditional = tail.logprobs.double() / tail.temperature - draws_partition - draws_rest
+        share = share * torch.where(drawn, teacher_conditional - draws_conditional, torch.zeros_like(share)).exp()
+    teacher_conditional = torch.where(drawn, teacher_conditional, torch.zeros_like(teacher_conditional))
+    student_conditional = (student_logp.gather(1, tail.ids.clamp(min=0)) - student_rest).double()
+    estimate = torch.where(drawn, share * (teacher_conditional - student_conditional), torch.zeros_like(share)).sum(1)
+    return teacher_rest_logp.double().squeeze(1).exp() * estimate
 
 
 def mlm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

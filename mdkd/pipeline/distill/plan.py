@@ -23,6 +23,8 @@ class RunPlan:
     teachers: list[str]  # the teachers in use, in cache order (the merged vocabulary's order)
     shards: list[ShardEntry]  # every shard the run reads
     temperature_column: int | None  # which cached log-partition the loss reads (none for `renormalize`)
+    tail_column: int | None  # which cached log-partition the sampled tail was drawn at (None: no sampled tail)
+    tail_temperature: float | None  # and that temperature
 
 
 def plan_run(config: TrainConfig, manifest: Manifest) -> RunPlan:
@@ -38,8 +40,19 @@ def plan_run(config: TrainConfig, manifest: Manifest) -> RunPlan:
         teachers=[name for name in manifest.teachers if name in in_use],
         shards=[shard for teacher, language in pairs for shard in manifest.shards_of(teacher, language)],
         temperature_column=(
-            manifest.temperatures.index(config.loss.temperature) if config.loss.missing_mass == "rest" else None
+            None if config.loss.missing_mass == "renormalize" else manifest.temperatures.index(config.loss.temperature)
         ),
+        tail_column=manifest.temperatures.index(manifest.tail_temperature) if uses_tail(config, manifest) else None,
+        tail_temperature=manifest.tail_temperature if uses_tail(config, manifest) else None,
+    )
+
+
+def uses_tail(config: TrainConfig, manifest: Manifest) -> bool:
+    """Whether the loss adds the cache's sampled tail (`loss.tail`, with `auto` resolved against the cache)."""
+    if config.loss.tail == "none" or not manifest.tail_samples:
+        return False
+    return config.loss.tail == "sampled" or (
+        config.loss.missing_mass == "support" and config.loss.top_k == manifest.top_k
     )
 
 
@@ -67,18 +80,40 @@ def check_against_cache(config: TrainConfig, manifest: Manifest) -> tuple[Teache
     if config.loss.top_k > manifest.top_k:
         problems.append(f"loss.top_k {config.loss.top_k} is above the cached top_k {manifest.top_k} (lower loss.top_k)")
     problems.extend(_temperature_problems(config, manifest))
+    problems.extend(_tail_problems(config, manifest))
     return selection, problems
 
 
+def _tail_problems(config: TrainConfig, manifest: Manifest) -> list[str]:
+    """`loss.tail: sampled` needs draws, the `support` loss, and every cached top-k id (the draws avoid them all)."""
+    if config.loss.tail != "sampled":
+        return []
+    problems = []
+    if not manifest.tail_samples:
+        problems.append(
+            "loss.tail 'sampled' needs a cache with tail draws, and this one has none (set tail_samples in the "
+            "cache config and rebuild, or set loss.tail: none)"
+        )
+    if config.loss.missing_mass != "support":
+        problems.append(f"loss.tail 'sampled' goes with loss.missing_mass: support, not {config.loss.missing_mass}")
+    if config.loss.top_k != manifest.top_k:
+        problems.append(
+            f"loss.tail 'sampled' needs loss.top_k equal to the cached top_k {manifest.top_k}, since the draws were "
+            f"made outside all of it (set loss.top_k: {manifest.top_k}, or loss.tail: none)"
+        )
+    return problems
+
+
 def _temperature_problems(config: TrainConfig, manifest: Manifest) -> list[str]:
-    """`rest` needs the teacher's tempered log-partition at the loss's temperature, which only stage one can
-    record: a cache without it (schema 1) or without that temperature cannot serve the loss."""
-    if config.loss.missing_mass != "rest":
+    """`rest` and `support` need the teacher's tempered log-partition at the loss's temperature, which only stage
+    one can record: a cache without it (schema 1) or without that temperature cannot serve the loss."""
+    if config.loss.missing_mass == "renormalize":
         return []
     if not manifest.temperatures:
         return [
-            f"loss.missing_mass 'rest' needs the tempered log-partitions that this schema-{manifest.schema_version} "
-            "cache lacks (rebuild the cache with this mdkd, or set loss.missing_mass: renormalize)"
+            f"loss.missing_mass '{config.loss.missing_mass}' needs the tempered log-partitions that this "
+            f"schema-{manifest.schema_version} cache lacks (rebuild the cache with this mdkd, or set "
+            "loss.missing_mass: renormalize)"
         ]
     if config.loss.temperature not in manifest.temperatures:
         recorded = ", ".join(f"{tau:g}" for tau in manifest.temperatures)

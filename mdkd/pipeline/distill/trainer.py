@@ -13,6 +13,7 @@ import pickle
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -27,7 +28,7 @@ from mdkd.pipeline.distill.metrics import MetricsLogger
 from mdkd.pipeline.distill.plan import RunPlan
 from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.student import build_student, export_student
-from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward, rank_micro_batches
+from mdkd.pipeline.distill.training import StepTotals, Supports, micro_batch_backward, rank_micro_batches
 from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.pipeline.distributed import Ranks, barrier, transformers_console
 from mdkd.pipeline.errors import UserError
@@ -54,6 +55,10 @@ class Distiller:
         self.config, self.run, self.ranks, self.logger = config, run, ranks, logger
         self.config_hash = config.content_hash()
         self.sampler = build_sampler(cache, plan, alignment, config)
+        self.supports = None
+        if config.loss.missing_mass == "support":
+            masks = torch.from_numpy(np.stack([alignment.support(name) for name in plan.teachers]))
+            self.supports = Supports(plan.teachers, masks.to(device), plan.tail_temperature)
         student = build_student(config.student, len(alignment.tokens), cache.manifest.max_length, config.train.seed)
         ds_config = deepspeed_config(config, precision, device)
         schedule = None
@@ -149,7 +154,7 @@ class Distiller:
         lr = self.engine.optimizer.param_groups[0]["lr"]  # what this step applies
         totals = StepTotals.zeros(len(languages))
         for micro in rank_micro_batches(examples, rank, world, loop.micro_batch_size, loop.gradient_accumulation):
-            micro_batch_backward(self.engine, micro, languages, alpha, self.config.loss, scale, totals)
+            micro_batch_backward(self.engine, micro, languages, alpha, self.config.loss, scale, totals, self.supports)
             self.engine.step()
         totals.all_reduce()
         self.step += 1
@@ -211,6 +216,7 @@ def build_sampler(cache: CacheReader, plan: RunPlan, alignment: Alignment, confi
     """One stream per (teacher, language) of the plan, mapped into the student vocabulary, and the sampler over
     them (languages by p ∝ n^a, teachers by their weights)."""
     streams = {}
+    support = config.loss.missing_mass == "support"
     for teacher, language in plan.pairs:
         stream = Stream(
             cache,
@@ -221,7 +227,8 @@ def build_sampler(cache: CacheReader, plan: RunPlan, alignment: Alignment, confi
             config.loss.top_k,
             plan.temperature_column,
             alignment.input_map(teacher),
-            alignment.id_maps[teacher],
+            alignment.support_target_map(teacher) if support else alignment.id_maps[teacher],
+            plan.tail_column,
         )
         streams[stream.key] = stream
     for stream in streams.values():

@@ -14,7 +14,7 @@ import torch
 
 from mdkd.pipeline.distill.config import LossConfig
 from mdkd.pipeline.distill.data import Example, collate
-from mdkd.pipeline.distill.losses import kd_loss, mlm_loss
+from mdkd.pipeline.distill.losses import TailSample, kd_loss, mlm_loss
 
 
 def rank_micro_batches(
@@ -65,6 +65,16 @@ class StepTotals:
         }
 
 
+@dataclass(frozen=True)
+class Supports:
+    """Each teacher's tokens in the student vocabulary, for the `support` loss: masks [teachers, V] on the device,
+    rows in the order of `teachers`, and the temperature the cache's tail was drawn at (None: no tail)."""
+
+    teachers: list[str]
+    masks: torch.Tensor
+    tail_temperature: float | None = None
+
+
 def micro_batch_backward(
     engine,
     examples: list[Example],
@@ -73,10 +83,21 @@ def micro_batch_backward(
     settings: LossConfig,
     scale: float,
     totals: StepTotals,
+    supports: Supports | None = None,
 ) -> None:
     """Forward, both losses, backward for one micro-batch; adds its sums to `totals`."""
-    batch = {k: v.to(engine.device) for k, v in collate(examples, languages).items()}
+    teachers = supports.teachers if supports is not None else None
+    batch = {k: v.to(engine.device) for k, v in collate(examples, languages, teachers=teachers).items()}
     logits = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
+    tail = None
+    if "tail_ids" in batch and supports is not None and supports.tail_temperature is not None:
+        tail = TailSample(
+            batch["tail_ids"],
+            batch["tail_counts"],
+            batch["tail_logprobs"],
+            supports.tail_temperature,
+            batch["tail_log_partitions"],
+        )
     kd = kd_loss(
         logits,
         batch["topk_ids"],
@@ -84,6 +105,8 @@ def micro_batch_backward(
         settings.temperature,
         missing_mass=settings.missing_mass,
         teacher_log_partition=batch.get("log_partitions"),
+        support=None if supports is None else supports.masks[batch["teacher"]],
+        tail=tail,
     )
     mlm = mlm_loss(logits, batch["labels"])
     total = (1.0 - alpha) * mlm + alpha * kd

@@ -106,6 +106,23 @@ class Alignment:
         ids = self.id_maps[teacher]
         return np.where(ids == DROPPED, self.unk_id, ids).astype(np.int64)
 
+    def support(self, teacher: str) -> np.ndarray:
+        """[student vocabulary] bool: the student tokens this teacher can emit, its tokens' images through
+        `input_map` (so [UNK] stands for the ids a vocabulary cap dropped). The `support` loss gives every other
+        token teacher mass 0."""
+        mask = np.zeros(len(self.tokens), dtype=bool)
+        mask[self.input_map(teacher)] = True
+        return mask
+
+    def support_target_map(self, teacher: str) -> np.ndarray:
+        """The id map for the `support` loss's targets: the teacher's ids as its tokens (-1: dropped). When a cap
+        dropped some, [UNK] stands for all of them and for the teacher's own unknown token, a mass the top-k cannot
+        give whole; so its top-k entries go to the rest bucket (which holds [UNK]) instead of a bucket of their own."""
+        ids = self.id_maps[teacher].astype(np.int64)
+        if (ids == DROPPED).any():
+            ids = np.where(ids == self.unk_id, DROPPED, ids)
+        return ids
+
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.txt").write_text("".join(token + "\n" for token in self.tokens), encoding="utf-8")

@@ -239,12 +239,37 @@ class CacheConfig(StrictModel):
         "not listed here is refused by `mdkd train`. Each is > 0, none twice.",
     )
 
+    tail_samples: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Ids drawn per masked position from the teacher's distribution outside the top-k (with "
+        "replacement, at `tail_temperature`), stored as distinct ids with their counts and log-probabilities, so "
+        "that stage two's loss is an unbiased estimate of the dense KD loss over the whole vocabulary "
+        "([training.md](training.md#the-loss)). 0 stores none.",
+    )
+    tail_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="The temperature the tail is drawn at; it must be one of `temperatures`. Stage two can distil "
+        "at any cached temperature from it (the draws are reweighted exactly).",
+    )
+
     @field_validator("temperatures")
     @classmethod
     def _positive_and_distinct(cls, value: list[float]) -> list[float]:
         if any(tau <= 0 for tau in value) or len(set(value)) != len(value):
             raise ValueError(f"temperatures must be positive and distinct (got {value})")
         return value
+
+    @model_validator(mode="after")
+    def _tail_at_a_cached_temperature(self) -> CacheConfig:
+        if self.tail_samples and self.tail_temperature not in self.temperatures:
+            raise ValueError(
+                f"tail_temperature {self.tail_temperature:g} must be one of temperatures {self.temperatures} "
+                "(stage two needs its log-partition)"
+            )
+        return self
 
     batch_tokens: int | None = Field(
         16384,

@@ -10,13 +10,17 @@ positions (mdkd/pipeline/masked_lm.py).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from mdkd.pipeline.cache.manifest import special_token_ids
+from mdkd.pipeline.canonical import canonical_tokens, twin_classes
 from mdkd.pipeline.distributed import Ranks, transformers_console
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sha256_of_files
@@ -36,6 +40,8 @@ class TeacherInfo:
     architecture: str
     model_vocab_size: int
     weights: str  # sha256 of the local weight files, or the hub revision asked for
+    classes: np.ndarray  # [vocab] each id's canonical-token class (twins share one); see `Teacher.top_k`
+    representatives: np.ndarray  # [classes] each class's smallest id, which stands for it in the cache
 
     def manifest_entry(self, tokenizer_dir: str, tokenizer_hash: str) -> dict:
         return {
@@ -132,7 +138,19 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
         # The commit the hub resolved the revision to, so a later push to the repository is noticed on resume.
         weights = f"hub:{spec.model}@{getattr(config, '_commit_hash', None) or spec.revision or 'main'}"
     architecture = (config.architectures or [MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(config.model_type, remote_class)])[0]
-    info = TeacherInfo(spec, tokenizer, config.model_type, architecture, config.vocab_size, weights)
+    classes, representatives = twin_classes(
+        canonical_tokens(
+            spec.name, json.loads(tokenizer.backend_tokenizer.to_str()), len(tokenizer), special_token_ids(tokenizer)
+        )
+    )
+    if top_k > len(representatives):
+        problems.append(
+            f"{where}: top_k {top_k} is larger than its {len(representatives)} distinct tokens (its ids that share a "
+            "spelling count once; lower top_k)"
+        )
+    info = TeacherInfo(
+        spec, tokenizer, config.model_type, architecture, config.vocab_size, weights, classes, representatives
+    )
     return info, problems
 
 
@@ -203,6 +221,10 @@ class Teacher:
         # Models often pad their embedding matrix past the tokenizer (to a multiple of 8 or 128); those rows
         # are not tokens, so predictions are taken over the tokenizer's ids only.
         self.vocab_limit = len(info.tokenizer)
+        # Twins are summed on the device; a tokenizer without twins skips the grouping (classes are the ids).
+        twins = len(info.representatives) < len(info.classes)
+        self.classes = torch.from_numpy(info.classes).to(device) if twins else None
+        self.representatives = torch.from_numpy(info.representatives).to(device)
 
     @torch.inference_mode()
     def top_k(
@@ -213,19 +235,71 @@ class Teacher:
         cols: torch.Tensor,
         k: int,
         temperatures: list[float],
-    ):
-        """Top-k (log-probabilities [N, k], ids [N, k]) at positions (rows[i], cols[i]) of a padded batch, the
-        tempered log-partitions [N, T]: logsumexp_j(log p_j / tau) over the whole vocabulary for each tau, and the
-        entropies [N] of the whole distribution (what `cache inspect` reports; a top-k alone cannot give it).
+        tail_uniforms: torch.Tensor | None = None,
+        tail_temperature: float | None = None,
+    ) -> Scored:
+        """The teacher's predictions at positions (rows[i], cols[i]) of a padded batch, over its canonical tokens:
+        the probabilities of twins (ids with one canonical token, `.` and `##.`) are summed first, so each token
+        is counted once with its whole mass and is represented by its smallest id.
 
-        With A_tau, the teacher's exact tempered probability of a cached id is exp(log p_i / tau - A_tau), and of
-        everything outside the top-k one minus their sum: what a top-k alone cannot give when tau != 1.
-        Log-softmax is taken in fp32 whatever the model's dtype, so low-precision teachers still give
-        normalised log-probabilities; it runs over the tokenizer's ids (padding rows of the embedding excluded).
+        Returns the top-k (log-probabilities [N, k], representative ids [N, k]); the tempered log-partitions
+        [N, T], logsumexp_c(log p_c / tau) over every token for each tau, so that the exact tempered probability
+        of a cached token is exp(log p_c / tau - A_tau) and everything outside the top-k holds one minus their
+        sum; the entropies [N] of the whole distribution; and, given `tail_uniforms` [N, M] in [0, 1), M draws
+        per position from the distribution at `tail_temperature` restricted to the tokens outside the top-k (by
+        inverse CDF, so the draws depend on the uniforms alone): their ids and log-probabilities at tau = 1, [N, M].
+
+        Log-softmax is taken in fp32 whatever the model's dtype, over the tokenizer's ids (rows of a padded
+        embedding are no tokens, and get no mass).
         """
         logits = masked_logits(self.model, self.adapter, input_ids, attention_mask, rows, cols, self.device)
         logprobs = torch.log_softmax(logits[:, : self.vocab_limit].float(), dim=-1)
-        values, ids = logprobs.topk(k, dim=-1)
+        if self.classes is not None:
+            logprobs = _class_logsumexp(logprobs, self.classes, len(self.representatives))
+        values, classes = logprobs.topk(k, dim=-1)
         partitions = torch.stack([torch.logsumexp(logprobs / tau, dim=-1) for tau in temperatures], dim=1)
         entropies = -(logprobs.exp() * logprobs).sum(dim=-1)
-        return values.cpu(), ids.to(torch.int32).cpu(), partitions.cpu(), entropies.cpu()
+        tail = None
+        if tail_uniforms is not None:
+            drawn = _draw_outside(logprobs, classes, tail_uniforms.to(logprobs.device), tail_temperature)
+            tail = (self._ids(drawn.clamp(min=0)).masked_fill(drawn < 0, -1), logprobs.gather(1, drawn.clamp(min=0)))
+            tail = tuple(t.cpu() for t in tail)
+        return Scored(values.cpu(), self._ids(classes).cpu(), partitions.cpu(), entropies.cpu(), tail)
+
+    def _ids(self, classes: torch.Tensor) -> torch.Tensor:
+        """Representative teacher ids (int32) of canonical-token classes."""
+        return (classes if self.classes is None else self.representatives[classes]).to(torch.int32)
+
+
+class Scored(NamedTuple):
+    """What `Teacher.top_k` returns (see there)."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    partitions: torch.Tensor
+    entropies: torch.Tensor
+    tail: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _class_logsumexp(logprobs: torch.Tensor, classes: torch.Tensor, count: int) -> torch.Tensor:
+    """[N, V] log-probabilities of ids -> [N, count] of their classes (logsumexp over each class's ids), stably:
+    each class's largest member is subtracted before the sum."""
+    index = classes.unsqueeze(0).expand_as(logprobs)
+    largest = torch.full((logprobs.shape[0], count), -torch.inf, device=logprobs.device)
+    largest = largest.scatter_reduce(1, index, logprobs, reduce="amax", include_self=True)
+    shifted = (logprobs - largest.gather(1, index)).exp()
+    sums = torch.zeros_like(largest).scatter_add_(1, index, shifted)
+    return largest + sums.log()
+
+
+def _draw_outside(
+    logprobs: torch.Tensor, top: torch.Tensor, uniforms: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """[N, M] token indices drawn from softmax(logprobs / temperature) with the `top` indices excluded, by
+    inverse CDF of `uniforms`; -1 for a position whose distribution outside `top` has no mass."""
+    tempered = torch.softmax(logprobs / temperature, dim=-1).scatter(1, top, 0.0)
+    cdf = tempered.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # searchsorted(right) picks the first token whose cumulative mass exceeds the target: never one of mass 0.
+    drawn = torch.searchsorted(cdf, (uniforms * total).contiguous(), right=True).clamp(max=logprobs.shape[1] - 1)
+    return drawn.masked_fill(total <= 0, -1)

@@ -15,7 +15,7 @@ import torch
 
 from mdkd.pipeline.cache.shards import CachedRow, TeacherPredictions
 from mdkd.pipeline.teacher_pass.corpus import Document
-from mdkd.pipeline.teacher_pass.masking import Masker
+from mdkd.pipeline.teacher_pass.masking import Masker, window_seed
 
 
 @dataclass
@@ -101,31 +101,74 @@ def padded_inputs(rows: list[CachedRow], pad_id: int):
 
 
 def score_unit(
-    teacher, unit: PreparedUnit, k: int, temperatures: list[float], batch_tokens: int | None, batch_size: int | None
+    teacher,
+    unit: PreparedUnit,
+    k: int,
+    temperatures: list[float],
+    batch_tokens: int | None,
+    batch_size: int | None,
+    tail: TailSampling | None = None,
 ) -> TeacherPredictions:
     """Run the teacher over a unit in length-bucketed batches; return its predictions at every masked position,
-    in row order (the order `build_table` expects)."""
+    in row order (the order `build_table` expects), with `tail.samples` draws per position outside the top-k."""
     rows = unit.rows
     positions_before = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r.positions) for r in rows], out=positions_before[1:])
     total = positions_before[-1]
+    samples = tail.samples if tail else 0
     found = TeacherPredictions(
         np.zeros((total, k), dtype=np.int32),
         np.zeros((total, k), dtype=np.float32),
         np.zeros((total, len(temperatures)), dtype=np.float32),
         np.zeros(total, dtype=np.float32),
+        np.full((total, samples), -1, dtype=np.int32),
+        np.zeros((total, samples), dtype=np.float32),
     )
+    uniforms = tail.uniforms(rows) if tail else None
     for batch in length_batches([len(r.input_ids) for r in rows], batch_tokens, batch_size):
-        values, ids, partitions, entropies = teacher.top_k(
-            *padded_inputs([rows[i] for i in batch], teacher.pad_id), k=k, temperatures=temperatures
+        taken_rows = [slice(positions_before[i], positions_before[i + 1]) for i in batch]
+        scored = teacher.top_k(
+            *padded_inputs([rows[i] for i in batch], teacher.pad_id),
+            k=k,
+            temperatures=temperatures,
+            tail_uniforms=None
+            if uniforms is None
+            else torch.from_numpy(np.concatenate([uniforms[t] for t in taken_rows])),
+            tail_temperature=tail.temperature if tail else None,
         )
         offset = 0
-        for i in batch:
-            start, end = positions_before[i], positions_before[i + 1]
-            taken = slice(offset, offset + end - start)
-            found.topk_logprobs[start:end] = values[taken].numpy()
-            found.topk_ids[start:end] = ids[taken].numpy()
-            found.log_partitions[start:end] = partitions[taken].numpy()
-            found.entropies[start:end] = entropies[taken].numpy()
-            offset += end - start
+        for taken in taken_rows:
+            here = slice(offset, offset + taken.stop - taken.start)
+            found.topk_logprobs[taken] = scored.values[here].numpy()
+            found.topk_ids[taken] = scored.ids[here].numpy()
+            found.log_partitions[taken] = scored.partitions[here].numpy()
+            found.entropies[taken] = scored.entropies[here].numpy()
+            if scored.tail is not None:
+                found.tail_ids[taken] = scored.tail[0][here].numpy()
+                found.tail_logprobs[taken] = scored.tail[1][here].numpy()
+            offset += taken.stop - taken.start
     return found
+
+
+@dataclass(frozen=True)
+class TailSampling:
+    """How many ids stage one draws per masked position from the teacher's distribution outside the top-k, at
+    which temperature, and from which uniforms: each row's come from a generator seeded by (seed, doc_id, window,
+    copy), like its masking, so the draws do not depend on the batch, the rank or a resume."""
+
+    samples: int
+    temperature: float
+    seed: int
+
+    def uniforms(self, rows: list[CachedRow]) -> np.ndarray:
+        """[positions of the unit, samples] uniforms in [0, 1), in row order."""
+        parts = [
+            np.random.default_rng([window_seed(self.seed, r.doc_id, r.window, r.copy), _TAIL_STREAM]).random(
+                (len(r.positions), self.samples), dtype=np.float32
+            )
+            for r in rows
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.samples), dtype=np.float32)
+
+
+_TAIL_STREAM = 7  # keeps the tail's generator apart from the masking's, which is seeded by the same window
