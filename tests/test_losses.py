@@ -307,3 +307,26 @@ def test_alpha_schedules():
     assert alpha_at(999, AlphaConfig(schedule="constant", start=0.3), 10) == 0.3
     step = AlphaConfig(schedule="step", start=1.0, steps=10)
     assert [alpha_at(t, step, 100) for t in (0, 9, 10, 50)] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_merging_duplicates_matches_a_loop_over_each_row():
+    """The sort-based merge (O(k log k) per row, so that k can be a whole vocabulary) against the obvious loop: the
+    first column of each id keeps the sum of its probabilities, later ones become -1 with probability 0."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        k = int(torch.randint(1, 12, (1,), generator=generator))
+        ids = torch.randint(-1, 6, (5, k), generator=generator)
+        probs = torch.rand(5, k, generator=generator, dtype=torch.float64)
+        expected_ids, expected = ids.clone(), torch.zeros_like(probs)
+        for row in range(5):
+            first: dict[int, int] = {}
+            for column, token in enumerate(ids[row].tolist()):
+                if token >= 0 and token not in first:
+                    first[token] = column
+                if token < 0 or first[token] != column:
+                    expected_ids[row, column] = -1
+                if token >= 0:
+                    expected[row, first[token]] += probs[row, column]
+        merged_ids, merged = merge_duplicates(ids, probs)
+        assert torch.equal(merged_ids, expected_ids)
+        torch.testing.assert_close(merged, expected)

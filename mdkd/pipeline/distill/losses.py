@@ -43,14 +43,22 @@ MISSING_MASS_MODES = ("support", "rest", "renormalize")
 def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum probabilities of equal ids within each row; the later duplicates get probability 0 and id -1.
 
-    ids: [N, k] student ids (-1 = no token), probs: [N, k]. Returns tensors of the same shapes.
+    ids: [N, k] student ids (-1 = no token), probs: [N, k]. Returns tensors of the same shapes. Memory and time are
+    O(N k log k) (a sort per row), so k can be a whole vocabulary.
     """
     valid = ids >= 0
-    same = (ids.unsqueeze(2) == ids.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # [N, k, k]
-    first = same.float().argmax(dim=2)  # the first column holding each id
     probs = torch.where(valid, probs, torch.zeros_like(probs))
-    merged = torch.zeros_like(probs).scatter_add(1, first, probs)
-    keep = valid & (first == torch.arange(ids.shape[1], device=ids.device))
+    k = ids.shape[1]
+    ordered, order = ids.sort(dim=1, stable=True)  # equal ids side by side, in column order
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = starts.long().cumsum(dim=1) - 1  # [N, k]: each sorted entry's run of equal ids
+    sums = torch.zeros_like(probs).scatter_add_(1, group, probs.gather(1, order))
+    # A run's first column (the smallest, the sort being stable) keeps the run's sum; the others are emptied.
+    first = torch.full_like(order, k).scatter_reduce_(1, group, order, reduce="amin")
+    keep_sorted = order == first.gather(1, group)
+    keep = torch.zeros_like(valid).scatter_(1, order, keep_sorted) & valid
+    merged = torch.zeros_like(probs).scatter_(1, order, sums.gather(1, group))
     return torch.where(keep, ids, torch.full_like(ids, -1)), torch.where(keep, merged, torch.zeros_like(merged))
 
 
