@@ -116,6 +116,25 @@ def test_student_and_teacher_share_one_denominator():
     assert by_kind == {"mask": (1, 1, 1.0, 1.0), "random": (1, 0, 0.0, 1.0), "keep": (1, 1, 1.0, 0.0)}
 
 
+def test_a_teacher_is_right_when_its_cached_token_is_the_labels_twin():
+    """Stage one names a token by its smallest id, the label keeps the id the text had: with 8 a twin of 5 (both map
+    to model token 5), the teacher whose cached top-1 is 5 is right on a label 8, and its log-probability of the
+    label is that of the cached token (its twins' mass included), not the k-th's."""
+    target_map = np.append(TARGET_MAP, 5)  # id 8 spells what 5 spells
+    twin_row = CachedPredictions(
+        input_ids=np.array([2, 4, 3]),
+        positions=np.array([1]),
+        labels=np.array([8]),
+        topk_ids=np.array([[5, 6]]),
+        topk_logprobs=np.log(np.array([[0.6, 0.3]])),
+        log_partitions=None,
+    )
+    input_map = np.where(target_map < 0, UNK, target_map)
+    _, teacher = score_windows(_hand_made_logits, HeldOutWindows("t", "de", [twin_row]), input_map, target_map, [])
+    assert teacher.result()["accuracy"] == 1.0
+    assert teacher.result()["perplexity"] == pytest.approx(1 / 0.6)
+
+
 def test_a_summary_over_teachers_is_position_weighted_on_both_sides():
     one, two = Comparison(), Comparison()
     one.model["mask"], one.teacher["mask"] = MetricSums(positions=10, correct=1), MetricSums(positions=10, correct=5)

@@ -132,8 +132,10 @@ def teacher_sums(
     log_partitions: np.ndarray | None = None,
     temperatures: list[float] = (),
 ) -> MetricSums:
-    """A teacher's accuracy, perplexity lower bound and tempered top-k masses from its cache (teacher ids);
-    `log_partitions` [N, temperatures] are the cached ones (None in a schema-1 cache: no masses)."""
+    """A teacher's accuracy, perplexity lower bound and tempered top-k masses from its cache; `topk_ids` and
+    `labels` in one id space where each token has one id (a model's, so a label counts as predicted when it is a
+    twin of the cached token); `log_partitions` [N, temperatures] are the cached ones (None in a schema-1 cache:
+    no masses)."""
     hit = topk_ids == labels[:, None]
     label_logprob = np.where(hit.any(axis=1), (topk_logprobs * hit).sum(axis=1), topk_logprobs[:, -1])
     sums = MetricSums(
@@ -312,10 +314,12 @@ def compare_on_windows(
                 )
             )
             comparison.teacher[kind].add(
+                # In the model's ids, where a teacher's twins are one token: the cache names a token by its
+                # smallest id, the label by the id the text had, and `.` is right for a label `##.`.
                 teacher_sums(
-                    topk_ids[scored],
+                    target_map[topk_ids[scored]],
                     topk_logprobs[scored],
-                    labels[scored],
+                    target_map[labels[scored]],
                     None if partitions is None else partitions[scored],
                     temperatures,
                 )
