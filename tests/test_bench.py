@@ -174,3 +174,44 @@ def test_train_benchmark_reports_every_figure():
     # One WordPiece teacher over text without punctuation: every token keeps its own canonical spelling, so the
     # merged vocabulary is the teacher's, and the stage exported a student of that size.
     assert figures["student_vocabulary"] == figures["teacher_vocabulary"] == figures["exported_student_vocabulary"]
+
+
+def test_targets_benchmark_reports_every_figure(tmp_path):
+    from conftest import make_documents
+
+    for language in ("de", "ru"):
+        (tmp_path / f"{language}.txt").write_text("\n".join(make_documents(language, 60, seed=3)) + "\n", "utf-8")
+    figures = run_bench("targets.py", "--corpus", str(tmp_path))
+    assert figures["preset"] == "tiny"
+    caches, teachers = figures["caches"], figures["teachers"]
+
+    # One masking seed and one slice: the three caches hold the same positions. Their bytes grow with what they
+    # store per position: the tail's draws on top of the top-8, and every token in the dense cache.
+    assert len({cache["masked_positions"] for cache in caches.values()}) == 1
+    assert caches["top8_no_tail"]["bytes_per_position"] < caches["top8"]["bytes_per_position"]
+    assert caches["top8"]["bytes_per_position"] < caches["dense"]["bytes_per_position"]
+    # The dense cache's top_k is every distinct token of both teachers, so it holds all of their mass; a top-8
+    # holds less, and less still at tau 2 (tempering flattens a distribution, moving mass out of its top).
+    for teacher in teachers.values():
+        assert caches["dense"]["top_k"] == teacher["distinct_tokens"] <= teacher["vocabulary"]
+        assert abs(teacher["dense_mass"] - 1) < 1e-4, teacher
+        mass = teacher["top8_mass"]
+        assert 0 < mass["mean_topk_mass_tau2"] <= mass["mean_topk_mass"] + 1e-9 < teacher["dense_mass"], mass
+
+    students = figures["students"]
+    assert set(students) == {"untrained", "rest", "renormalize", "support", "support+tail", "dense"}
+    for language in teachers:
+        scored = [student["windows"][language] for student in students.values()]
+        # Every student is scored on the same held-out positions of the same dense cache (one held-out rule on
+        # one slice, one merged vocabulary): the teacher's side is the same figure each time.
+        assert len({s["positions"] for s in scored}) == 1 and scored[0]["positions"] > 0
+        assert len({s["teacher_ce"] for s in scored}) == 1 and scored[0]["teacher_ce"] > 0
+        assert len({s["teacher_mask_accuracy"] for s in scored}) == 1
+        for s in scored:
+            assert 0 <= s["outside_mass"] <= 1 and 0 <= s["agreement"] <= 1, s
+            assert s["student_ce"] > 0 and s["kl"] >= -1e-6, s
+            assert 0 < s["mask_positions"] <= s["positions"] and 0 <= s["mask_accuracy"] <= 1, s
+            assert isinstance(s["usable"], bool)
+    seconds = figures["seconds"]
+    assert positive(*seconds.values())
+    assert sum(value for key, value in seconds.items() if key != "total") <= seconds["total"]
