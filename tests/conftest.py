@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import sys
@@ -134,3 +135,21 @@ def train_config(**overrides) -> dict:
             {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
         )
     return config
+
+
+def train(tmp_path: Path, cache: Path, config: dict, out: str = "run", *extra: str):
+    """`mdkd train` in process, the config written to tmp_path/<out>.yaml and the run into tmp_path/<out>."""
+    from click.testing import CliRunner
+
+    from mdkd.cli import cli
+
+    path = write_config(tmp_path / f"{out}.yaml", config)
+    return CliRunner().invoke(
+        cli, ["train", "--config", str(path), "--cache", str(cache), "--out", str(tmp_path / out), *extra]
+    )
+
+
+def metrics(run: Path) -> list[dict]:
+    """The training lines of a run's metrics.jsonl (held-out evaluations are lines of their own)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [line for line in lines if line["split"] == "train"]

@@ -12,10 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import torchrun, train_config, write_config
+from conftest import metrics, torchrun, train, train_config, write_config
 
-from mdkd.cli import cli
 from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import StudentConfig
@@ -24,19 +22,6 @@ from mdkd.pipeline.distill.student import build_student
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, build_alignment
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-
-
-def train(tmp_path: Path, cache: Path, config: dict, out: str = "run", *extra: str):
-    path = write_config(tmp_path / f"{out}.yaml", config)
-    return CliRunner().invoke(
-        cli, ["train", "--config", str(path), "--cache", str(cache), "--out", str(tmp_path / out), *extra]
-    )
-
-
-def metrics(run: Path) -> list[dict]:
-    """The training lines of metrics.jsonl (held-out evaluations are lines of their own)."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if line["split"] == "train"]
 
 
 @pytest.fixture(scope="module")

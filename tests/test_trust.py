@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import cache_config, train_config, write_config
+from conftest import cache_config, metrics, train, train_config, write_config
 
 from mdkd.cli import cli
 from mdkd.pipeline.distill import checkpoints
@@ -27,18 +27,6 @@ def one_line_error(result, fragment: str) -> str:
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
     return lines[0]
-
-
-def train(tmp_path: Path, cache: Path, config: dict, out: str = "run", *extra: str):
-    path = write_config(tmp_path / f"{out}.yaml", config)
-    return CliRunner().invoke(
-        cli, ["train", "--config", str(path), "--cache", str(cache), "--out", str(tmp_path / out), *extra]
-    )
-
-
-def train_lines(run: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if line["split"] == "train"]
 
 
 # ---------------------------------------------------------------- checkpoints: nothing unpickled that mdkd never wrote
@@ -127,7 +115,7 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(finished_run, train
     result = train(tmp_path, training_cache, config, "crashed", "--resume", "auto")
     assert result.exit_code == 0, result.output
     assert "passed over: checkpoint" in result.stderr and "step-0000006" in result.stderr
-    again, full = train_lines(crashed), train_lines(run)
+    again, full = metrics(crashed), metrics(run)
     assert [m["step"] for m in again] == list(range(1, 9))
     for a, b in zip(full[4:], again[4:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
@@ -158,7 +146,7 @@ def test_zero_checkpoints_resume_through_the_weights_only_loader(training_cache,
     (crashed / "run.json").write_text(json.dumps({**record, "complete": False}))
     result = train(tmp_path, training_cache, config, "crashed", "--resume", "auto")
     assert result.exit_code == 0, result.output
-    for a, b in zip(train_lines(run)[2:], train_lines(crashed)[2:], strict=True):
+    for a, b in zip(metrics(run)[2:], metrics(crashed)[2:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert os.listdir(crashed / "student")
 
@@ -203,7 +191,7 @@ def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tmp_
         tmp_path, training_cache, train_config(train={"steps": 4, "checkpoint_every": 4}), "link", "--overwrite"
     )
     assert result.exit_code == 0, result.output
-    assert link.is_symlink() and [m["step"] for m in train_lines(real)] == [1, 2, 3, 4]
+    assert link.is_symlink() and [m["step"] for m in metrics(real)] == [1, 2, 3, 4]
 
 
 def test_a_second_writer_on_the_same_folder_is_refused_at_once(tmp_path, training_cache):
@@ -543,4 +531,4 @@ def test_a_torn_last_metrics_line_is_survived_by_report_and_resume(finished_run,
     assert reported.exit_code == 0, reported.output
     resumed = train(tmp_path, training_cache, config, "crashed", "--resume", "auto")
     assert resumed.exit_code == 0, resumed.output
-    assert [m["step"] for m in train_lines(crashed)] == list(range(1, 9))
+    assert [m["step"] for m in metrics(crashed)] == list(range(1, 9))

@@ -26,6 +26,8 @@ def cache_config(root: Path, languages: list[str], settings: DemoSettings) -> di
         "masking": {"probability": 0.15, "mask": 0.8, "random": 0.1, "keep": 0.1, "seed": 0, "copies": 1},
         "max_length": settings.max_length,
         "top_k": TOP_K,
+        # The students distil at tau = 1 (settings.TOP_K says why), so the tail is drawn there: no reweighting.
+        "tail_temperature": 1.0,
         "shard_documents": 512,
     }
 

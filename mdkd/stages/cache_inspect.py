@@ -75,16 +75,21 @@ def collect(cache_dir: Path) -> Inspection:
         results.append(result)
     alignment = build_alignment(list(vocabularies.values()))
     shares = {name: teacher_token_shares(alignment, name, tally) for name, tally in tallies.items()}
-    return Inspection(results, shares, _warnings(results, cache.manifest.top_k))
+    return Inspection(results, shares, _warnings(results, cache.manifest.top_k, cache.manifest.tail_samples))
 
 
-def _warnings(rows: list[dict], top_k: int) -> list[str]:
-    """One line per (teacher, language) whose cached top-k holds little of the teacher's probability."""
+def _warnings(rows: list[dict], top_k: int, tail_samples: int) -> list[str]:
+    """One line per (teacher, language) whose cached top-k holds little of the teacher's probability; what that
+    leaves unpinned depends on whether the cache drew a tail."""
+    inside = (
+        f"the cache's {tail_samples} tail draws per position estimate the rest"
+        if tail_samples
+        else "without tail draws (cache config `tail_samples`) the inside of the rest is free"
+    )
     return [
         f"warning: the top-{top_k} of {r['teacher']} on {r['language']} holds {r['mean_topk_mass']:.0%} of its "
-        "probability "
-        "mass: `loss.missing_mass: renormalize` would distort it, and `rest` fixes only the top-k and the total of "
-        "everything else (see docs/training.md, 'Choosing k and tau')"
+        f"probability mass: `loss.missing_mass: renormalize` would distort it, and {inside} (see "
+        "docs/training.md, 'Choosing k and tau')"
         for r in rows
         if r["mean_topk_mass"] < LOW_TOPK_MASS
     ]
