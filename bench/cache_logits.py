@@ -225,6 +225,7 @@ def write_config(path: Path, corpus: Path, teacher: Path, args) -> Path:
         "masking": {"probability": 0.15, "seed": args.seed, "copies": 1},
         "max_length": args.max_length,
         "top_k": args.top_k,
+        "tail_samples": 0,  # the top-k path and its bytes; bench/targets.py measures what the tail costs
         "batch_tokens": args.batch_tokens,
         "dtype": args.dtype,
         "device": args.device_name,

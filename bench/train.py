@@ -138,6 +138,7 @@ def build_cache(work: Path, preset: dict, seed: int) -> CacheReader:
         "teachers": [{"name": TEACHER, "model": str(work / "teacher"), "languages": [LANGUAGE]}],
         "max_length": 128,
         "top_k": TOP_K,
+        "tail_samples": 0,  # steps as before the tail, comparable with docs/performance.md's figures
         "temperatures": [TEMPERATURE],
         "shard_documents": 256,
     }

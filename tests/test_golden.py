@@ -79,6 +79,7 @@ def golden_cache(tmp_path_factory) -> Path:
         "max_length": 32,
         "top_k": 8,
         "tail_samples": 8,
+        "tail_temperature": 1.0,  # pinned: the draws are reweighted to the loss's tau 2
         "shard_documents": 4,
         "dtype": "fp32",
         "device": "cpu",
