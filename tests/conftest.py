@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -153,3 +154,21 @@ def metrics(run: Path) -> list[dict]:
     """The training lines of a run's metrics.jsonl (held-out evaluations are lines of their own)."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [line for line in lines if line["split"] == "train"]
+
+
+def unfinished_copy(run: Path, into: Path, died_after: int, last_checkpoint: int) -> Path:
+    """A copy of a finished run as it would be had it died after step `died_after`, its newest checkpoint the one
+    of step `last_checkpoint`: no student, no later checkpoint, metrics up to `died_after`, not complete."""
+    shutil.copytree(run, into)
+    shutil.rmtree(into / "student")
+    for folder in (into / "checkpoints").glob("step-*"):
+        if int(folder.name.removeprefix("step-")) > last_checkpoint:
+            shutil.rmtree(folder)
+    (into / "checkpoints" / "latest").write_text(f"step-{last_checkpoint:07d}")
+    lines = (into / "metrics.jsonl").read_text().splitlines()
+    (into / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in lines if json.loads(line)["step"] <= died_after)
+    )
+    record = json.loads((into / "run.json").read_text())
+    (into / "run.json").write_text(json.dumps({**record, "complete": False}))
+    return into

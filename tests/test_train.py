@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import metrics, torchrun, train, train_config, write_config
+from conftest import metrics, torchrun, train, train_config, unfinished_copy, write_config
 
 from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.cache.reader import CacheReader
@@ -169,24 +168,12 @@ def test_a_modernbert_student_trains_exports_and_scores_like_its_full_forward(tr
     torch.testing.assert_close(wrapped, full, rtol=1e-4, atol=1e-4)
 
 
-def _crashed_copy(run: Path, crashed: Path, full: list[dict]) -> Path:
-    """A copy of a finished 8-step run made to look like one that died after step 6, its last checkpoint at 4."""
-    shutil.copytree(run, crashed)
-    shutil.rmtree(crashed / "student")
-    shutil.rmtree(crashed / "checkpoints" / "step-0000008")
-    (crashed / "checkpoints" / "latest").write_text("step-0000004")
-    (crashed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in full[:6]))
-    status = json.loads((crashed / "run.json").read_text())
-    (crashed / "run.json").write_text(json.dumps({**status, "complete": False}))
-    return crashed
-
-
 @pytest.mark.parametrize("resume", ["auto", "path"])
 def test_resumed_run_reproduces_the_uninterrupted_run(training_cache, tmp_path, resume):
     config = train_config(train={"steps": 8, "checkpoint_every": 4})
     assert train(tmp_path, training_cache, config).exit_code == 0
     full = metrics(tmp_path / "run")
-    crashed = _crashed_copy(tmp_path / "run", tmp_path / "crashed", full)
+    crashed = unfinished_copy(tmp_path / "run", tmp_path / "crashed", died_after=6, last_checkpoint=4)
     refused = train(tmp_path, training_cache, config, "crashed")
     assert refused.exit_code == 2 and "--resume auto" in refused.stderr
     where = "auto" if resume == "auto" else str(crashed / "checkpoints" / "step-0000004")
@@ -205,7 +192,7 @@ def test_a_checkpoint_of_another_config_is_refused(training_cache, tmp_path):
     other = train_config(train={"steps": 8, "checkpoint_every": 4, "lr": 1.0e-3})
     assert train(tmp_path, training_cache, config).exit_code == 0
     assert train(tmp_path, training_cache, other, "other").exit_code == 0
-    crashed = _crashed_copy(tmp_path / "run", tmp_path / "crashed", metrics(tmp_path / "run"))
+    crashed = unfinished_copy(tmp_path / "run", tmp_path / "crashed", died_after=6, last_checkpoint=4)
     result = train(
         tmp_path,
         training_cache,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import cache_config, metrics, train, train_config, write_config
+from conftest import cache_config, metrics, train, train_config, unfinished_copy, write_config
 
 from mdkd.cli import cli
 from mdkd.pipeline.distill import checkpoints
@@ -51,18 +51,6 @@ def finished_run(training_cache, tmp_path_factory) -> tuple[Path, dict]:
     return root / "run", config
 
 
-def _unfinished_copy(finished: Path, into: Path) -> Path:
-    """The finished run as it would be had it died after step 6: no student, metrics up to 6, not complete."""
-    shutil.copytree(finished, into)
-    shutil.rmtree(into / "student")
-    shutil.rmtree(into / "checkpoints" / "step-0000008")
-    lines = (into / "metrics.jsonl").read_text().splitlines()
-    (into / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 6))
-    record = json.loads((into / "run.json").read_text())
-    (into / "run.json").write_text(json.dumps({**record, "complete": False}))
-    return into
-
-
 def test_every_checkpoint_carries_a_record_of_its_files(finished_run):
     run, _ = finished_run
     for step in (4, 8):
@@ -76,7 +64,7 @@ def test_a_crafted_checkpoint_is_never_unpickled(finished_run, training_cache, t
     """Case 2: a pickle that runs code, given to --resume PATH, first without mdkd's record, then with a record
     forged to match it: neither run loads it, and its code never runs."""
     run, config = finished_run
-    crashed = _unfinished_copy(run, tmp_path / "crashed")
+    crashed = unfinished_copy(run, tmp_path / "crashed", died_after=6, last_checkpoint=4)
     crafted = tmp_path / "crafted" / "step-0000004"
     crafted.mkdir(parents=True)
     marker = tmp_path / "code-ran"
@@ -96,7 +84,7 @@ def test_a_crafted_checkpoint_is_never_unpickled(finished_run, training_cache, t
 
 def test_a_checkpoint_changed_since_it_was_written_is_refused(finished_run, training_cache, tmp_path):
     run, config = finished_run
-    crashed = _unfinished_copy(run, tmp_path / "crashed")
+    crashed = unfinished_copy(run, tmp_path / "crashed", died_after=6, last_checkpoint=4)
     state = crashed / "checkpoints" / "step-0000004" / "mp_rank_00_model_states.pt"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one byte flipped, the size unchanged
@@ -109,7 +97,7 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(finished_run, train
     """A save cut short (no record) is the newest checkpoint: --resume auto takes the one before, says so, and
     reproduces the uninterrupted run's steps from there."""
     run, config = finished_run
-    crashed = _unfinished_copy(run, tmp_path / "crashed")
+    crashed = unfinished_copy(run, tmp_path / "crashed", died_after=6, last_checkpoint=4)
     shutil.copytree(crashed / "checkpoints" / "step-0000004", crashed / "checkpoints" / "step-0000006")
     (crashed / "checkpoints" / "step-0000006" / checkpoints.RECORD).unlink()
     result = train(tmp_path, training_cache, config, "crashed", "--resume", "auto")
@@ -124,7 +112,7 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(finished_run, train
 def test_resume_at_an_empty_checkpoint_folder(finished_run, training_cache, tmp_path):
     """Case 8: --resume at a folder with nothing in it."""
     run, config = finished_run
-    _unfinished_copy(run, tmp_path / "crashed")
+    unfinished_copy(run, tmp_path / "crashed", died_after=6, last_checkpoint=4)
     empty = tmp_path / "empty"
     empty.mkdir()
     result = train(tmp_path, training_cache, config, "crashed", "--resume", str(empty))
@@ -138,12 +126,7 @@ def test_zero_checkpoints_resume_through_the_weights_only_loader(training_cache,
     config = train_config(zero_stage=zero_stage, train={"steps": 4, "checkpoint_every": 2})
     assert train(tmp_path, training_cache, config).exit_code == 0
     run = tmp_path / "run"
-    crashed = tmp_path / "crashed"
-    shutil.copytree(run, crashed)
-    shutil.rmtree(crashed / "student")
-    shutil.rmtree(crashed / "checkpoints" / "step-0000004")
-    record = json.loads((crashed / "run.json").read_text())
-    (crashed / "run.json").write_text(json.dumps({**record, "complete": False}))
+    crashed = unfinished_copy(run, tmp_path / "crashed", died_after=4, last_checkpoint=2)
     result = train(tmp_path, training_cache, config, "crashed", "--resume", "auto")
     assert result.exit_code == 0, result.output
     for a, b in zip(metrics(run)[2:], metrics(crashed)[2:], strict=True):
@@ -524,7 +507,7 @@ def test_a_torn_last_metrics_line_is_survived_by_report_and_resume(finished_run,
     """Case 8: a crash in the middle of a metrics write left half a line: report reads past it, and a resume
     replaces the file whole with the steps up to its checkpoint."""
     run, config = finished_run
-    crashed = _unfinished_copy(run, tmp_path / "crashed")
+    crashed = unfinished_copy(run, tmp_path / "crashed", died_after=6, last_checkpoint=4)
     with (crashed / "metrics.jsonl").open("a") as handle:
         handle.write('{"step": 7, "split": "tr')
     reported = CliRunner().invoke(cli, ["report", str(crashed), "--out", str(tmp_path / "report")])

@@ -34,6 +34,7 @@ def plan_run(config: TrainConfig, manifest: Manifest) -> RunPlan:
         raise UserError("; ".join(problems))
     pairs = [(teacher, language) for language, weights in selection.items() for teacher in weights]
     in_use = {teacher for teacher, _ in pairs}
+    tail_temperature = manifest.tail_temperature if uses_tail(config, manifest) else None
     return RunPlan(
         selection=selection,
         pairs=pairs,
@@ -42,8 +43,8 @@ def plan_run(config: TrainConfig, manifest: Manifest) -> RunPlan:
         temperature_column=(
             None if config.loss.missing_mass == "renormalize" else manifest.temperatures.index(config.loss.temperature)
         ),
-        tail_column=manifest.temperatures.index(manifest.tail_temperature) if uses_tail(config, manifest) else None,
-        tail_temperature=manifest.tail_temperature if uses_tail(config, manifest) else None,
+        tail_column=None if tail_temperature is None else manifest.temperatures.index(tail_temperature),
+        tail_temperature=tail_temperature,
     )
 
 
