@@ -24,6 +24,7 @@ def test_the_walk_reaches_every_nested_model():
         "MaskingConfig",
         "TrainConfig",
         "StudentConfig",
+        "InheritConfig",
         "VocabConfig",
         "AlphaConfig",
         "LossConfig",

@@ -17,11 +17,13 @@ from mdkd import __version__
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import TrainConfig, load_train_config
 from mdkd.pipeline.distill.deepspeed_setup import init_distributed, resolve_precision
+from mdkd.pipeline.distill.inherit import body_problems
 from mdkd.pipeline.distill.plan import RunPlan, plan_run
 from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.trainer import Distiller
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, TokenTally, build_alignment, teacher_token_shares
 from mdkd.pipeline.distributed import Ranks, barrier, pick_device
+from mdkd.pipeline.errors import UserError
 
 
 def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = None, overwrite: bool = False) -> dict:
@@ -33,6 +35,10 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
 
     # Setup: everything that can be wrong with the inputs is found before any training starts.
     plan = plan_run(config, cache.manifest)
+    # A student that inherits a teacher's weights: that teacher must be the one stage one cached.
+    problems = body_problems(config.student, cache.manifest)
+    if problems:
+        raise UserError("; ".join(problems))
     # Every file the run reads, checked now (sizes, hashes, tokenizer copies): not hours into training.
     cache.require_intact(plan.shards, plan.teachers, progress=_progress_bar(ranks, "checking cache"))
     identity = {"config_hash": config.content_hash(), "cache": cache.manifest.identity}
@@ -55,6 +61,13 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
         return claim.record
     alignment = Alignment.load(run_folder.vocab_dir, plan.teachers)
     distiller = Distiller(config, cache, plan, alignment, run_folder, ranks, device, precision, run_folder.metrics)
+    if distiller.inheritance is not None and ranks.is_main:
+        run_folder.write_inheritance(distiller.inheritance)
+        rows = ", ".join(f"{count} {path}" for path, count in distiller.inheritance["rows"].items())
+        ranks.echo(
+            f"student inherits {config.student.init.teacher} ({len(distiller.inheritance['layers'])} layers); "
+            f"vocabulary rows: {rows}"
+        )
     if resume:
         distiller.resume(resume)
 

@@ -17,9 +17,37 @@ PRESETS = {
 }
 
 
+class InheritConfig(StrictModel):
+    """A student that starts from one cached teacher's weights (its "body") through the merged vocabulary."""
+
+    teacher: str = Field(
+        description="The cached teacher whose architecture, configuration and weights the student takes. Stage two "
+        "loads it from where the cache's manifest says stage one found it, and refuses it when its weights are not "
+        "the ones stage one cached ([training.md](training.md#inheriting-a-teachers-weights))."
+    )
+    layers: list[int] | None = Field(
+        None,
+        description="Which of the body's layers to keep, in order (e.g. `[0, 2, 4, 6, 8, 10]`, DistilBERT's every "
+        "other layer). Null keeps them all.",
+    )
+
+    @model_validator(mode="after")
+    def _increasing_layers(self) -> InheritConfig:
+        layers = self.layers
+        if layers is not None and (
+            not layers or min(layers) < 0 or any(a >= b for a, b in zip(layers, layers[1:], strict=False))
+        ):
+            raise ValueError("init.layers must name at least one layer, in increasing order, each from 0 up")
+        return self
+
+
+# With `init`, the body decides these: a key given explicitly is refused unless it agrees with the body.
+BODY_DECIDES = ("architecture", "preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "dropout")
+
+
 class StudentConfig(StrictModel):
-    """A student initialised from scratch: an architecture, and a preset or explicit sizes (which override the
-    preset)."""
+    """A student initialised from scratch (an architecture, and a preset or explicit sizes, which override the
+    preset), or from a teacher's weights (`init`)."""
 
     architecture: Literal["bert", "modernbert"] = Field(
         "bert",
@@ -37,6 +65,16 @@ class StudentConfig(StrictModel):
     num_heads: int | None = Field(None, ge=1, description="Attention heads. Null: the preset's.")
     intermediate_size: int | None = Field(None, ge=8, description="Feed-forward size. Null: the preset's.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Hidden and attention dropout.")
+    init: InheritConfig | None = Field(
+        None,
+        description="Start from a cached teacher's weights instead of random ones: `{teacher: NAME, layers: [...]}`. "
+        "The student then has that teacher's architecture, sizes, dropout and configuration; `architecture`, "
+        "`preset` and the size keys may be left out, and any given must agree with the body. Null: from scratch.",
+    )
+
+    def explicit_body_keys(self) -> dict:
+        """With `init`: the keys among BODY_DECIDES this config gives explicitly, which must agree with the body."""
+        return {key: getattr(self, key) for key in BODY_DECIDES if key in self.model_fields_set}
 
     def sizes(self) -> dict[str, int]:
         sizes = dict(PRESETS[self.preset]) if self.preset else {}
@@ -46,6 +84,11 @@ class StudentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _complete_and_divisible(self) -> StudentConfig:
+        if self.init is not None:
+            layers, explicit = self.init.layers, self.explicit_body_keys()
+            if layers is not None and "num_layers" in explicit and explicit["num_layers"] != len(layers):
+                raise ValueError(f"num_layers {explicit['num_layers']} is not the {len(layers)} init.layers keep")
+            return self
         sizes = self.sizes()
         missing = [k for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size") if k not in sizes]
         if missing:

@@ -7,6 +7,7 @@
 | `teachers.json` | train, at the start | the teacher selection it trains with: {language: {teacher: weight}} |
 | `heldout.json` | train, at the start | the held-out documents (rule, fraction, doc_ids), so eval scores exactly them |
 | `vocab/` | train, at the start | the merged vocabulary and id maps (`Alignment.save`) |
+| `inheritance.json` | train, at the start | for a student with `student.init`: its body, layers, rows per path |
 | `metrics.jsonl` | train, every step | one JSON object per training step and per held-out evaluation |
 | `checkpoints/` | train (DeepSpeed) | engine checkpoints with the data position |
 | `student/` | train, at the end | the exported HF model and tokenizer |
@@ -94,6 +95,7 @@ class RunFolder:
         self._teachers = self.path / "teachers.json"
         self._held_out = self.path / "heldout.json"
         self._eval = self.path / "eval.json"
+        self._inheritance = self.path / "inheritance.json"
 
     @property
     def name(self) -> str:
@@ -173,6 +175,15 @@ class RunFolder:
         if not self._held_out.exists():
             raise UserError(f"{self.path} has no {self._held_out.name} (give a run folder of `mdkd train`)")
         return set(json.loads(self._held_out.read_text(encoding="utf-8"))["documents"]).__contains__
+
+    def write_inheritance(self, stats: dict) -> None:
+        """How an inheriting student was made: its body, the layers kept, and how many vocabulary rows took each
+        path (inherit.py)."""
+        write_json_atomic(self._inheritance, stats)
+
+    def inheritance(self) -> dict | None:
+        """inheritance.json, or None for a student trained from scratch."""
+        return json.loads(self._inheritance.read_text(encoding="utf-8")) if self._inheritance.exists() else None
 
     # ---------------------------------------------------------------- what came out
 

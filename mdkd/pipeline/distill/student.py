@@ -1,4 +1,5 @@
-"""The student: a BERT or ModernBERT masked LM over the merged vocabulary, and its export as an ordinary HF folder.
+"""The student: a masked LM over the merged vocabulary (a fresh BERT or ModernBERT, or a teacher's architecture and
+weights when it inherits them, inherit.py), and its export as an ordinary HF folder.
 
 The forward pass runs the encoder on the whole batch and the vocabulary projection only at masked positions,
 so no [batch, sequence, vocabulary] tensor is ever built. The exported folder holds the model and a WordPiece
@@ -13,8 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mdkd.pipeline.cache.manifest import ShardEntry
+from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import StudentConfig
+from mdkd.pipeline.distill.inherit import inherit_student, longest_input, model_input_names
 from mdkd.pipeline.distill.student_tokenizer import STUDENT_SPECIALS, student_tokenizer
+from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 
 
@@ -28,6 +33,16 @@ class MaskedLMStudent(nn.Module):
 
     def forward(self, input_ids, attention_mask, rows, cols):
         return masked_logits(self.model, self.adapter, input_ids, attention_mask, rows, cols, input_ids.device)
+
+
+def initial_student(
+    settings: StudentConfig, alignment: Alignment, cache: CacheReader, shards: list[ShardEntry], seed: int
+) -> tuple[MaskedLMStudent, dict | None]:
+    """The student a run starts from, and (when it inherits a teacher's weights) how its rows were made."""
+    if settings.init is None:
+        return build_student(settings, len(alignment.tokens), cache.manifest.max_length, seed), None
+    inheritance = inherit_student(settings.init, cache, alignment, shards, seed)
+    return MaskedLMStudent(inheritance.model), inheritance.stats(settings.init.teacher)
 
 
 def build_student(settings: StudentConfig, vocab_size: int, max_positions: int, seed: int) -> MaskedLMStudent:
@@ -70,5 +85,9 @@ def build_student(settings: StudentConfig, vocab_size: int, max_positions: int, 
 def export_student(student: MaskedLMStudent, tokens: list[str], lowercase: bool, out_dir: Path) -> None:
     """Save the model and its tokenizer as one HF folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    student.model.save_pretrained(out_dir)
-    student_tokenizer(tokens, lowercase, student.model.config.max_position_embeddings).save_pretrained(out_dir)
+    model = student.model
+    model.save_pretrained(out_dir)
+    tokenizer = student_tokenizer(tokens, lowercase, longest_input(model.config))
+    # A model whose forward takes no token type ids (DistilBERT, ModernBERT) must not be handed them by fill-mask.
+    tokenizer.model_input_names = model_input_names(model)
+    tokenizer.save_pretrained(out_dir)

@@ -27,7 +27,7 @@ from mdkd.pipeline.distill.losses import alpha_at
 from mdkd.pipeline.distill.metrics import MetricsLogger
 from mdkd.pipeline.distill.plan import RunPlan
 from mdkd.pipeline.distill.run import RunFolder
-from mdkd.pipeline.distill.student import build_student, export_student
+from mdkd.pipeline.distill.student import export_student, initial_student
 from mdkd.pipeline.distill.training import StepTotals, Supports, micro_batch_backward, rank_micro_batches
 from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.pipeline.distributed import Ranks, barrier, transformers_console
@@ -59,7 +59,7 @@ class Distiller:
         if config.loss.missing_mass == "support":
             masks = torch.from_numpy(np.stack([alignment.support(name) for name in plan.teachers]))
             self.supports = Supports(plan.teachers, masks.to(device), plan.tail_temperature)
-        student = build_student(config.student, len(alignment.tokens), cache.manifest.max_length, config.train.seed)
+        student, self.inheritance = initial_student(config.student, alignment, cache, plan.shards, config.train.seed)
         ds_config = deepspeed_config(config, precision, device)
         schedule = None
         if "scheduler" not in ds_config:  # a raw `deepspeed: {scheduler: ...}` block brings its own
