@@ -11,7 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import cache_config, make_documents, sentences, torchrun, train, train_config, write_config
+from conftest import (
+    cache_config,
+    make_documents,
+    metrics,
+    sentences,
+    torchrun,
+    train,
+    train_config,
+    unfinished_copy,
+    write_config,
+)
 from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
 from mdkd.cli import cli
@@ -257,3 +267,45 @@ def test_inherited_modernbert_student_trains_on_two_ranks_with_zero_3(tmp_path, 
     assert model.config.layer_types == reference.config.layer_types and model.config.local_attention == 16
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
     assert "token_type_ids" not in tokenizer("Привет мир")
+
+
+def test_a_body_that_teaches_nothing_gives_its_rows_to_the_tokens_it_shares(bodies):
+    """MergeDistill's setting: the multilingual body under a monolingual teacher. The merged vocabulary is the
+    teacher's; each of its tokens that the body spells once takes that body id's rows."""
+    cache = bodies["cache"]
+    german = TeacherVocabulary.from_cache(cache, "de_bert")
+    body = TeacherVocabulary.from_cache(cache, "multi_xlmr")
+    alignment = build_alignment([german])
+    inheritance = inherit_student(InheritConfig(teacher="multi_xlmr"), cache, alignment, cache.manifest.shards, 0)
+    reference = body_model(bodies, "multi_xlmr")
+    spelled = {}
+    for body_id, token in enumerate(body.canonical):
+        spelled.setdefault(token, []).append(body_id)
+    shared = [(i, spelled[t][0]) for i, t in enumerate(alignment.tokens) if len(spelled.get(t, [])) == 1]
+    assert len(shared) > 50
+    rows = torch.tensor([student_id for student_id, _ in shared])
+    body_rows = torch.tensor([body_id for _, body_id in shared])
+    torch.testing.assert_close(
+        inheritance.model.get_input_embeddings().weight[rows], reference.get_input_embeddings().weight[body_rows]
+    )
+    assert (inheritance.paths[rows.numpy()] == PATHS.index("own")).all()
+    assert inheritance.model.config.vocab_size == len(alignment.tokens)
+
+
+def test_a_resumed_inherited_run_continues_as_the_uninterrupted_one(tmp_path, training_cache):
+    """The resumed student is the checkpoint's, not the body again: its metrics and exported weights are the
+    uninterrupted run's."""
+    config = inherit_config()
+    config["train"] = {**config["train"], "steps": 4, "checkpoint_every": 2}
+    config["student"]["init"]["layers"] = [1]
+    assert train(tmp_path, training_cache, config).exit_code == 0
+    crashed = unfinished_copy(tmp_path / "run", tmp_path / "crashed", died_after=3, last_checkpoint=2)
+    resumed = train(tmp_path, training_cache, config, "crashed", "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    for a, b in zip(metrics(tmp_path / "run")[2:], metrics(crashed)[2:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+    whole = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "student").state_dict()
+    again = AutoModelForMaskedLM.from_pretrained(crashed / "student").state_dict()
+    assert whole.keys() == again.keys()
+    for name in whole:
+        torch.testing.assert_close(again[name], whole[name], atol=1e-6, rtol=0)

@@ -163,7 +163,7 @@ def row_sources(
     alignment: Alignment, body: str, vocabulary: TeacherVocabulary, tokenizer
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Per student token, the body ids whose rows it averages (empty: the fallback), and which path made it."""
-    id_map = alignment.id_maps[body]
+    id_map = body_id_map(alignment, body, vocabulary)
     own: list[list[int]] = [[] for _ in alignment.tokens]
     for body_id, student_id in enumerate(id_map):
         if student_id != DROPPED:
@@ -184,6 +184,16 @@ def row_sources(
         sources[index] = np.array(ids, dtype=np.int64)
         paths[index] = PATHS.index("pieces" if ids else "fallback")
     return sources, paths
+
+
+def body_id_map(alignment: Alignment, body: str, vocabulary: TeacherVocabulary) -> np.ndarray:
+    """body id -> student id. A body that is one of the run's teachers has its id map in the alignment; one that is
+    not (a multilingual body under monolingual teachers) maps by canonical token, and its tokens that no teacher of
+    the run has get no row (-1), as a vocabulary cap's dropped ids."""
+    if body in alignment.id_maps:
+        return alignment.id_maps[body]
+    student_id = {token: index for index, token in enumerate(alignment.tokens)}
+    return np.array([student_id.get(token, DROPPED) for token in vocabulary.canonical], dtype=np.int32)
 
 
 def _text_of(token: str) -> str | None:
