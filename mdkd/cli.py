@@ -10,7 +10,7 @@ import click
 
 from mdkd import __version__
 from mdkd.pipeline.config import ConfigError
-from mdkd.pipeline.distributed import Ranks
+from mdkd.pipeline.distributed import Ranks, quiet_deepspeed
 from mdkd.pipeline.errors import UserError
 
 _FREE_SPACE = "free some disk space, then rerun the same command: it resumes"
@@ -64,6 +64,7 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 )
 def cli(local_rank: int | None) -> None:
     """Merge several masked language models into one student by knowledge distillation (MergeDistill)."""
+    quiet_deepspeed()
 
 
 @cli.command("cache-logits")

@@ -67,7 +67,9 @@ def _build_teacher(root, name, splits: dict, family, vocab, steps, seed, setting
     sizes = dict(hidden=settings.hidden, layers=settings.layers, heads=settings.heads)
     model = build_masked_lm(TEACHER_ARCHITECTURE, tokenizer, seed=seed, max_positions=settings.max_length, **sizes)
     started = time.perf_counter()
-    with tqdm(total=steps, desc=f"  teacher {name}", unit="step") as progress:
+    # Bars follow mdkd's one rule (rank 0, on a terminal): off one, each frame would be a line of the log.
+    bar = dict(desc=f"  teacher {name}", unit="step", disable=not Ranks.from_env().progress_enabled())
+    with tqdm(total=steps, **bar) as progress:
         losses = pretrain_masked_lm(
             model,
             tokenizer,

@@ -46,6 +46,12 @@ class Ranks:
         return self.is_main and sys.stderr is not None and sys.stderr.isatty()
 
 
+def quiet_deepspeed() -> None:
+    """Tell DeepSpeed which accelerator it runs on before it is imported, so that it does not warn, on every
+    machine without a GPU, that it fell back to the CPU (`DS_ACCELERATOR` set by the user is kept)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def start_process_group(ranks: Ranks, backend: str = "gloo", timeout_hours: float = 48) -> None:
     """Join the launcher's process group when there is more than one rank.
 

@@ -11,6 +11,8 @@ Without a launcher, `mdkd train` is rank 0 of a world of 1 on a free local port;
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from datetime import timedelta
@@ -79,10 +81,13 @@ def init_distributed(device: torch.device) -> None:
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
     if not torch.distributed.is_initialized():
-        # Rank 0 alone builds the vocabulary before the others go on: DeepSpeed's 10-minute default is too short.
-        deepspeed.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, timeout=timedelta(hours=6)
-        )
+        # On the CPU DeepSpeed compiles its shared-memory collective op at first use and prints that it did, on
+        # every rank; a failed build raises, so the line says nothing a user needs.
+        with contextlib.redirect_stdout(io.StringIO()):
+            # Rank 0 alone builds the vocabulary before the others go on: DeepSpeed's 10-minute default is too short.
+            deepspeed.init_distributed(
+                dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, timeout=timedelta(hours=6)
+            )
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
