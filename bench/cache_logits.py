@@ -77,10 +77,11 @@ from common import median, peak_rss_mb, preset_parser, print_figures, say, sessi
 
 import mdkd
 from mdkd.pipeline.cache.reader import CacheReader
-from mdkd.pipeline.cache.shards import CachedRow, build_table, shard_schema, write_shard
+from mdkd.pipeline.cache.shards import CachedRow, UnitRows, build_table, shard_schema, write_shard
 from mdkd.pipeline.distributed import Ranks, pick_device
 from mdkd.pipeline.teacher_pass.config import CacheConfig, load_cache_config
-from mdkd.pipeline.teacher_pass.corpus import scan_source
+from mdkd.pipeline.teacher_pass.corpus import read_language, scan_source
+from mdkd.pipeline.teacher_pass.masking import Masker
 from mdkd.pipeline.teacher_pass.teachers import (
     Teacher,
     inspect_teacher,
@@ -91,8 +92,10 @@ from mdkd.pipeline.teacher_pass.windows import (
     PreparedUnit,
     length_batches,
     padded_inputs,
+    plan_batches,
     score_unit,
 )
+from mdkd.pipeline.teacher_pass.workers import UnitBlock, UnitPreparation, default_workers, ready_units
 from mdkd.stages import cache_logits as stage
 from mdkd.tiny_models import build_masked_lm, train_tokenizer
 
@@ -175,6 +178,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--rss-factor", type=int, default=4, help="the second peak-RSS run uses this many x N")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument(
+        "--workers-sweep",
+        action="store_true",
+        help="also time the host path alone and the whole stage at 0, 1, 2, 4, ... and all (the default) workers",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and print its path")
     parser.add_argument("--rss-child", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -299,7 +307,7 @@ def cached_unit(cache: CacheReader, shard) -> PreparedUnit:
     for index, (doc_id, window, copy) in enumerate(names):
         cached = decoded.row(index)
         rows.append(CachedRow(doc_id, window, copy, cached.input_ids, cached.positions, cached.labels))
-    return PreparedUnit(rows, windows_without_tokens=0, tokens=len(decoded.input_ids))
+    return PreparedUnit(UnitRows.from_rows(rows), windows_without_tokens=0, tokens=len(decoded.input_ids))
 
 
 def forward_batches(units: list[PreparedUnit], config: CacheConfig, pad_id: int) -> list[tuple]:
@@ -312,14 +320,14 @@ def forward_batches(units: list[PreparedUnit], config: CacheConfig, pad_id: int)
 
 
 def score_as_configured(teacher: Teacher, unit: PreparedUnit, config: CacheConfig):
-    """score_unit with the stage's settings from `config`, as the stage calls it."""
+    """score_unit with the stage's settings from `config`, on the batches the stage's workers plan for the unit."""
+    batches = plan_batches(unit.rows, teacher.pad_id, config.batch_tokens, config.batch_size)
     return score_unit(
         teacher,
-        unit,
+        [batch.tensors(pin=False) for batch in batches],
+        int(unit.rows.position_offsets[-1]),
         k=config.top_k,
         temperatures=config.temperatures,
-        batch_tokens=config.batch_tokens,
-        batch_size=config.batch_size,
     )
 
 
@@ -465,6 +473,8 @@ def benchmark(args, preset: dict, scratch: Path) -> dict:
     cache = timings.pop("cache")
     figures.update(timings)
     figures["bytes_per_position"] = bytes_section(cache, scratch, figures["end_to_end"]["counts"])
+    if args.workers_sweep:
+        figures["workers_sweep"] = workers_section(scratch, args)
     if not args.skip_rss:
         figures["peak_rss"] = rss_section(scratch, words, args)
     return figures
@@ -722,6 +732,73 @@ def rss_section(scratch: Path, words: list[str], args) -> dict:
         )
     say(f"    cold processes, start-up and imports included: {small['seconds']:.1f} s and {large['seconds']:.1f} s")
     return {"runs": runs, "growth": growth}
+
+
+def host_path_pass(config: CacheConfig, workers: int) -> tuple[float, int]:
+    """Seconds and tokens of the stage's host path alone over the corpus, at `workers` workers: reading,
+    tokenising, masking and padding every unit (`ready_units`, as the stage calls it), no teacher."""
+    info, problems = inspect_teacher(config.teachers[0], config.top_k, config.max_length)
+    assert info is not None and not problems, problems
+    tokenizer = info.tokenizer
+    masker = Masker(config.masking, tokenizer.mask_token_id, set(tokenizer.all_special_ids), len(tokenizer))
+    preparation = UnitPreparation(
+        tokenizer,
+        masker,
+        config.max_length,
+        config.masking.copies,
+        tokenizer.pad_token_id or 0,
+        config.batch_tokens,
+        config.batch_size,
+        None,
+    )
+
+    def blocks():
+        documents = read_language(config.sources_for(LANGUAGE))
+        for part in itertools.count():
+            block = list(itertools.islice(documents, config.shard_documents))
+            if not block:
+                return
+            yield UnitBlock(LANGUAGE, part, block)
+
+    started = time.perf_counter()
+    tokens = sum(ready.unit.tokens for ready in ready_units(preparation, blocks(), workers, pin=False))
+    return time.perf_counter() - started, tokens
+
+
+def workers_section(scratch: Path, args) -> dict:
+    """Host-path throughput (the host path alone) and the whole stage's, each the fastest of --repeats, at 0, 1,
+    2, 4, ... workers and at the default (the cores less one); scaling is throughput over one worker's, per
+    worker."""
+    default = default_workers()
+    counts = sorted({0, 1, default, *(2**i for i in range(1, 8) if 2**i < default)})
+    config_path = scratch / "cache.yaml"
+    config = load_cache_config(config_path)
+    result = {"default_workers": default, "counts": counts, "host_path": {}, "stage": {}}
+    for workers in counts:
+        passes = [host_path_pass(config, workers) for _ in range(args.repeats)]
+        seconds, tokens = min(passes)
+        swept = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        swept_path = scratch / f"cache-workers-{workers}.yaml"
+        swept_path.write_text(yaml.safe_dump({**swept, "workers": workers}, sort_keys=False), encoding="utf-8")
+        runs = [run_stage(swept_path, scratch / f"cache-workers-{workers}-{i}") for i in range(args.repeats)]
+        stage_s = min(run["total_s"] for run in runs)
+        result["host_path"][str(workers)] = {"seconds": seconds, "tokens_per_s": tokens / seconds}
+        result["stage"][str(workers)] = {"seconds": stage_s, "tokens_per_s": tokens / stage_s}
+    one = result["host_path"]["1"]["tokens_per_s"]
+    for workers in counts:
+        if workers:
+            figures = result["host_path"][str(workers)]
+            figures["scaling_per_worker"] = figures["tokens_per_s"] / one / workers
+    say(
+        "[6] host path alone (read, tokenise, mask, pad; no teacher) and whole stage, by workers: "
+        + "; ".join(
+            f"{w}: {result['host_path'][str(w)]['tokens_per_s']:,.0f} / {result['stage'][str(w)]['tokens_per_s']:,.0f}"
+            " tokens/s" + (f" (x{result['host_path'][str(w)]['scaling_per_worker']:.2f} per worker)" if w else "")
+            for w in counts
+        )
+        + f"; default {default}"
+    )
+    return result
 
 
 def _seconds(values: list[float]) -> str:

@@ -30,7 +30,8 @@ from mdkd.pipeline.teacher_pass.config import CacheConfig, load_cache_config
 from mdkd.pipeline.teacher_pass.corpus import SourceSummary, read_language, scan_source
 from mdkd.pipeline.teacher_pass.masking import Masker
 from mdkd.pipeline.teacher_pass.teachers import Teacher, TeacherInfo, inspect_teacher, pick_dtype
-from mdkd.pipeline.teacher_pass.windows import TailSampling, prepare_unit, score_unit
+from mdkd.pipeline.teacher_pass.windows import TailSampling, score_unit
+from mdkd.pipeline.teacher_pass.workers import ReadyUnit, UnitBlock, UnitPreparation, default_workers, ready_units
 
 
 def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest | None:
@@ -189,15 +190,27 @@ def _describe(
 def _run_teacher(
     config: CacheConfig, info: TeacherInfo, teacher: Teacher, todo, writer: CacheWriter, jobs: BackgroundJobs, ranks
 ) -> None:
-    """Compute this rank's pending units for one (loaded once) teacher; the writer thread writes each one."""
+    """Compute this rank's pending units for one (loaded once) teacher. Worker processes prepare the units (a
+    background thread reads the corpus and hands them over), this thread runs the teacher, and the writer thread
+    builds and writes each unit's shard."""
     name, tokenizer = info.spec.name, info.tokenizer
     masker = Masker(config.masking, tokenizer.mask_token_id, set(tokenizer.all_special_ids), len(tokenizer))
     tail = (
         TailSampling(config.tail_samples, config.tail_temperature, config.masking.seed) if config.tail_samples else None
     )
+    preparation = UnitPreparation(
+        tokenizer,
+        masker,
+        config.max_length,
+        config.masking.copies,
+        teacher.pad_id,
+        config.batch_tokens,
+        config.batch_size,
+        tail,
+    )
     wanted = set(todo)
 
-    def pending_units():
+    def pending_blocks():
         # Streams each language once; blocks of other ranks or already done are read past, not tokenised.
         for language in dict.fromkeys(language for language, _ in todo):
             documents = read_language(config.sources_for(language))
@@ -206,33 +219,38 @@ def _run_teacher(
                 if not block:
                     break
                 if (language, part) in wanted:
-                    unit = prepare_unit(block, tokenizer, masker, config.max_length, config.masking.copies)
-                    yield language, part, len(block), unit
+                    yield UnitBlock(language, part, block)
 
+    workers = default_workers() if config.workers is None else config.workers
+    units = ready_units(preparation, pending_blocks(), workers, pin=teacher.device.type == "cuda")
     progress = tqdm(total=len(todo), desc=name, unit="shard", disable=not ranks.progress_enabled())
-    for language, part, documents, unit in prefetch(pending_units()):
+    for ready in prefetch(units):
         started = time.perf_counter()
+        rows = ready.unit.rows
         predictions = score_unit(
-            teacher, unit, config.top_k, config.temperatures, config.batch_tokens, config.batch_size, tail
+            teacher, ready.batches, int(rows.position_offsets[-1]), config.top_k, config.temperatures, tail
         )
-        table = build_table(unit.rows, language, predictions, config.logprobs_dtype)
         seconds = time.perf_counter() - started
-        jobs.submit(
-            partial(
-                writer.write_unit,
-                name,
-                language,
-                part,
-                table,
-                documents=documents,
-                windows_without_tokens=unit.windows_without_tokens,
-                seconds=seconds,
-                tokens=unit.tokens,
-            )
-        )
-        progress.set_postfix(language=language, tokens_per_s=f"{unit.tokens / max(seconds, 1e-9):.0f}")
+        jobs.submit(partial(_write_unit, writer, name, ready, predictions, config.logprobs_dtype, seconds))
+        progress.set_postfix(language=ready.language, tokens_per_s=f"{ready.unit.tokens / max(seconds, 1e-9):.0f}")
         progress.update(1)
     progress.close()
+
+
+def _write_unit(
+    writer: CacheWriter, teacher: str, ready: ReadyUnit, predictions, logprobs_dtype: str, seconds: float
+) -> None:
+    """The writer thread's job for one unit: its table, then its shard, marker and log line."""
+    writer.write_unit(
+        teacher,
+        ready.language,
+        ready.part,
+        build_table(ready.unit.rows, ready.language, predictions, logprobs_dtype),
+        documents=ready.documents,
+        windows_without_tokens=ready.unit.windows_without_tokens,
+        seconds=seconds,
+        tokens=ready.unit.tokens,
+    )
 
 
 def _summary(manifest: Manifest, out_dir: Path) -> str:

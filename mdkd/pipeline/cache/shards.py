@@ -1,15 +1,17 @@
 """Parquet shards of cached teacher predictions: the one place that knows their columns.
 
 One row per (window, copy) of a document; docs/cache-format.md gives the meaning of each column. Stage one
-builds rows with `build_table`, and the cache writer writes them with `write_shard` (a temporary name in the final
-folder, fsync, rename, so a reader or a resumed run never sees a half-written file under a real name). Everything
-else reads them back as flat numpy arrays through `ShardRows`, or as `read_doc_ids` (the doc_id column alone) and
-`read_table` (the raw Arrow table, for verification).
+turns a unit's rows (`UnitRows`) and its teacher's predictions into a table with `build_table`, and the cache
+writer writes it with `write_shard` (a temporary name in the final folder, fsync, rename, so a reader or a
+resumed run never sees a half-written file under a real name). Everything else reads them back as flat numpy
+arrays through `ShardRows`, or as `read_doc_ids` (the doc_id column alone) and `read_table` (the raw Arrow table,
+for verification).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +70,7 @@ def shard_schema(logprobs_dtype: str) -> pa.Schema:
 
 @dataclass(frozen=True)
 class CachedRow:
-    """What stage one knows about one (window, copy), in the teacher's ids; `build_table` turns a list into rows."""
+    """What stage one knows about one (window, copy), in the teacher's ids."""
 
     doc_id: str
     window: int
@@ -76,6 +78,63 @@ class CachedRow:
     input_ids: np.ndarray  # [T] the masked input the teacher saw
     positions: np.ndarray  # [n] masked positions
     labels: np.ndarray  # [n] original tokens there
+
+
+@dataclass(frozen=True)
+class UnitRows(Sequence):
+    """A unit's rows as flat arrays, what `build_table` turns into a shard: row i's input is
+    `input_ids[input_offsets[i]:input_offsets[i + 1]]`, its masked positions and their labels are the same slice
+    of `positions` and `labels` by `position_offsets`. Flat, a unit crosses a process boundary as a few arrays
+    rather than three per row; indexing it still gives `CachedRow`s."""
+
+    doc_ids: list[str]
+    windows: np.ndarray  # int32 [R]
+    copies: np.ndarray  # int32 [R]
+    input_ids: np.ndarray  # int32, every row's masked input, concatenated
+    input_offsets: np.ndarray  # int64 [R + 1]
+    positions: np.ndarray  # int32, every row's masked positions (ascending within a row), concatenated
+    position_offsets: np.ndarray  # int64 [R + 1]
+    labels: np.ndarray  # int32, the original ids at those positions
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[CachedRow]) -> UnitRows:
+        rows = list(rows)
+
+        def flat(field: str) -> tuple[np.ndarray, np.ndarray]:
+            parts = [np.asarray(getattr(r, field), dtype=np.int32) for r in rows]
+            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum([len(p) for p in parts], out=offsets[1:])
+            return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), offsets
+
+        (input_ids, input_offsets), (positions, position_offsets) = flat("input_ids"), flat("positions")
+        return cls(
+            [r.doc_id for r in rows],
+            np.array([r.window for r in rows], dtype=np.int32),
+            np.array([r.copy for r in rows], dtype=np.int32),
+            input_ids,
+            input_offsets,
+            positions,
+            position_offsets,
+            flat("labels")[0],
+        )
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # a negative index counts from the end; past the end is an IndexError
+        a, b = self.input_offsets[index], self.input_offsets[index + 1]
+        c, d = self.position_offsets[index], self.position_offsets[index + 1]
+        return CachedRow(
+            self.doc_ids[index],
+            int(self.windows[index]),
+            int(self.copies[index]),
+            self.input_ids[a:b],
+            self.positions[c:d],
+            self.labels[c:d],
+        )
 
 
 @dataclass(frozen=True)
@@ -96,31 +155,26 @@ def _list_array(values: np.ndarray, lengths) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-def build_table(rows: list[CachedRow], language: str, predictions: TeacherPredictions, logprobs_dtype: str) -> pa.Table:
-    """Shard rows; row i's predictions are the next len(rows[i].positions) rows of each array of `predictions`."""
+def build_table(rows: UnitRows, language: str, predictions: TeacherPredictions, logprobs_dtype: str) -> pa.Table:
+    """Shard rows; row i's predictions are the next len(positions of row i) rows of each array of `predictions`."""
     topk_ids, topk_logprobs, log_partitions = (
         predictions.topk_ids,
         predictions.topk_logprobs,
         predictions.log_partitions,
     )
-    counts = np.array([len(r.positions) for r in rows], dtype=np.int64)
+    counts = np.diff(rows.position_offsets)
     k = topk_ids.shape[1] if topk_ids.ndim == 2 else 0
     per_position = np.full(int(counts.sum()), k, dtype=np.int64)
     per_temperature = np.full(int(counts.sum()), log_partitions.shape[1] if log_partitions.ndim == 2 else 0)
     value_type = np.float16 if logprobs_dtype == "float16" else np.float32
-
-    def concat(field: str) -> np.ndarray:
-        parts = [getattr(r, field) for r in rows]
-        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
-
     columns = {
-        "doc_id": pa.array([r.doc_id for r in rows], pa.string()),
-        "window": pa.array([r.window for r in rows], pa.int32()),
-        "copy": pa.array([r.copy for r in rows], pa.int32()),
+        "doc_id": pa.array(rows.doc_ids, pa.string()),
+        "window": pa.array(rows.windows, pa.int32()),
+        "copy": pa.array(rows.copies, pa.int32()),
         "language": pa.array([language] * len(rows), pa.string()),
-        "input_ids": _list_array(concat("input_ids"), [len(r.input_ids) for r in rows]),
-        "positions": _list_array(concat("positions"), counts),
-        "labels": _list_array(concat("labels"), counts),
+        "input_ids": _list_array(rows.input_ids.astype(np.int32), np.diff(rows.input_offsets)),
+        "positions": _list_array(rows.positions.astype(np.int32), counts),
+        "labels": _list_array(rows.labels.astype(np.int32), counts),
         "topk_ids": _list_array(_list_array(topk_ids.reshape(-1).astype(np.int32), per_position), counts),
         "topk_logprobs": _list_array(_list_array(topk_logprobs.reshape(-1).astype(value_type), per_position), counts),
         "log_partitions": _list_array(

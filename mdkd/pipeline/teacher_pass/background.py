@@ -1,7 +1,8 @@
 """Overlapping work with the teacher's forward pass: prefetching inputs and writing outputs in threads.
 
-Tokenisation (Rust) and Parquet writing (C++) release the GIL, and so does the model's forward pass, so one
-thread on each side keeps the accelerator busy while the next unit is prepared and the previous one written.
+The forward pass releases the GIL, and so does most of what these threads wait on: the prefetch thread reads the
+corpus and receives units from stage one's worker processes (or, with no workers, prepares them itself), and the
+writer thread builds and writes the shards (Arrow and Parquet are C++).
 """
 
 from __future__ import annotations

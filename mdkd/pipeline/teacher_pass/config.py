@@ -300,6 +300,15 @@ class CacheConfig(StrictModel):
         "`cuda:(LOCAL_RANK % number of GPUs)`. `cuda:N` is taken literally, so every rank uses GPU N. Under a "
         "multi-process launcher keep `auto` or `cuda` ([multi-gpu.md](multi-gpu.md#devices)).",
     )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="Worker processes that prepare units for the teachers: they read nothing themselves but "
+        "tokenise, window, mask and pad the documents the main process sends them, while it runs the teacher. "
+        "null means the cores this process may use, shared among the ranks on the machine, less one for each "
+        "rank's main process. 0 prepares in the main process, in a background thread. Any count writes the same "
+        "bytes. About twice this many units are held in memory, prepared ahead.",
+    )
     logprobs_dtype: Literal["float32", "float16"] = Field(
         "float32", description="Storage type of `topk_logprobs` in the shards. `float16` halves that column."
     )
@@ -321,11 +330,12 @@ class CacheConfig(StrictModel):
         """Hash of every setting that changes what the cache holds, but not where files are.
 
         Local paths are left out (the cache identity holds the corpus fingerprints and teacher hashes instead),
-        so a cache can be resumed after its data moved. `device`, `batch_tokens` and `batch_size` are left out
-        too: they are how the work runs, and a user resuming after running out of memory must be able to lower
-        the batch without starting over (the results then differ from an uninterrupted run in the last bits).
+        so a cache can be resumed after its data moved. `device`, `batch_tokens`, `batch_size` and `workers` are
+        left out too: they are how the work runs, and a user resuming after running out of memory must be able to
+        lower the batch without starting over (the results then differ from an uninterrupted run in the last
+        bits); `workers` changes no bit, and leaving it out keeps the hash of caches begun before it existed.
         """
-        content = self.model_dump(mode="json", exclude={"device", "batch_tokens", "batch_size"})
+        content = self.model_dump(mode="json", exclude={"device", "batch_tokens", "batch_size", "workers"})
         for source in content["corpus"]:
             source["path"] = Path(source["path"]).name if source["path"] else None
         for teacher in content["teachers"]:

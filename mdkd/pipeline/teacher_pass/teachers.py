@@ -5,7 +5,8 @@ with a freshly initialised head and cache random predictions, so loading refuses
 lacks.
 
 Scoring runs the encoder on the whole batch but applies the MLM head only to the hidden states at masked
-positions (mdkd/pipeline/masked_lm.py).
+positions (mdkd/pipeline/masked_lm.py), and keeps everything after the forward on the device: one packed copy per
+batch comes back to the host.
 """
 
 from __future__ import annotations
@@ -226,7 +227,6 @@ class Teacher:
         self.classes = torch.from_numpy(info.classes).to(device) if twins else None
         self.representatives = torch.from_numpy(info.representatives).to(device)
 
-    @torch.inference_mode()
     def top_k(
         self,
         input_ids: torch.Tensor,
@@ -248,23 +248,71 @@ class Teacher:
         sum; the entropies [N] of the whole distribution; and, given `tail_uniforms` [N, M] in [0, 1), M draws
         per position from the distribution at `tail_temperature` restricted to the tokens outside the top-k (by
         inverse CDF, so the draws depend on the uniforms alone): their ids and log-probabilities at tau = 1, [N, M].
+        All on the CPU; `predict` is the same without waiting for them.
 
         Log-softmax is taken in fp32 whatever the model's dtype, over the tokenizer's ids (rows of a padded
         embedding are no tokens, and get no mass).
         """
-        logits = masked_logits(self.model, self.adapter, input_ids, attention_mask, rows, cols, self.device)
+        packed = self.predict(
+            input_ids, attention_mask, rows, cols, k, temperatures, tail_uniforms, tail_temperature
+        ).wait()
+        samples = 0 if tail_uniforms is None else tail_uniforms.shape[1]
+        scored = self.unpack(packed, k, len(temperatures), samples)
+        tail = None if scored.tail is None else tuple(t.contiguous() for t in scored.tail)
+        return Scored(*(t.contiguous() for t in scored[:4]), tail)
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        k: int,
+        temperatures: list[float],
+        tail_uniforms: torch.Tensor | None = None,
+        tail_temperature: float | None = None,
+    ) -> HostCopy:
+        """`top_k`'s results packed into one [N, 2k + T + 1 + 2M] float32 tensor (ids as their int32 bits, see
+        `unpack`) and sent to the host in one copy that the caller waits for when it needs them."""
+        # Inputs in page-locked memory go over without the host waiting; a blocking copy would wait for every
+        # batch queued before it.
+        rows, cols = rows.to(self.device, non_blocking=True), cols.to(self.device, non_blocking=True)
+        logits = masked_logits(
+            self.model,
+            self.adapter,
+            input_ids.to(self.device, non_blocking=True),
+            attention_mask.to(self.device, non_blocking=True),
+            rows,
+            cols,
+            self.device,
+        )
         logprobs = torch.log_softmax(logits[:, : self.vocab_limit].float(), dim=-1)
         if self.classes is not None:
             logprobs = _class_logsumexp(logprobs, self.classes, len(self.representatives))
         values, classes = logprobs.topk(k, dim=-1)
         partitions = torch.stack([torch.logsumexp(logprobs / tau, dim=-1) for tau in temperatures], dim=1)
         entropies = -(logprobs.exp() * logprobs).sum(dim=-1)
-        tail = None
+        parts = [values, self._ids(classes).view(torch.float32), partitions, entropies.unsqueeze(1)]
         if tail_uniforms is not None:
-            drawn = _draw_outside(logprobs, classes, tail_uniforms.to(logprobs.device), tail_temperature)
-            tail = (self._ids(drawn.clamp(min=0)).masked_fill(drawn < 0, -1), logprobs.gather(1, drawn.clamp(min=0)))
-            tail = tuple(t.cpu() for t in tail)
-        return Scored(values.cpu(), self._ids(classes).cpu(), partitions.cpu(), entropies.cpu(), tail)
+            uniforms = tail_uniforms.to(self.device, non_blocking=True)
+            drawn = _draw_outside(logprobs, classes, uniforms, tail_temperature)
+            tail_ids = self._ids(drawn.clamp(min=0)).masked_fill(drawn < 0, -1)
+            parts += [tail_ids.view(torch.float32), logprobs.gather(1, drawn.clamp(min=0))]
+        return HostCopy(torch.cat(parts, dim=1))
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, k: int, temperatures: int, samples: int) -> Scored:
+        """`predict`'s packed results on the host, as views: what `top_k` returns."""
+        split = [k, k, temperatures, 1] + ([samples, samples] if samples else [])
+        values, ids, partitions, entropies, *tail = torch.split(packed, split, dim=1)
+        return Scored(
+            values,
+            ids.view(torch.int32),
+            partitions,
+            entropies[:, 0],
+            (tail[0].view(torch.int32), tail[1]) if tail else None,
+        )
 
     def _ids(self, classes: torch.Tensor) -> torch.Tensor:
         """Representative teacher ids (int32) of canonical-token classes."""
@@ -279,6 +327,27 @@ class Scored(NamedTuple):
     partitions: torch.Tensor
     entropies: torch.Tensor
     tail: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class HostCopy:
+    """A tensor on its way to host memory. From a CUDA device it is one non-blocking copy into page-locked memory,
+    recorded by an event, so the host queues the next batch while it runs; `wait` blocks until it has landed.
+    Elsewhere the copy is made at once (on the CPU it is no copy)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._ready = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tensor.cpu()
+
+    def wait(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
 
 
 def _class_logsumexp(logprobs: torch.Tensor, classes: torch.Tensor, count: int) -> torch.Tensor:
