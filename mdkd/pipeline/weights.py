@@ -19,17 +19,9 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
-def local_weights_identity(folder: Path) -> str:
-    return sha256_of_files(weight_files(folder))
-
-
-def hub_weights_identity(model: str, commit: str | None, revision: str | None) -> str:
-    return f"hub:{model}@{commit or revision or 'main'}"
-
-
 def weights_identity(model: str, revision: str | None, config) -> str:
     """The identity of `model`'s weights (a local folder or a hub id), given its loaded transformers config."""
     local = Path(model)
     if local.is_dir():
-        return local_weights_identity(local)
-    return hub_weights_identity(model, getattr(config, "_commit_hash", None), revision)
+        return sha256_of_files(weight_files(local))
+    return f"hub:{model}@{getattr(config, '_commit_hash', None) or revision or 'main'}"

@@ -24,11 +24,9 @@ from mdkd.pipeline.cache.manifest import special_token_ids
 from mdkd.pipeline.canonical import canonical_tokens, twin_classes
 from mdkd.pipeline.distributed import Ranks, transformers_console
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.files import sha256_of_files
 from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 from mdkd.pipeline.teacher_pass.config import TeacherSpec
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+from mdkd.pipeline.weights import weight_files, weights_identity
 
 
 @dataclass
@@ -129,15 +127,10 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
         problems.append(
             f"{where}: max_length {max_length} is longer than the {limit} positions the model takes (lower max_length)"
         )
-    local = Path(spec.model)
-    if local.is_dir():
-        weight_files = sorted(p for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-        if not weight_files:
-            problems.append(f"{where}: {spec.model} holds no weight files (*.safetensors or *.bin)")
-        weights = sha256_of_files(weight_files)
-    else:
-        # The commit the hub resolved the revision to, so a later push to the repository is noticed on resume.
-        weights = f"hub:{spec.model}@{getattr(config, '_commit_hash', None) or spec.revision or 'main'}"
+    if Path(spec.model).is_dir() and not weight_files(Path(spec.model)):
+        problems.append(f"{where}: {spec.model} holds no weight files (*.safetensors or *.bin)")
+    # Recorded in the manifest: a resume, and a student that inherits this teacher, check the weights against it.
+    weights = weights_identity(spec.model, spec.revision, config)
     architecture = (config.architectures or [MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(config.model_type, remote_class)])[0]
     classes, representatives = twin_classes(
         canonical_tokens(
