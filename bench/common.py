@@ -1,5 +1,5 @@
 """What the benchmarks in bench/ share: their first flags (--preset, --tiny, --seed), their scratch folder, where
-their output goes (figures on stdout, the JSON line last; everything else on stderr) and two small measurements.
+their output goes (figures on stdout, the JSON line last; everything else on stderr) and three small measurements.
 
 The benchmarks are run as `python bench/<script>.py`, which puts bench/ first on sys.path, so they import this
 module as `common`; code elsewhere (a test) that imports it puts bench/ on sys.path first.
@@ -14,7 +14,7 @@ import resource
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -76,3 +76,34 @@ def median(values: list[float]) -> float:
     """The middle value (the upper one of an even count): always one of the measured values."""
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
+
+
+def peak_memory_above_start(work: Callable[[], None], device) -> int:
+    """Bytes: the most memory `work` held at once above what was held when it started.
+
+    On CUDA, the caching allocator's own counters (`max_memory_allocated` less `memory_allocated` at the start). On
+    the CPU there is no allocator counter: the resident set's peak (VmHWM, reset through /proc/self/clear_refs) less
+    the resident set at the start. That counts what malloc keeps mapped, so it is exact for tensors only when every
+    large allocation is its own mapping, returned at free: run with MALLOC_MMAP_THRESHOLD_=65536 in the environment
+    (glibc's threshold otherwise grows to 32 MiB and freed tensors stay in the heap, resident).
+    """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        work()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    start = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    work()
+    return (_status_kb("VmHWM") - start) * 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")

@@ -41,8 +41,12 @@ Everything but the figures goes to stderr; the last line of stdout is one JSON o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,21 +55,21 @@ import torch
 import yaml
 
 # bench/common.py: `python bench/<script>.py` puts bench/ first on sys.path
-from common import median, peak_rss_mb, preset_parser, print_figures, session
+from common import median, peak_memory_above_start, peak_rss_mb, preset_parser, print_figures, say, session
 from transformers import AutoConfig
 
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import TrainConfig, load_train_config
-from mdkd.pipeline.distill.data import Sampler, Stream, collate
+from mdkd.pipeline.distill.data import Example, Sampler, Stream, collate
 from mdkd.pipeline.distill.deepspeed_setup import (
     deepspeed_config,
     init_distributed,
     resolve_precision,
 )
-from mdkd.pipeline.distill.losses import kd_loss, mlm_loss
+from mdkd.pipeline.distill.losses import chunk_positions, kd_loss, mlm_loss
 from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.student import build_student
-from mdkd.pipeline.distill.training import StepTotals, micro_batch_backward
+from mdkd.pipeline.distill.training import StepTotals, Supports, micro_batch_backward
 from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.pipeline.distributed import Ranks, pick_device
 from mdkd.pipeline.teacher_pass.config import TeacherSpec
@@ -78,6 +82,8 @@ TEACHER, LANGUAGE = "teacher", "de"
 TEMPERATURE, TOP_K, ALPHA = 2.0, 8, 0.5
 MISSING_MASS = "rest"  # needs the cached log-partition at TEMPERATURE: the cache config below asks for it
 WARMUP = 2  # untimed steps of each kind before the timed ones
+SWEEP_VOCABULARIES = (16_000, 120_000, 250_000)
+SWEEP_STEPS, SWEEP_LENGTH, SWEEP_MASKED, SWEEP_DRAWS = 5, 128, 0.15, 64
 
 PRESETS = {
     "tiny": {
@@ -116,8 +122,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help=f"timed steps per kind, after {WARMUP} warm-up steps (default: the preset's)",
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of the cache benchmark: the loss at student vocabularies "
+        f"{', '.join(f'{v:,}' for v in SWEEP_VOCABULARIES)} (see `vocabulary_sweep`)",
+    )
+    parser.add_argument("--vocabularies", default=",".join(map(str, SWEEP_VOCABULARIES)), help="for --sweep")
+    parser.add_argument("--rows", type=int, default=64, help="--sweep: rows per micro-batch (128 tokens each)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="--sweep: the device's dense peak at this precision, for MFU (an H100/H200 in bf16: 989)",
+    )
+    parser.add_argument("--sweep-point", type=int, default=None, help=argparse.SUPPRESS)  # one vocabulary, child
     args = parser.parse_args(argv)
-    args.steps = max(args.steps or PRESETS[args.preset]["steps"], 1)
+    args.steps = max(args.steps or (SWEEP_STEPS if args.sweep else PRESETS[args.preset]["steps"]), 1)
     return args
 
 
@@ -271,7 +292,8 @@ def cache_step_fn(engine, sampler: Sampler, config: TrainConfig, seen: dict):
         examples = sampler.draw(config.train.micro_batch_size)
         positions = sum(len(example.positions) for example in examples)
         totals = StepTotals.zeros(len(languages))
-        micro_batch_backward(engine, examples, languages, ALPHA, config.loss, 1.0 / max(positions, 1), totals)
+        batch = collate(examples, languages)
+        micro_batch_backward(engine, batch, ALPHA, config.loss, 1.0 / max(positions, 1), totals)
         engine.step()
         seen["positions"].append(positions)
         seen["tokens"].append(totals.tokens.item())
@@ -364,6 +386,172 @@ def reading_throughput(cache: CacheReader, config: TrainConfig, alignment: Align
     return {"rows": rows, "positions": positions, "seconds": seconds, "positions_per_second": positions / seconds}
 
 
+# ---------------------------------------------------------------- the vocabulary sweep (--sweep)
+
+
+def synthetic_batch(vocab: int, rows: int, generator: np.random.Generator) -> tuple[dict, torch.Tensor]:
+    """A collated micro-batch as `mdkd train` builds it, with the default loss's every input: rows of SWEEP_LENGTH
+    tokens, SWEEP_MASKED of them masked, top-k ids inside one teacher's support (60% of the vocabulary), their
+    log-probabilities and log-partition (the top-k holds half the tempered mass), SWEEP_DRAWS tail draws at the
+    loss's temperature. The values are made up; the loss's cost does not depend on them. Returns the batch and
+    the support mask [1, V]."""
+    support = generator.random(vocab) < 0.6
+    support[:5] = True  # the specials
+    tokens = np.flatnonzero(support)
+    masked = max(1, int(SWEEP_LENGTH * SWEEP_MASKED))
+    logprobs = np.log(0.3 / np.arange(1, TOP_K + 1)).astype(np.float32)
+    partition = np.float32(np.log(np.exp(logprobs / TEMPERATURE).sum() / 0.5))
+    examples = []
+    for _ in range(rows):
+        drawn = generator.choice(tokens, TOP_K + SWEEP_DRAWS, replace=False)
+        examples.append(
+            Example(
+                language=LANGUAGE,
+                input_ids=generator.choice(tokens, SWEEP_LENGTH).astype(np.int64),
+                positions=np.sort(generator.choice(SWEEP_LENGTH, masked, replace=False)).astype(np.int64),
+                labels=generator.choice(tokens, masked).astype(np.int64),
+                topk_ids=np.tile(drawn[:TOP_K], (masked, 1)).astype(np.int64),
+                topk_logprobs=np.tile(logprobs, (masked, 1)),
+                log_partitions=np.full(masked, partition, dtype=np.float32),
+                teacher=TEACHER,
+                tail_ids=np.tile(drawn[TOP_K:], (masked, 1)).astype(np.int64),
+                tail_counts=np.ones((masked, SWEEP_DRAWS), dtype=np.int64),
+                tail_logprobs=np.full((masked, SWEEP_DRAWS), logprobs[-1] - 3.0, dtype=np.float32),
+                tail_log_partitions=np.full(masked, partition, dtype=np.float32),
+            )
+        )
+    return collate(examples, [LANGUAGE], teachers=[TEACHER]), torch.from_numpy(support).unsqueeze(0)
+
+
+def step_flops(student, tokens: int, positions: int) -> float:
+    """Training FLOPs of one step: 6 per weight per token for the encoder's matrices, attention's two products
+    (QK^T and AV: 12 * layers * length * hidden per token), and the head's projection at masked positions only."""
+    config = student.model.config
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    embeddings = sum(p.numel() for name, p in student.named_parameters() if "embeddings" in name)
+    encoder = sum(p.numel() for p in student.parameters()) - embeddings - vocab  # less the tied projection's bias
+    return 6.0 * encoder * tokens + 12.0 * layers * SWEEP_LENGTH * hidden * tokens + 6.0 * hidden * vocab * positions
+
+
+def sweep_point(args, vocab: int) -> dict:
+    """One vocabulary in this process: KD + MLM steps (the real `micro_batch_backward`, data already collated)
+    against plain MLM steps (logits built whole, cross-entropy), interleaved; then the peak memory of each step's
+    forward and backward above its start, less that of the encoder alone (its output summed), so that what is
+    left is the head's and the loss's."""
+    import deepspeed
+
+    device = pick_device("auto", Ranks.from_env())
+    init_distributed(device)
+    preset = PRESETS[args.preset]
+    config = TrainConfig.model_validate(
+        {
+            "student": {**preset["student"], "dropout": 0.0},
+            "loss": {"temperature": TEMPERATURE, "top_k": TOP_K, "missing_mass": "support"},
+            "train": {"steps": 1, "micro_batch_size": args.rows},
+            "precision": args.precision,
+        }
+    )
+    precision = resolve_precision(config.precision, device)
+    student = build_student(config.student, vocab, SWEEP_LENGTH, args.seed)
+    engine, *_ = deepspeed.initialize(
+        model=student, model_parameters=student.parameters(), config=deepspeed_config(config, precision, device)
+    )
+    generator = np.random.default_rng(args.seed)
+    batch, support = synthetic_batch(vocab, args.rows, generator)
+    positions = len(batch["labels"])
+    supports = Supports([TEACHER], support.to(engine.device), tail_temperature=TEMPERATURE)
+    on_device = to_device(batch, engine.device)
+    where = (on_device["input_ids"], on_device["attention_mask"], on_device["rows"], on_device["cols"])
+
+    def distillation_pass():
+        micro_batch_backward(engine, batch, ALPHA, config.loss, 1.0 / positions, StepTotals.zeros(1), supports)
+
+    def mlm_pass():
+        engine.backward(mlm_loss(engine(*where), on_device["labels"]).sum() / positions)
+
+    def encoder_pass():
+        model = engine.module.model
+        hidden = getattr(model, engine.module.adapter.encoder)(input_ids=where[0], attention_mask=where[1])[0]
+        engine.backward(hidden[where[2], where[3]].float().square().sum() / positions)
+
+    def step(work):
+        return lambda _: (work(), engine.step())
+
+    times = {"distillation": [], "mlm": []}
+    for index in range(WARMUP + args.steps):
+        for name, work in (("distillation", distillation_pass), ("mlm", mlm_pass)):
+            seconds = timed(step(work), None)
+            if index >= WARMUP:
+                times[name].append(seconds)
+    memory = {}
+    for name, work in (("encoder", encoder_pass), ("mlm", mlm_pass), ("distillation", distillation_pass)):
+        memory[name] = peak_memory_above_start(work, engine.device)
+        engine.step()
+    one_logits = positions * vocab * 4  # one [positions x vocabulary] fp32 tensor
+    tokens = int(batch["attention_mask"].sum())
+    flops = step_flops(engine.module, tokens, positions)
+    distillation, mlm = median(times["distillation"]), median(times["mlm"])
+    return {
+        "vocabulary": vocab,
+        "device": str(device),
+        "precision": precision,
+        "positions": positions,
+        "tokens": tokens,
+        "chunk_positions": chunk_positions(vocab, config.loss),
+        "step_seconds_distillation": distillation,
+        "step_seconds_mlm": mlm,
+        "distillation_over_mlm": distillation / mlm,
+        "distillation_over_mlm_per_step": median(
+            [d / m for d, m in zip(times["distillation"], times["mlm"], strict=True)]
+        ),
+        "tokens_per_second": tokens / distillation,
+        "mfu": None if args.peak_tflops is None else flops / distillation / (args.peak_tflops * 1e12),
+        "mlm_mfu": None if args.peak_tflops is None else flops / mlm / (args.peak_tflops * 1e12),
+        "one_logits_bytes": one_logits,
+        "extra_peak_bytes_distillation": memory["distillation"] - memory["encoder"],
+        "extra_peak_bytes_mlm": memory["mlm"] - memory["encoder"],
+        "extra_peak_over_logits_distillation": (memory["distillation"] - memory["encoder"]) / one_logits,
+        "extra_peak_over_logits_mlm": (memory["mlm"] - memory["encoder"]) / one_logits,
+        "peak_bytes_encoder": memory["encoder"],
+        "memory_measured_by": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "VmHWM - VmRSS, MALLOC_MMAP_THRESHOLD_=65536",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def vocabulary_sweep(args) -> dict:
+    """Each vocabulary in a fresh process (so one's memory cannot inflate another's peak), with glibc told to map
+    every allocation of 64 KiB or more on its own, which makes the resident set follow the live tensors."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    points = []
+    for vocab in (int(v) for v in args.vocabularies.split(",")):
+        command = [sys.executable, __file__, "--sweep-point", str(vocab), "--preset", args.preset]
+        command += ["--precision", args.precision, "--rows", str(args.rows), "--steps", str(args.steps)]
+        command += ["--seed", str(args.seed)] + (
+            [] if args.peak_tflops is None else ["--peak-tflops", str(args.peak_tflops)]
+        )
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
+        points.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {"preset": args.preset, "rows": args.rows, "timed_steps": args.steps, "points": points}
+
+
+def report_sweep(figures: dict) -> None:
+    say(
+        f"{figures['preset']} student, {figures['rows']} rows x {SWEEP_LENGTH} tokens, loss `support` with a "
+        f"{SWEEP_DRAWS}-draw tail, median of {figures['timed_steps']} timed steps per kind"
+    )
+    say("vocabulary  positions  chunk  MLM step  KD+MLM step  ratio (per step)  extra peak / [N x V] fp32: KD+MLM, MLM")
+    for p in figures["points"]:
+        say(
+            f"{p['vocabulary']:>10,}  {p['positions']:>9,}  {p['chunk_positions']:>5}  {p['step_seconds_mlm']:7.3f} s  "
+            f"{p['step_seconds_distillation']:9.3f} s  {p['distillation_over_mlm']:.3f} "
+            f"({p['distillation_over_mlm_per_step']:.3f})  {p['extra_peak_over_logits_distillation']:.2f}, "
+            f"{p['extra_peak_over_logits_mlm']:.2f}"
+        )
+    print_figures(figures)
+
+
 # ---------------------------------------------------------------- the benchmark and its report
 
 
@@ -445,6 +633,14 @@ def report(figures: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.sweep_point is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            figures = sweep_point(args, args.sweep_point)
+        print_figures(figures)
+        return
+    if args.sweep:
+        report_sweep(vocabulary_sweep(args))
+        return
     with session("mdkd-bench-train-") as scratch:
         figures = benchmark(args, scratch)
     report(figures)

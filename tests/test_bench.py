@@ -215,3 +215,20 @@ def test_targets_benchmark_reports_every_figure(tmp_path):
     seconds = figures["seconds"]
     assert positive(*seconds.values())
     assert sum(value for key, value in seconds.items() if key != "total") <= seconds["total"]
+
+
+def test_train_benchmark_vocabulary_sweep_reports_step_ratio_and_loss_memory():
+    figures = run_bench("train.py", "--sweep", "--vocabularies", "3000,9000", "--rows", "4", "--steps", "1")
+    assert [point["vocabulary"] for point in figures["points"]] == [3000, 9000]
+    for point in figures["points"]:
+        assert positive(
+            point["step_seconds_mlm"],
+            point["step_seconds_distillation"],
+            point["distillation_over_mlm"],
+            point["tokens_per_second"],
+            point["one_logits_bytes"],
+        )
+        assert point["one_logits_bytes"] == point["positions"] * point["vocabulary"] * 4
+        # The chunk keeps logits_per_chunk (2^24) logits at once; never more positions than that allows.
+        assert point["chunk_positions"] == max(1, 2**24 // point["vocabulary"])
+        assert point["mfu"] is None  # no --peak-tflops

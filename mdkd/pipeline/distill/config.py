@@ -150,6 +150,16 @@ class LossConfig(StrictModel):
         "`none`: the rest is one bucket whose inside is free. `auto`: `sampled` when the cache has draws, "
         "`missing_mass` is `support` and `top_k` is the cached one; else `none`.",
     )
+    logits_per_chunk: int = Field(
+        2**24,
+        ge=1,
+        description="How many student logits (masked positions × vocabulary) the loss holds at once. The "
+        "vocabulary projection and both losses run over chunks of max(1, logits_per_chunk // V) masked positions, "
+        "and each chunk's gradient is taken while its logits exist, so the loss's memory is a few fp32 [chunk × V] "
+        "blocks (about 64 MiB each at the default) instead of a few [positions × V] tensors. It changes no value "
+        "beyond float rounding. Larger chunks feed a GPU's matrix products better "
+        "([performance.md](performance.md#stage-two-train)).",
+    )
 
 
 class TrainLoopConfig(StrictModel):

@@ -10,11 +10,15 @@
   state is a few integers, saved in every checkpoint, so a resumed run continues with exactly the same data.
 - Every rank draws the same examples for a step and keeps its own slice, so the data a step sees does not depend
   on how many ranks share it.
+- `StepLoader` draws, maps and collates the next step's micro-batches on a thread while the current step trains,
+  so reading Parquet (a whole shard when a stream moves on) and collation never make a step wait.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,3 +255,80 @@ def collate(
         for field in ("tail_ids", "tail_counts", "tail_logprobs", "tail_log_partitions"):
             batch[field] = torch.from_numpy(np.concatenate([getattr(e, field) for e in examples]))
     return batch
+
+
+def rank_micro_batches(
+    examples: list[Example], rank: int, world: int, micro: int, accumulation: int
+) -> list[list[Example]]:
+    """This rank's `accumulation` micro-batches out of the step's examples (micro-batch j of rank r is the slice
+    (j * world + r) of size `micro`)."""
+    return [examples[(j * world + rank) * micro : (j * world + rank + 1) * micro] for j in range(accumulation)]
+
+
+@dataclass
+class StepBatches:
+    """One optimizer step's data on this rank: its collated micro-batches, the masked positions of the whole step
+    (every rank's, which normalise the loss) and the sampler's state once the step's examples are drawn (what a
+    checkpoint after this step saves)."""
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    positions: int
+    sampler_state: dict
+
+
+class StepLoader:
+    """The next `steps` steps' batches, prepared one step ahead on a thread (`next()` returns them in order).
+
+    Only the thread touches the sampler once the loader exists, so restore the sampler first. The examples and
+    their order are the sampler's, whatever the timing; a failure on the thread is raised by `next()`."""
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        steps: int,
+        micro: int,
+        accumulation: int,
+        rank: int,
+        world: int,
+        teachers: list[str] | None = None,
+        pin_memory: bool = False,
+    ):
+        self._ready: queue.Queue = queue.Queue(maxsize=1)  # one step ahead: what it holds is the next step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce,
+            args=(sampler, steps, micro, accumulation, rank, world, teachers, pin_memory),
+            name="mdkd-step-loader",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _produce(self, sampler, steps, micro, accumulation, rank, world, teachers, pin_memory) -> None:
+        try:
+            for _ in range(steps):
+                examples = sampler.draw(micro * accumulation * world)
+                batches = []
+                for mine in rank_micro_batches(examples, rank, world, micro, accumulation):
+                    batch = collate(mine, sampler.languages, teachers=teachers)
+                    batches.append({k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch)
+                item = StepBatches(batches, sum(len(e.positions) for e in examples), sampler.state())
+                while not self._stop.is_set():
+                    try:
+                        self._ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as error:  # handed to the training loop, which raises it
+            self._ready.put(error)
+
+    def next(self) -> StepBatches:
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

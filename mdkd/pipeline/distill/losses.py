@@ -27,6 +27,14 @@ teacher's exact tempered probability of a cached token is p_i = exp(logp_i / tau
 - A position with no kept id (all -1) contributes loss 0 and gradient 0 in every mode; teacher-side quantities are
   sanitised before they meet the student so that masked-out entries cannot leak NaN into the gradient.
 - MLM = cross-entropy of the student (temperature 1) against the original token.
+
+Training does not build the [N, V] logits: `projected_losses` runs the student's vocabulary projection and both
+losses over chunks of positions, and takes each chunk's gradient (with respect to the hidden states, the weight and
+the bias) while its logits are alive, so the loss holds a few [chunk, V] blocks at a time and the projection runs
+three matrix products, as it would unchunked, with nothing recomputed in backward. The losses are per position, so
+the chunks change nothing beyond float rounding. torch's `linear_cross_entropy` (2.13) does the same for
+cross-entropy alone; the KD buckets need the logits themselves, and sharing one projection between KD and MLM
+needs both in one pass.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mdkd.pipeline.distill.config import AlphaConfig
+from mdkd.pipeline.distill.config import AlphaConfig, LossConfig
 
 MISSING_MASS_MODES = ("support", "rest", "renormalize")
 
@@ -156,7 +164,7 @@ def kd_loss(
     if tail is not None:
         rest_mask = mask[:, -1:]
         loss = loss + _sampled_rest(
-            logits - log_z,
+            logits.gather(1, tail.ids.clamp(min=0)) - log_z,  # gathered first: no [N, V] difference
             student_rest,
             teacher_rest_logp,
             rest_mask,
@@ -169,7 +177,7 @@ def kd_loss(
 
 
 def _sampled_rest(
-    student_logp: torch.Tensor,
+    student_logp_drawn: torch.Tensor,
     student_rest: torch.Tensor,
     teacher_rest_logp: torch.Tensor,
     has_rest: torch.Tensor,
@@ -179,7 +187,8 @@ def _sampled_rest(
     cached_logprobs: torch.Tensor,
 ) -> torch.Tensor:
     """[N] the unbiased estimate of the rest bucket's internal term, P_R * KL(p_R / P_R || s_R / S_R), from the
-    draws: P_R * sum_m (c_m / M) * w_m * (log(p_m / P_R) - log(s_m / S_R)). The draws were made from the teacher's
+    draws: P_R * sum_m (c_m / M) * w_m * (log(p_m / P_R) - log(s_m / S_R)), with student_logp_drawn [N, M] the
+    student's log s_tau at the draws. The draws were made from the teacher's
     distribution outside its whole cached top-k at tail.temperature, so w_m = (p_m / P_R at tau) / (p_m / P_R' at
     the draws' temperature), exact from the cached log-partitions; w = 1 when the two temperatures agree."""
     drawn = (tail.ids >= 0) & (tail.counts > 0) & has_rest
@@ -196,7 +205,7 @@ def _sampled_rest(
         draws_conditional = tail.logprobs.double() / tail.temperature - draws_partition - draws_rest
         share = share * torch.where(drawn, teacher_conditional - draws_conditional, torch.zeros_like(share)).exp()
     teacher_conditional = torch.where(drawn, teacher_conditional, torch.zeros_like(teacher_conditional))
-    student_conditional = (student_logp.gather(1, tail.ids.clamp(min=0)) - student_rest).double()
+    student_conditional = (student_logp_drawn - student_rest).double()
     estimate = torch.where(drawn, share * (teacher_conditional - student_conditional), torch.zeros_like(share)).sum(1)
     return teacher_rest_logp.double().squeeze(1).exp() * estimate
 
@@ -204,6 +213,132 @@ def _sampled_rest(
 def mlm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-position cross-entropy [N] against the original tokens."""
     return torch.nn.functional.cross_entropy(student_logits.float(), labels, reduction="none")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What both losses need at N masked positions, on the device: labels [N], the cached top-k ids and
+    log-probabilities [N, k'], the log-partitions [N] (None: none cached), for `support` each position's teacher
+    [N] (an index into supports [teachers, V], each teacher's tokens), and the sampled tail (None: none)."""
+
+    labels: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    log_partitions: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
+    supports: torch.Tensor | None = None
+    tail: TailSample | None = None
+
+    def rows(self, part: slice) -> Targets:
+        """The targets of positions `part`; `supports` is per teacher, so it is kept whole."""
+        tail = self.tail
+        if tail is not None:
+            tail = TailSample(
+                tail.ids[part], tail.counts[part], tail.logprobs[part], tail.temperature, tail.log_partition[part]
+            )
+        return Targets(
+            self.labels[part],
+            self.topk_ids[part],
+            self.topk_logprobs[part],
+            None if self.log_partitions is None else self.log_partitions[part],
+            None if self.teacher is None else self.teacher[part],
+            self.supports,
+            tail,
+        )
+
+
+def position_losses(logits: torch.Tensor, targets: Targets, settings: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KD [N], MLM [N]) from the student's logits [N, V] at the positions of `targets`."""
+    support = None if targets.supports is None else targets.supports[targets.teacher]  # [N, V] bool
+    kd = kd_loss(
+        logits,
+        targets.topk_ids,
+        targets.topk_logprobs,
+        settings.temperature,
+        missing_mass=settings.missing_mass,
+        teacher_log_partition=targets.log_partitions,
+        support=support,
+        tail=targets.tail,
+    )
+    return kd, mlm_loss(logits, targets.labels)
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    """The loss of one micro-batch: sum over positions of (1 - alpha) * MLM + alpha * KD."""
+
+    targets: Targets
+    settings: LossConfig
+    alpha: float
+
+
+def projected_losses(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, loss: DistillationLoss
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, KD [N], MLM [N]) of the logits hidden @ weight.T + bias, computed in chunks of positions (see the
+    module docstring): total = sum of (1 - alpha) * MLM + alpha * KD, differentiable with respect to hidden [N, H],
+    weight [V, H] and bias [V]; the per-position losses are for metrics and carry no gradient."""
+    return _ProjectedLosses.apply(hidden, weight, bias, loss)
+
+
+def chunk_positions(vocab: int, settings: LossConfig) -> int:
+    """Masked positions per chunk: as many as keep a chunk's logits within `settings.logits_per_chunk`."""
+    return max(1, settings.logits_per_chunk // vocab)
+
+
+class _ProjectedLosses(torch.autograd.Function):
+    """Forward computes the losses and, chunk by chunk, their gradients; backward scales those gradients by the
+    incoming one (so only one backward, as in torch's `linear_cross_entropy`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss: DistillationLoss):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        wants = ctx.needs_input_grad[:3]
+        loss_dtype = torch.promote_types(hidden.dtype, torch.float32)  # the losses in at least fp32
+        kd = torch.zeros(n, dtype=loss_dtype, device=hidden.device)
+        mlm = torch.zeros_like(kd)
+        grad_hidden = torch.zeros_like(hidden) if wants[0] else None
+        # The weight's gradient is a sum over chunks: accumulated in fp32 whatever the weight's dtype.
+        grad_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if wants[1] else None
+        grad_bias = torch.zeros(vocab, dtype=loss_dtype, device=weight.device) if wants[2] else None
+        step = chunk_positions(vocab, loss.settings)
+        for start in range(0, n, step):
+            part = slice(start, min(start + step, n))
+            chunk = hidden[part]
+            # Computed under no_grad, so a leaf: the chunk's own graph starts at the logits and ends here.
+            logits = torch.nn.functional.linear(chunk, weight, bias).to(loss_dtype).requires_grad_(any(wants))
+            with torch.enable_grad():
+                kd_part, mlm_part = position_losses(logits, loss.targets.rows(part), loss.settings)
+                total = ((1.0 - loss.alpha) * mlm_part + loss.alpha * kd_part).sum()
+                grad_logits = torch.autograd.grad(total, logits)[0] if any(wants) else None
+            kd[part], mlm[part] = kd_part.detach(), mlm_part.detach()
+            if grad_logits is None:
+                continue
+            del logits, kd_part, mlm_part, total  # the chunk's graph: free it before the products below
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[part] = grad_logits @ weight
+            if grad_weight is not None and grad_weight.dtype == weight.dtype:
+                grad_weight.addmm_(grad_logits.T, chunk)  # in place: no [V, H] temporary per chunk
+            elif grad_weight is not None:
+                grad_weight += grad_logits.T @ chunk
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(kd, mlm)
+        per_position = (1.0 - loss.alpha) * mlm + loss.alpha * kd
+        return per_position.sum(), kd, mlm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, _grad_kd, _grad_mlm):
+        grads = tuple(
+            None if grad is None else grad.mul_(grad_total).to(dtype)
+            for grad, dtype in zip(ctx.grads, ctx.dtypes, strict=True)
+        )
+        ctx.grads = None  # scaled in place: a second backward through this graph would be wrong
+        return (*grads, None)
 
 
 def alpha_at(step: int, settings: AlphaConfig, total_steps: int) -> float:

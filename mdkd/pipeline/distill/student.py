@@ -18,21 +18,54 @@ from mdkd.pipeline.cache.manifest import ShardEntry
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import StudentConfig
 from mdkd.pipeline.distill.inherit import inherit_student, longest_input, model_input_names
+from mdkd.pipeline.distill.losses import DistillationLoss, position_losses, projected_losses
 from mdkd.pipeline.distill.student_tokenizer import STUDENT_SPECIALS, student_tokenizer
 from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 
 
 class MaskedLMStudent(nn.Module):
-    """Wraps a `*ForMaskedLM` so DeepSpeed sees one forward: (batch, masked positions) -> logits [N, V]."""
+    """Wraps a `*ForMaskedLM` so DeepSpeed sees one forward: (batch, masked positions) -> logits [N, V], or with a
+    `DistillationLoss` -> (total, KD [N], MLM [N]) without building the logits (`projected_losses`)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.adapter = ADAPTERS[model.config.model_type]
+        self.projection = self._vocabulary_projection()
+        if self.projection is not None:
+            import deepspeed
 
-    def forward(self, input_ids, attention_mask, rows, cols):
-        return masked_logits(self.model, self.adapter, input_ids, attention_mask, rows, cols, input_ids.device)
+            # projected_losses reads the projection's weight and bias outside its module's forward: ZeRO-3 must
+            # gather them for this module's forward and backward (a no-op record under the other stages).
+            for parameter in self.projection.parameters():
+                deepspeed.zero.register_external_parameter(self, parameter)
+
+    def _vocabulary_projection(self) -> nn.Linear | None:
+        """The head's last layer (hidden -> vocabulary) for the architectures whose head splits into a transform
+        and that layer; None: the loss takes the whole head's logits."""
+        model_type = self.model.config.model_type
+        if model_type == "bert":
+            return self.model.cls.predictions.decoder
+        if model_type == "modernbert":
+            return self.model.decoder
+        return None
+
+    def _transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head up to the vocabulary projection (only where `projection` is known)."""
+        if self.model.config.model_type == "bert":
+            return self.model.cls.predictions.transform(hidden)
+        return self.model.head(hidden)
+
+    def forward(self, input_ids, attention_mask, rows, cols, loss: DistillationLoss | None = None):
+        if loss is None:
+            return masked_logits(self.model, self.adapter, input_ids, attention_mask, rows, cols, input_ids.device)
+        hidden = getattr(self.model, self.adapter.encoder)(input_ids=input_ids, attention_mask=attention_mask)[0]
+        hidden = hidden[rows, cols]
+        if self.projection is None:
+            kd, mlm = position_losses(self.adapter.head(self.model, hidden), loss.targets, loss.settings)
+            return ((1.0 - loss.alpha) * mlm + loss.alpha * kd).sum(), kd.detach(), mlm.detach()
+        return projected_losses(self._transform(hidden), self.projection.weight, self.projection.bias, loss)
 
 
 def initial_student(

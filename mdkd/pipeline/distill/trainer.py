@@ -21,14 +21,14 @@ from mdkd.pipeline.cache.documents import fraction_rule
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill import checkpoints
 from mdkd.pipeline.distill.config import TrainConfig
-from mdkd.pipeline.distill.data import Sampler, Stream, language_probabilities
+from mdkd.pipeline.distill.data import Sampler, StepLoader, Stream, language_probabilities
 from mdkd.pipeline.distill.deepspeed_setup import deepspeed_config, linear_schedule
 from mdkd.pipeline.distill.losses import alpha_at
 from mdkd.pipeline.distill.metrics import MetricsLogger
 from mdkd.pipeline.distill.plan import RunPlan
 from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.student import export_student, initial_student
-from mdkd.pipeline.distill.training import StepTotals, Supports, micro_batch_backward, rank_micro_batches
+from mdkd.pipeline.distill.training import StepTotals, Supports, micro_batch_backward
 from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.pipeline.distributed import Ranks, barrier, transformers_console
 from mdkd.pipeline.errors import UserError
@@ -75,6 +75,7 @@ class Distiller:
             [config.loss.temperature] if config.loss.temperature in cache.manifest.temperatures else []
         )
         self.step = 0
+        self.sampler_state = self.sampler.state()  # as of the last step taken (the loader draws ahead)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -102,13 +103,15 @@ class Distiller:
                     f"({str(error).splitlines()[0]})"
                 ) from None
             self.sampler.restore(client["sampler"])
+            self.sampler_state = self.sampler.state()
             self.step = int(client["step"])
         if self.ranks.is_main:
             self.run.metrics.keep_until(self.step)
 
     def save_checkpoint(self) -> None:
         """Every rank writes its part; then rank 0 records what was written, last (`checkpoints.write_record`)."""
-        client = {"step": self.step, "sampler": self.sampler.state(), "config_hash": self.config_hash}
+        # The loader draws ahead: the sampler's state after this step's examples is the one a resume needs.
+        client = {"step": self.step, "sampler": self.sampler_state, "config_hash": self.config_hash}
         tag = checkpoints.tag_of(self.step)
         self.engine.save_checkpoint(str(self.run.checkpoints_dir), tag=tag, client_state=client)
         barrier(self.ranks)
@@ -124,8 +127,28 @@ class Distiller:
         progress = tqdm(
             total=loop.steps, initial=self.step, desc="training", unit="step", disable=not self.ranks.progress_enabled()
         )
+        loader = StepLoader(
+            self.sampler,
+            loop.steps - self.step,
+            loop.micro_batch_size,
+            loop.gradient_accumulation,
+            self.ranks.rank,
+            self.ranks.world_size,
+            None if self.supports is None else self.supports.teachers,
+            pin_memory=self.engine.device.type == "cuda",
+        )
+        try:
+            self._train_steps(loader, progress)
+        finally:
+            loader.close()
+        progress.close()
+        if self.ranks.is_main:
+            self.logger.close()
+
+    def _train_steps(self, loader: StepLoader, progress) -> None:
+        loop = self.config.train
         while self.step < loop.steps:
-            record = self.train_step()
+            record = self.train_step(loader)
             records = [record]
             last = self.step == loop.steps
             if self.held_out and (self.step % (loop.eval_every or loop.checkpoint_every) == 0 or last):
@@ -136,28 +159,26 @@ class Distiller:
                 progress.update(1)
             if self.step % loop.checkpoint_every == 0 or last:
                 self.save_checkpoint()
-        progress.close()
-        if self.ranks.is_main:
-            self.logger.close()
 
-    def train_step(self) -> dict:
-        """One optimizer step over micro_batch × accumulation × world examples; returns its `train` record."""
+    def train_step(self, loader: StepLoader) -> dict:
+        """One optimizer step over micro_batch × accumulation × world examples (this rank's micro-batches come
+        from `loader`); returns its `train` record. Its time includes any wait for the data."""
         loop, world, rank = self.config.train, self.ranks.world_size, self.ranks.rank
         started = time.perf_counter()
+        data = loader.next()
         # Dropout draws from a generator seeded by (seed, step, rank): a resumed run replays the same masks.
         torch.manual_seed(loop.seed * 1_000_003 + self.step * 1009 + rank)
         alpha = alpha_at(self.step, self.config.loss.alpha, loop.steps)
         languages = self.sampler.languages
-        examples = self.sampler.draw(loop.micro_batch_size * loop.gradient_accumulation * world)
-        positions = sum(len(e.positions) for e in examples)
-        scale = world * loop.gradient_accumulation / max(positions, 1)
+        scale = world * loop.gradient_accumulation / max(data.positions, 1)
         lr = self.engine.optimizer.param_groups[0]["lr"]  # what this step applies
         totals = StepTotals.zeros(len(languages))
-        for micro in rank_micro_batches(examples, rank, world, loop.micro_batch_size, loop.gradient_accumulation):
-            micro_batch_backward(self.engine, micro, languages, alpha, self.config.loss, scale, totals, self.supports)
+        for batch in data.micro_batches:
+            micro_batch_backward(self.engine, batch, alpha, self.config.loss, scale, totals, self.supports)
             self.engine.step()
         totals.all_reduce()
         self.step += 1
+        self.sampler_state = data.sampler_state
         return {
             "step": self.step,
             "split": "train",

@@ -13,16 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mdkd.pipeline.distill.config import LossConfig
-from mdkd.pipeline.distill.data import Example, collate
-from mdkd.pipeline.distill.losses import TailSample, kd_loss, mlm_loss
-
-
-def rank_micro_batches(
-    examples: list[Example], rank: int, world: int, micro: int, accumulation: int
-) -> list[list[Example]]:
-    """This rank's `accumulation` micro-batches out of the step's examples (micro-batch j of rank r is the slice
-    (j * world + r) of size `micro`)."""
-    return [examples[(j * world + rank) * micro : (j * world + rank + 1) * micro] for j in range(accumulation)]
+from mdkd.pipeline.distill.losses import DistillationLoss, TailSample, Targets
 
 
 @dataclass
@@ -75,20 +66,8 @@ class Supports:
     tail_temperature: float | None = None
 
 
-def micro_batch_backward(
-    engine,
-    examples: list[Example],
-    languages: list[str],
-    alpha: float,
-    settings: LossConfig,
-    scale: float,
-    totals: StepTotals,
-    supports: Supports | None = None,
-) -> None:
-    """Forward, both losses, backward for one micro-batch; adds its sums to `totals`."""
-    teachers = supports.teachers if supports is not None else None
-    batch = {k: v.to(engine.device) for k, v in collate(examples, languages, teachers=teachers).items()}
-    logits = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"])
+def micro_batch_targets(batch: dict[str, torch.Tensor], supports: Supports | None) -> Targets:
+    """The loss's targets from a collated batch on the device: the tail goes with `support` when the cache drew one."""
     tail = None
     if "tail_ids" in batch and supports is not None and supports.tail_temperature is not None:
         tail = TailSample(
@@ -98,20 +77,33 @@ def micro_batch_backward(
             supports.tail_temperature,
             batch["tail_log_partitions"],
         )
-    kd = kd_loss(
-        logits,
+    return Targets(
+        batch["labels"],
         batch["topk_ids"],
         batch["topk_logprobs"],
-        settings.temperature,
-        missing_mass=settings.missing_mass,
-        teacher_log_partition=batch.get("log_partitions"),
-        support=None if supports is None else supports.masks[batch["teacher"]],
-        tail=tail,
+        batch.get("log_partitions"),
+        None if supports is None else batch["teacher"],
+        None if supports is None else supports.masks,
+        tail,
     )
-    mlm = mlm_loss(logits, batch["labels"])
-    total = (1.0 - alpha) * mlm + alpha * kd
-    engine.backward(total.sum() * scale)
+
+
+def micro_batch_backward(
+    engine,
+    batch: dict[str, torch.Tensor],
+    alpha: float,
+    settings: LossConfig,
+    scale: float,
+    totals: StepTotals,
+    supports: Supports | None = None,
+) -> None:
+    """Forward, both losses, backward for one collated micro-batch (`collate`, with the teachers of `supports`);
+    adds its sums to `totals`. The student computes the losses itself, chunk by chunk (`projected_losses`)."""
+    batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+    loss = DistillationLoss(micro_batch_targets(batch, supports), settings, alpha)
+    total, kd, mlm = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], loss=loss)
+    engine.backward(total * scale)
     with torch.no_grad():
-        per_position = torch.stack([total, kd, mlm, torch.ones_like(total)], dim=1).double().cpu()
-        totals.per_language.index_add_(0, batch["language"].cpu(), per_position)
+        per_position = torch.stack([(1.0 - alpha) * mlm + alpha * kd, kd, mlm, torch.ones_like(kd)], dim=1)
+        totals.per_language.index_add_(0, batch["language"].cpu(), per_position.double().cpu())
         totals.tokens += batch["attention_mask"].sum().item()
