@@ -312,3 +312,30 @@ def test_a_resumed_inherited_run_continues_as_the_uninterrupted_one(tmp_path, tr
     assert whole.keys() == again.keys()
     for name in whole:
         torch.testing.assert_close(again[name], whole[name], atol=1e-6, rtol=0)
+
+
+def test_inheritance_benchmark_reports_every_student_on_every_window(tmp_path, training_cache):
+    """bench/inheritance.py end to end on a small cache (a smoke run: the teachers here have random weights)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = train_config(teachers={"de": "de_bert", "ru": "multi_xlmr"}, train={"steps": 2, "checkpoint_every": 2})
+    path = write_config(tmp_path / "scratch.yaml", config)
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "bench/inheritance.py", "--cache", str(training_cache), "--config", str(path)]
+    command += ["--body", "multi_xlmr", "--out", str(tmp_path / "bench"), "--sentence", "Der Hund [MASK] schnell."]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    students = ("inherited_step0", "inherited_kd", "inherited_mlm", "scratch_kd")
+    assert set(figures["mask_accuracy"]) == set(students)
+    windows = figures["mask_accuracy"]["inherited_step0"]
+    assert set(windows) == {"de", "ru"} and set(windows["de"]) == {"de_bert", "multi_xlmr"}
+    for name in students:
+        for language, scored in figures["mask_accuracy"][name].items():
+            assert scored.keys() == windows[language].keys()
+            for row in scored.values():
+                assert row["positions"] > 0 and 0.0 <= row["student"] <= 1.0 and 0.0 <= row["teacher"] <= 1.0
+    (filled,) = figures["fill_mask"]
+    assert len(filled["body"]) == len(filled["student"]) == 3
