@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.vocab import TeacherVocabulary, TokenTally, build_alignment, teacher_token_shares
+from mdkd.pipeline.distributed import Ranks
 
 # Below this mean top-k mass (at temperature 1), the cached top-k holds too little of a teacher to stand for it.
 LOW_TOPK_MASS = 0.5
@@ -40,7 +41,8 @@ def collect(cache_dir: Path) -> Inspection:
         name: TokenTally(np.zeros(len(v.canonical)), np.zeros(len(v.canonical)), 0) for name, v in vocabularies.items()
     }
     sums: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for shard in tqdm(cache.manifest.shards, desc="reading shards", unit="shard", leave=False, disable=None):
+    bars = Ranks.from_env().progress_enabled()  # mdkd's one rule: rank 0, on a terminal
+    for shard in tqdm(cache.manifest.shards, desc="reading shards", unit="shard", leave=False, disable=not bars):
         totals = sums[(shard.teacher, shard.language)]
         totals["rows"] += shard.rows
         totals["masked"] += shard.masked_positions
