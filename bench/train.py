@@ -136,6 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="--sweep: the device's dense peak at this precision, for MFU (an H100/H200 in bf16: 989)",
     )
+    parser.add_argument(
+        "--logits-per-chunk",
+        type=int,
+        default=None,
+        help="--sweep: the loss's `loss.logits_per_chunk` (default: the configuration's default)",
+    )
     parser.add_argument("--sweep-point", type=int, default=None, help=argparse.SUPPRESS)  # one vocabulary, child
     args = parser.parse_args(argv)
     args.steps = max(args.steps or (SWEEP_STEPS if args.sweep else PRESETS[args.preset]["steps"]), 1)
@@ -446,7 +452,12 @@ def sweep_point(args, vocab: int) -> dict:
     config = TrainConfig.model_validate(
         {
             "student": {**preset["student"], "dropout": 0.0},
-            "loss": {"temperature": TEMPERATURE, "top_k": TOP_K, "missing_mass": "support"},
+            "loss": {
+                "temperature": TEMPERATURE,
+                "top_k": TOP_K,
+                "missing_mass": "support",
+                **({} if args.logits_per_chunk is None else {"logits_per_chunk": args.logits_per_chunk}),
+            },
             "train": {"steps": 1, "micro_batch_size": args.rows},
             "precision": args.precision,
         }
@@ -531,6 +542,7 @@ def vocabulary_sweep(args) -> dict:
         command += ["--seed", str(args.seed)] + (
             [] if args.peak_tflops is None else ["--peak-tflops", str(args.peak_tflops)]
         )
+        command += [] if args.logits_per_chunk is None else ["--logits-per-chunk", str(args.logits_per_chunk)]
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
         points.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return {"preset": args.preset, "rows": args.rows, "timed_steps": args.steps, "points": points}
