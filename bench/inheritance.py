@@ -34,6 +34,7 @@ import yaml
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import BODY_DECIDES, InheritConfig
 from mdkd.pipeline.distill.inherit import inherit_student
+from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.student import MaskedLMStudent, export_student
 from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.stages import evaluate, train
@@ -65,10 +66,10 @@ def mask_accuracies(report: dict) -> dict:
 
 def step0_student(cache_dir: Path, run: Path, body: str, out: Path) -> Path:
     """The inherited student as `mdkd train` builds it before its first step, over `run`'s merged vocabulary."""
-    cache = CacheReader(cache_dir)
-    teachers = json.loads((run / "teachers.json").read_text())["teachers"]
+    cache, folder = CacheReader(cache_dir), RunFolder(run)
+    teachers = folder.teachers()
     names = [name for name in cache.manifest.teachers if any(name in chosen for chosen in teachers.values())]
-    alignment = Alignment.load(run / "vocab", names)
+    alignment = Alignment.load(folder.vocab_dir, names)
     inheritance = inherit_student(InheritConfig(teacher=body), cache, alignment, cache.manifest.shards, seed=0)
     export_student(MaskedLMStudent(inheritance.model), alignment.tokens, alignment.lowercase, out)
     return out
@@ -96,7 +97,8 @@ def main() -> None:
         seconds[name] = round(time.perf_counter() - start, 1)
     held_out = args.out / "inherited_kd"
     model_dirs = {"inherited_step0": step0_student(args.cache, held_out, args.body, args.out / "inherited_step0")}
-    model_dirs.update({name: args.out / name / "student" for name in ("inherited_kd", "inherited_mlm", "scratch_kd")})
+    trained = ("inherited_kd", "inherited_mlm", "scratch_kd")
+    model_dirs.update({name: RunFolder(args.out / name).student_dir for name in trained})
     for name, folder in model_dirs.items():
         report = evaluate.run(
             folder, cache_dir=args.cache, heldout_run=held_out, max_rows=args.max_rows, out_file=None, all_teachers=True

@@ -7,8 +7,10 @@ vocabulary change (input embeddings, output rows and output biases), each made o
 - `own`: a merged token the body has takes the mean of the rows of the body ids that map to it (one id, or its
   twins);
 - `pieces`: a token the body lacks takes the mean of the rows of the pieces the body's own tokenizer cuts its text
-  into (fast vocabulary transfer, Gee et al. 2022); for a continuation `##x` a leading lone word boundary is
-  dropped and the first piece is taken in its continuation form where the body has one;
+  into (fast vocabulary transfer, Gee et al. 2022), its output bias less log(1 + pieces) (the body spelt that text
+  with those pieces, never with this token, so it starts below them and a one-piece copy never ties with the
+  body's own token); for a continuation `##x` a leading lone word boundary is dropped and the first piece is taken
+  in its continuation form where the body has one;
 - `fallback`: a token whose text the body's tokenizer turns into nothing but unknown pieces (another script, a byte
   form) takes the body's mean row over its ordinary tokens, and an output bias of the body's mean bias plus the
   log of the token's smoothed frequency in the cached inputs: at most one average token's mass in all, so the
@@ -260,6 +262,9 @@ def _student_state(
     )
     rows, weights = _averaging(sources)
     fallback = torch.from_numpy(np.flatnonzero(paths == PATHS.index("fallback")))
+    pieced = np.flatnonzero(paths == PATHS.index("pieces"))
+    piece_counts = np.array([len(sources[i]) for i in pieced], dtype=np.float64)
+    pieced = torch.from_numpy(pieced)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name in vocab_names:
@@ -270,6 +275,10 @@ def _student_state(
                 new[fallback] = tensor[torch.from_numpy(ordinary)].mean(0)
                 if tensor.dim() == 1 and log_frequency is not None:
                     new[fallback] += torch.from_numpy(log_frequency[fallback.numpy()]).to(tensor.dtype)
+            if tensor.dim() == 1 and len(pieced):
+                # The body spelt this text with its pieces, never with this token: it starts below them
+                # (log(1 + pieces) under their mean bias), so a one-piece copy does not tie with the body's own token.
+                new[pieced] -= torch.from_numpy(np.log1p(piece_counts)).to(tensor.dtype)
             out[name] = new
         elif stack is not None and name.startswith(stack + "."):
             index, rest = name[len(stack) + 1 :].split(".", 1)
