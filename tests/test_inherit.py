@@ -4,6 +4,7 @@ transformers on its own ids, not against inherit.py's algebra."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -327,7 +328,10 @@ def test_inheritance_benchmark_reports_every_student_on_every_window(tmp_path, t
     repo = Path(__file__).resolve().parents[1]
     command = [sys.executable, "bench/inheritance.py", "--cache", str(training_cache), "--config", str(path)]
     command += ["--body", "multi_xlmr", "--out", str(tmp_path / "bench"), "--sentence", "Der Hund [MASK] schnell."]
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900, check=False)
+    # This process's own process group (from the in-process runs) must not leak its rendezvous into the bench's.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    env = {key: value for key, value in os.environ.items() if key not in launcher}
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     students = ("inherited_step0", "inherited_kd", "inherited_mlm", "scratch_kd")
