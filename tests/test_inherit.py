@@ -230,9 +230,13 @@ def test_changed_body_weights_are_refused_by_train_and_validate(tmp_path, copied
 
 def test_a_body_not_in_the_cache_and_contradicting_sizes_are_refused(tmp_path, training_cache):
     one_line_error(train(tmp_path, training_cache, inherit_config("nobody")), "'nobody' is not in the cache")
-    result = train(tmp_path, training_cache, inherit_config(hidden_size=64, num_layers=5, architecture="bert"))
+    result = train(tmp_path, training_cache, inherit_config(hidden_size=64, num_layers=5, architecture="modernbert"))
     one_line_error(result, "with init the body decides the sizes")
-    for fragment in ("hidden_size 64 (the body's is 32)", "num_layers 5 (the body's is 2)", "architecture bert"):
+    for fragment in (
+        "hidden_size 64 (the body's is 32)",
+        "num_layers 5 (the body's is 2)",
+        "architecture modernbert (the body is xlm-roberta)",
+    ):
         assert fragment in result.stderr
     result = train(tmp_path, training_cache, inherit_config(init={"teacher": "multi_xlmr", "layers": [0, 2]}))
     one_line_error(result, "names layer 2, but the body has 2")
@@ -256,6 +260,9 @@ def test_inherited_run_exports_the_body_architecture_that_transformers_loads(tmp
     assert model.config.pad_token_id == tokenizer.pad_token_id
     filled = pipeline("fill-mask", model=model, tokenizer=tokenizer)("Der Hund [MASK] schnell.", top_k=3)
     assert len(filled) == 3
+    # The run's resolved config (every default written out) is a valid config of the same run.
+    again = CliRunner().invoke(cli, ["validate", str(run / "config.yaml"), "--cache", str(training_cache)])
+    assert again.exit_code == 0 and f"student inherits {body}" in again.output, again.output
 
 
 def test_inherited_modernbert_student_trains_on_two_ranks_with_zero_3(tmp_path, bodies):

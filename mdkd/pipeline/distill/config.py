@@ -73,8 +73,14 @@ class StudentConfig(StrictModel):
     )
 
     def explicit_body_keys(self) -> dict:
-        """With `init`: the keys among BODY_DECIDES this config gives explicitly, which must agree with the body."""
-        return {key: getattr(self, key) for key in BODY_DECIDES if key in self.model_fields_set}
+        """With `init`: the keys among BODY_DECIDES this config gives, which must agree with the body. A key at its
+        default counts as not given: a run's resolved config.yaml writes every default, and must validate again."""
+        fields = type(self).model_fields
+        return {
+            key: getattr(self, key)
+            for key in BODY_DECIDES
+            if key in self.model_fields_set and getattr(self, key) != fields[key].default
+        }
 
     def sizes(self) -> dict[str, int]:
         sizes = dict(PRESETS[self.preset]) if self.preset else {}
