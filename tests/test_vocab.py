@@ -260,7 +260,7 @@ def test_student_vocabulary_reads_back_unchanged(union, tmp_path):
     assert own.canonical == union.tokens
     for name in union.id_maps:
         vocabulary = TeacherVocabulary(name, Family("plain", "", False), [union.tokens[i] for i in union.id_maps[name]])
-        assert np.array_equal(map_by_canonical(vocabulary, own), union.id_maps[name])
+        assert np.array_equal(map_by_canonical(vocabulary, own.canonical), union.id_maps[name])
 
 
 def test_id_maps_round_trip_and_specials_unify(trained, tmp_path):

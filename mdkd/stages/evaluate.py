@@ -83,7 +83,7 @@ def run(
         summary, windows_scored = Comparison(), {}
         for name in names:
             if name not in maps:
-                maps[name] = map_by_canonical(TeacherVocabulary.from_cache(cache, name), own)
+                maps[name] = map_by_canonical(TeacherVocabulary.from_cache(cache, name), own.canonical)
             target_map = maps[name]
             input_map = np.where(target_map < 0, unk, target_map)
             windows = held_out_windows(cache, name, language, is_held_out, max_rows)

@@ -36,9 +36,9 @@ from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.canonical import DROPPED, ROLE_TO_SPECIAL, WORD_BOUNDARY
 from mdkd.pipeline.distill.config import InheritConfig, StudentConfig
 from mdkd.pipeline.distill.student_tokenizer import STUDENT_SPECIALS
-from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, TokenTally
+from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, TokenTally, map_by_canonical
 from mdkd.pipeline.distributed import Ranks, transformers_console
-from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.errors import UserError, first_line
 from mdkd.pipeline.masked_lm import ADAPTERS
 from mdkd.pipeline.weights import weights_identity
 
@@ -62,7 +62,7 @@ def body_config(entry: TeacherEntry):
         return AutoConfig.from_pretrained(entry.model, revision=entry.revision)
     except Exception as exc:  # OSError, ValueError, hub errors: the folder or hub id is no longer there
         raise UserError(
-            f"student.init: cannot load the config of teacher at {entry.model}: {_first_line(exc)}"
+            f"student.init: cannot load the config of teacher at {entry.model}: {first_line(exc)}"
         ) from None
 
 
@@ -144,7 +144,7 @@ def inherit_student(init: InheritConfig, cache: CacheReader, alignment: Alignmen
             body = AutoModelForMaskedLM.from_pretrained(entry.model, revision=entry.revision, dtype=torch.float32)
     except Exception as exc:
         raise UserError(
-            f"student.init: cannot load teacher {init.teacher} from {entry.model}: {_first_line(exc)}"
+            f"student.init: cannot load teacher {init.teacher} from {entry.model}: {first_line(exc)}"
         ) from None
     tokenizer = AutoTokenizer.from_pretrained(str(cache.tokenizer_file(init.teacher).parent))
     vocabulary = TeacherVocabulary.from_cache(cache, init.teacher)
@@ -194,8 +194,7 @@ def body_id_map(alignment: Alignment, body: str, vocabulary: TeacherVocabulary) 
     the run has get no row (-1), as a vocabulary cap's dropped ids."""
     if body in alignment.id_maps:
         return alignment.id_maps[body]
-    student_id = {token: index for index, token in enumerate(alignment.tokens)}
-    return np.array([student_id.get(token, DROPPED) for token in vocabulary.canonical], dtype=np.int32)
+    return map_by_canonical(vocabulary, alignment.tokens)
 
 
 def _text_of(token: str) -> str | None:
@@ -347,8 +346,3 @@ def model_input_names(model: nn.Module) -> list[str]:
     """What the exported tokenizer should return for this model: token type ids only where its forward takes them."""
     accepted = inspect.signature(model.forward).parameters
     return [name for name in ("input_ids", "token_type_ids", "attention_mask") if name in accepted]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

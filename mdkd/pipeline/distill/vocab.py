@@ -241,10 +241,11 @@ class TokenTally:
         return total
 
 
-def map_by_canonical(source: TeacherVocabulary, target: TeacherVocabulary) -> np.ndarray:
-    """source id -> target id of the same canonical token (-1 when the target has no such token)."""
+def map_by_canonical(source: TeacherVocabulary, target: list[str]) -> np.ndarray:
+    """source id -> id of the same canonical token in `target` (canonical tokens by id; its first id where several
+    share one; -1 when it has no such token)."""
     target_id: dict[str, int] = {}
-    for index, token in enumerate(target.canonical):
+    for index, token in enumerate(target):
         target_id.setdefault(token, index)
     return np.array([target_id.get(token, DROPPED) for token in source.canonical], dtype=np.int32)
 

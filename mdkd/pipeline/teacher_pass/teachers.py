@@ -23,7 +23,7 @@ from torch import nn
 from mdkd.pipeline.cache.manifest import special_token_ids
 from mdkd.pipeline.canonical import canonical_tokens, twin_classes
 from mdkd.pipeline.distributed import Ranks, transformers_console
-from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.errors import UserError, first_line
 from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
 from mdkd.pipeline.teacher_pass.config import TeacherSpec
 from mdkd.pipeline.weights import weight_files, weights_identity
@@ -59,11 +59,6 @@ class TeacherInfo:
         }
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 # Models whose learned absolute positions start after the padding index (position ids begin at pad + 1).
 _POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
@@ -94,7 +89,7 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
                 f"{where}: {spec.model} needs its own Python code to load "
                 "(set trust_remote_code: true on this teacher if you trust it)"
             ]
-        return None, [f"{where}: cannot load a model config from {spec.model}: {_one_line(exc)}"]
+        return None, [f"{where}: cannot load a model config from {spec.model}: {first_line(exc)}"]
     # A model whose code ships with the checkpoint names its masked-LM class in auto_map instead.
     remote_class = (
         (getattr(config, "auto_map", None) or {}).get("AutoModelForMaskedLM") if spec.trust_remote_code else None
@@ -108,7 +103,7 @@ def inspect_teacher(spec: TeacherSpec, top_k: int, max_length: int) -> tuple[Tea
             trust_remote_code=spec.trust_remote_code,
         )
     except Exception as exc:
-        return None, [f"{where}: cannot load a tokenizer from {spec.tokenizer_ref}: {_one_line(exc)}"]
+        return None, [f"{where}: cannot load a tokenizer from {spec.tokenizer_ref}: {first_line(exc)}"]
     problems = []
     if not getattr(tokenizer, "is_fast", False):
         problems.append(f"{where}: tokenizer {spec.tokenizer_ref} has no fast (Rust) version, which mdkd needs")
@@ -202,7 +197,7 @@ class Teacher:
                     output_loading_info=True,
                 )
         except Exception as exc:
-            raise UserError(f"teacher {spec.name}: cannot load {spec.model}: {_one_line(exc)}") from None
+            raise UserError(f"teacher {spec.name}: cannot load {spec.model}: {first_line(exc)}") from None
         # Weights missing from the checkpoint are random: their predictions must not be cached as a teacher's.
         missing = newly_initialised(model, set(loading["missing_keys"]))
         if missing:
