@@ -198,7 +198,7 @@ def report(runs: tuple[Path, ...], out_dir: Path | None) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace a demo in the workdir that was run with other settings.")
 def demo(quick: bool, workdir: Path, corpus_dir: Path | None, overwrite: bool) -> None:
-    """The MergeDistill experiment in miniature, offline: teachers, one cache, four students, a report.
+    """The MergeDistill experiment in miniature, offline: teachers, one cache, six students, a report.
 
     Rerun the same command to resume after an interruption; finished steps are skipped.
     """

@@ -15,6 +15,7 @@ from conftest import make_documents
 from mdkd.demo import summary
 from mdkd.demo.corpus import assemble, fetch, fortunes, help_pages, manpages
 from mdkd.demo.corpus.language import is_language, usable
+from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.errors import UserError
 from mdkd.stages import demo
 
@@ -312,20 +313,39 @@ def test_the_miniature_demo_runs_every_step(miniature):
     work = root / "work" / "quick"
     assert sorted(p.name for p in (work / "teachers").iterdir()) == ["de_mono", "en_mono", "multi", "ru_mono"]
     assert json.loads((work / "cache" / "manifest.json").read_text())["complete"]
-    for student in ("mono_taught", "multi_taught", "both_taught", "mlm_only"):
+    students = ("mono_taught", "multi_taught", "both_taught", "mlm_only", *summary.INHERITED)
+    assert sorted(p.name for p in (work / "runs").iterdir()) == sorted(students)
+    for student in students:
         assert json.loads((work / "runs" / student / "run.json").read_text())["complete"]
         assert set(json.loads((work / "runs" / student / "eval.json").read_text())["languages"]) <= {"de", "en", "ru"}
+        # The lead table's evaluation: every teacher's windows, whatever the student was taught by.
+        every = json.loads((work / "report" / demo.EVERY_TEACHER / f"{student}.json").read_text())
+        assert every["scope"] == "all cached teachers"
+        assert {window for result in every["languages"].values() for window in result["windows"]} == {
+            "de_mono",
+            "en_mono",
+            "ru_mono",
+            "multi",
+        }
+    for inherited in summary.INHERITED:
+        config = yaml.safe_load((work / "configs" / f"{inherited}.yaml").read_text())
+        assert config["student"] == {"init": {"teacher": "multi"}}
+        assert config["teachers"] == {language: f"{language}_mono" for language in ("de", "en", "ru")}
+        assert RunFolder(work / "runs" / inherited).inheritance()["body"] == "multi"
     assert (work / "report" / "accuracy.png").stat().st_size > 10_000
     assert (work / "report" / "heldout_loss.png").stat().st_size > 10_000
-    summary = result["summary"]
+    printed = result["summary"]
+    assert printed.startswith("MergeDistill's question")
     for section in (
+        f"{summary.MERGED}, against the best teacher of each language",
+        "Exposure: windows per language",
         "Teachers, pre-trained",
-        "on that teacher's held-out windows",
+        "[MASK] positions of that teacher's held-out windows",
         "Distilled minus MLM-only",
         "Raw held-out text",
         "Knowledge Inheritance's figure",
     ):
-        assert section in summary
+        assert section in printed
     record = json.loads((work / "teachers" / "multi" / "pretraining.json").read_text())
     assert set(record["held_out"]) == {"de", "en", "ru"} and record["steps"] == TINY.multi_steps
     config = yaml.safe_load((work / "configs" / "mlm_only.yaml").read_text())

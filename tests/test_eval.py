@@ -31,6 +31,7 @@ from mdkd.pipeline.evaluation import (
 )
 from mdkd.stages import demo
 from mdkd.stages import evaluate as evaluate_stage
+from mdkd.stages import report as report_stage
 
 
 def test_model_metrics_by_hand():
@@ -147,6 +148,25 @@ def test_a_summary_over_teachers_is_position_weighted_on_both_sides():
     assert result["accuracy_ratio"] == pytest.approx(28 / 8)
 
 
+def test_the_headline_is_at_mask_positions_not_pooled_with_kept_ones():
+    """A student that copies the visible answer at kept positions and is poor at [MASK]: pooled over all masked
+    positions it scores 28/40 against the teacher's 8/40 (ratio 3.5, as the old headline printed); at [MASK]
+    positions, the task, it has 1/10 against 5/10 (ratio 0.2). `mdkd eval`'s table and `mdkd report` lead with
+    the latter and print the pooled figure beside it."""
+    comparison = Comparison()
+    comparison.model["mask"], comparison.teacher["mask"] = MetricSums(10, 1), MetricSums(10, 5)
+    comparison.model["keep"], comparison.teacher["keep"] = MetricSums(30, 27), MetricSums(30, 3)
+    scored = comparison.result()
+    assert scored["accuracy_ratio"] == pytest.approx(3.5)
+    report = {"scope": "s", "languages": {"de": {"teachers": ["t"], "windows": {"t": scored}, "summary": scored}}}
+    header, row = (line.split() for line in evaluate_stage.render(report).splitlines()[1:3])
+    assert header[:9] == ["language", "windows", "[MASK]", "positions", "left", "out", "[MASK]", "acc", "teacher"]
+    assert row[:8] == ["de", "t", "10", "0", "0.100", "0.500", "0.20", "0.700/0.200"]
+    compared = report_stage.comparisons({"eval": report})[("de", "t")]
+    assert (compared["student"], compared["teacher"], compared["student_all"]) == (0.1, 0.5, 0.7)
+    assert compared["ratio"] == pytest.approx(0.2) and compared["positions"] == 10
+
+
 def test_a_teacher_scored_on_its_own_windows_agrees_with_its_cache(training_cache, teachers_dir, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(
@@ -175,7 +195,7 @@ def test_a_teacher_scored_on_its_own_windows_agrees_with_its_cache(training_cach
     for kind in KINDS:
         assert own["by_kind"][kind]["positions"] > 0, kind
         assert own["by_kind"][kind]["model"]["accuracy"] == pytest.approx(own["by_kind"][kind]["teacher"]["accuracy"])
-    assert "de_bert" in result.stdout and "teacher acc" in result.stdout and "keep acc" in result.stdout
+    assert "de_bert" in result.stdout and "teacher [MASK] acc" in result.stdout and "keep acc" in result.stdout
     assert report["languages"]["de"]["raw_text"]["positions"] > 0
 
 
@@ -258,7 +278,14 @@ def _scored(positions: int, student: float, teacher: float) -> dict:
         "teacher": side(teacher),
         "accuracy_ratio": student / teacher,
         "by_kind": {
-            kind: {"positions": positions // 3, "model": side(student), "teacher": side(teacher)} for kind in KINDS
+            kind: {
+                "positions": positions // 3,
+                "left_out": 0,
+                "model": side(student),
+                "teacher": side(teacher),
+                "accuracy_ratio": student / teacher,
+            }
+            for kind in KINDS
         },
     }
 
@@ -282,12 +309,12 @@ def test_the_demo_summary_holds_each_student_against_its_own_teachers(tmp_path):
         report = {"scope": "the teachers the run was trained with", "languages": {"de": german}}
         (tmp_path / name / "eval.json").write_text(json.dumps(report))
         runs.append(tmp_path / name)
-    printed = summary.summarise(runs, ["de"], {})
+    printed = summary.summarise(runs, ["de"], {}, {})
     rows = [line.split()[:7] for line in printed.splitlines()]
-    assert ["de", "de_bert", "mono_taught", "300", "0.300", "0.600", "0.50"] in rows
-    assert ["de", demo.MULTI, "multi_taught", "300", "0.200", "0.250", "0.80"] in rows
+    assert ["de", "de_bert", "mono_taught", "100", "0.300", "0.600", "0.50"] in rows  # its [MASK] positions
+    assert ["de", demo.MULTI, "multi_taught", "100", "0.200", "0.250", "0.80"] in rows
     assert not any(row[1:3] in (["de_bert", "multi_taught"], [demo.MULTI, "mono_taught"]) for row in rows if row)
-    assert "de: student / own teacher accuracy 0.50 against 0.80; raw text 0.150 against 0.100" in printed
+    assert "de: student / own teacher accuracy at [MASK] 0.50 against 0.80; raw text 0.150 against 0.100" in printed
 
 
 def test_the_demo_summary_compares_with_mlm_only_on_the_same_windows(tmp_path):
@@ -302,7 +329,7 @@ def test_the_demo_summary_compares_with_mlm_only_on_the_same_windows(tmp_path):
         report = {"scope": "the teachers the run was trained with", "languages": {"de": german}}
         (tmp_path / name / "eval.json").write_text(json.dumps(report))
         runs.append(tmp_path / name)
-    printed = summary.summarise(runs, ["de"], {})
+    printed = summary.summarise(runs, ["de"], {}, {})
     # Only de_bert's windows are shared: +0.100 (at every position kind), not a difference against MLM-only's
     # pooled figure (0.300 over both teachers' windows) or its [MASK]-only one.
     assert ["de", "+0.100", "|", "+0.100"] in [line.split() for line in printed.splitlines()]
@@ -326,3 +353,65 @@ def test_eval_bad_input(tmp_path, make, args, fragment):
 def test_eval_of_a_model_folder_needs_a_cache(teachers_dir):
     result = CliRunner().invoke(cli, ["eval", str(teachers_dir / "de_bert")])
     assert result.exit_code == 2 and "give --cache DIR" in result.stderr
+
+
+def _window(positions: int, left_out: int, student: float, teacher: float) -> dict:
+    """A window's eval entry whose [MASK] positions hold the given figures (the other kinds are empty)."""
+    masked = {
+        "positions": positions,
+        "left_out": left_out,
+        "model": {"positions": positions, "accuracy": student},
+        "teacher": {"positions": positions, "accuracy": teacher},
+        "accuracy_ratio": student / teacher,
+    }
+    empty = {"positions": 0, "left_out": 0, "model": {"positions": 0}, "teacher": {"positions": 0}}
+    return {**masked, "by_kind": {"mask": masked, "random": empty, "keep": empty}}
+
+
+def test_the_demo_lead_table_holds_every_student_against_every_teacher():
+    """de: de_mono (0.20) is the best teacher, multi (0.10) the other. The merged student keeps 0.18 of 0.20 on
+    de_mono's windows (0.90) and beats multi on its windows (0.12 against 0.10 on the 80 positions it can spell);
+    the inherited MLM-only student has 0.16 on de_mono's windows. The teacher column is the teacher over the most
+    positions any student was scored on."""
+    every_teacher = {
+        summary.MERGED: {
+            "languages": {
+                "de": {"windows": {"de_mono": _window(100, 0, 0.18, 0.20), demo.MULTI: _window(80, 20, 0.12, 0.10)}}
+            }
+        },
+        summary.INHERITED_BASELINE: {
+            "languages": {
+                "de": {"windows": {"de_mono": _window(100, 0, 0.16, 0.20), demo.MULTI: _window(80, 20, 0.09, 0.10)}}
+            }
+        },
+        "mlm_only": {
+            "languages": {
+                "de": {"windows": {"de_mono": _window(100, 0, 0.05, 0.20), demo.MULTI: _window(100, 0, 0.04, 0.08)}}
+            }
+        },
+    }
+    lines = summary.lead_table(every_teacher, ["de"])
+    rows = [line.split() for line in lines]
+    assert rows[1][3:] == [summary.MERGED, summary.INHERITED_BASELINE, "mlm_only"]  # the merged pair lead
+    assert ["de", "de_mono", "0.200", "0.180", "(0.90)", "0.160", "(0.80)", "0.050", "(0.25)"] in rows
+    assert ["de", demo.MULTI, "0.080", "0.120", "(1.20)", "0.090", "(0.90)", "0.040", "(0.50)"] in rows
+    text = "\n".join(lines)
+    # Positions a student's vocabulary cannot spell are named.
+    assert f"de/{demo.MULTI} 20 for {summary.MERGED}, {summary.INHERITED_BASELINE}" in text
+    assert "best teacher of each language (on its windows): de 0.90 of de_mono" in text
+    assert "above the multilingual teacher on its windows in 1 of 1 languages" in text
+    assert f"ahead of {summary.INHERITED_BASELINE} on its own teachers' windows in 1 of 1" in text
+
+
+def test_the_demo_states_each_students_exposure(tmp_path):
+    """Windows per language summed over a run's train records, beside the teachers' pre-training windows."""
+    run = tmp_path / "mono_taught"
+    run.mkdir()
+    records = [
+        {"step": step, "split": "train", "windows": 4, "per_language": {"de": {"windows": 3}, "en": {"windows": 1}}}
+        for step in (1, 2)
+    ] + [{"step": 2, "split": "heldout", "per_language": {"de": {"windows": 99}}}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    teachers = {"de_mono": {"windows": 25600}, "en_mono": {"windows": 25600}, demo.MULTI: {"windows": 51200}}
+    rows = [line.split() for line in summary.exposure_lines([RunFolder(run)], ["de", "en"], teachers)]
+    assert rows[2:] == [["de", "6", "25600", "51200"], ["en", "2", "25600", "51200"]]

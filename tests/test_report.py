@@ -48,19 +48,25 @@ def test_sweep_trains_every_combination_and_reports(sweep):
         assert (out / name / "eval.json").exists()
     rows = list(csv.DictReader((out / "report" / "report.csv").open()))
     assert [(r["run"], r["loss.top_k"]) for r in rows] == [("loss.top_k=2", "2"), ("loss.top_k=8", "8")]
-    # Per (language, teacher): the student's accuracy on that teacher's windows and its ratio to the teacher's on the
-    # same positions; no pooled per-language column, and no held-out columns when every run has eval.json.
+    # Per (language, teacher): the student's accuracy at [MASK] positions of that teacher's windows, its ratio to the
+    # teacher's on the same positions, and its accuracy over all masked positions; no pooled per-language column,
+    # and no held-out columns when every run has eval.json.
     pairs = ["de/de_bert", "de/multi_xlmr", "ru/multi_xlmr"]
-    assert [h for h in rows[0] if h.startswith(("acc ", "ratio ", "heldout "))] == [
-        f"{column} {pair}" for pair in pairs for column in ("acc", "ratio")
+    columns = ("[MASK] acc", "[MASK] ratio", "all acc")
+    assert [h for h in rows[0] if h.startswith((*columns, "heldout "))] == [
+        f"{column} {pair}" for pair in pairs for column in columns
     ]
     for row in rows:
         report = json.loads((out / row["run"] / "eval.json").read_text())
         for pair in pairs:
             language, teacher = pair.split("/")
             scored = report["languages"][language]["windows"][teacher]
-            assert float(row[f"acc {pair}"]) == pytest.approx(scored["model"]["accuracy"])
-            assert scored["model"]["positions"] == scored["teacher"]["positions"]
+            masked = scored["by_kind"]["mask"]
+            assert float(row[f"[MASK] acc {pair}"]) == pytest.approx(masked["model"]["accuracy"])
+            ratio = masked.get("accuracy_ratio")  # absent where the teacher has no hit at [MASK] positions
+            assert (float(row[f"[MASK] ratio {pair}"]) if row[f"[MASK] ratio {pair}"] else None) == pytest.approx(ratio)
+            assert float(row[f"all acc {pair}"]) == pytest.approx(scored["model"]["accuracy"])
+            assert masked["model"]["positions"] == masked["teacher"]["positions"] < scored["positions"]
     markdown = (out / "report" / "report.md").read_text()
     assert markdown.startswith("| run | loss.top_k | steps |")
     for plot in ("loss_curves.png", "accuracy.png"):
@@ -105,7 +111,7 @@ def test_report_reads_a_run_that_is_still_going(sweep, tmp_path):
     rows = list(csv.DictReader((tmp_path / "r" / "report.csv").open()))
     assert rows[1]["run"] == "going" and rows[1]["complete"] == "False" and rows[1]["steps"] == "3"
     # Without eval.json: no comparison with the teachers, the training's held-out accuracy instead.
-    assert rows[1]["acc de/de_bert"] == "" and rows[0]["acc de/de_bert"] != ""
+    assert rows[1]["[MASK] acc de/de_bert"] == "" and rows[0]["[MASK] acc de/de_bert"] != ""
     assert rows[1]["heldout acc de"] != "" and rows[0]["heldout acc de"] == ""
 
 
@@ -117,7 +123,7 @@ def test_an_eval_json_from_before_the_like_for_like_scoring_is_not_reported(swee
     result = CliRunner().invoke(cli, ["report", str(old), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     row = next(csv.DictReader((tmp_path / "r" / "report.csv").open()))
-    assert not any(key.startswith("acc ") for key in row) and row["heldout acc de"] != ""
+    assert not any(key.startswith(("[MASK] acc ", "all acc ")) for key in row) and row["heldout acc de"] != ""
 
 
 @pytest.mark.parametrize(

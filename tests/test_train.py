@@ -123,6 +123,10 @@ def test_training_writes_a_run_that_loads_and_fills_masks(training_cache, tmp_pa
         round(1 / 7, 6),
     ]
     assert set(lines[0]["per_language"]) <= {"de", "ru"}
+    # Every step sees micro_batch_size windows (one rank, no accumulation), each counted once under its language.
+    micro_batch = train_config()["train"]["micro_batch_size"]
+    assert [m["windows"] for m in lines] == [micro_batch] * 8
+    assert [sum(s["windows"] for s in m["per_language"].values()) for m in lines] == [micro_batch] * 8
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step-0000004", "step-0000008"]
     assert json.loads((run / "run.json").read_text())["complete"] is True
     vocab = (run / "vocab" / "vocab.txt").read_text(encoding="utf-8").splitlines()

@@ -33,19 +33,24 @@ def cache_config(root: Path, languages: list[str], settings: DemoSettings) -> di
 
 
 def train_config(choice: dict, settings: DemoSettings) -> dict:
-    """A student's config: its `choice` (teachers and loss) on the size, budget and schedule every student shares."""
+    """A student's config: its `choice` (teachers, loss, and `init`, the teacher whose weights it starts from, if
+    any) on the size, budget and schedule every student shares. An inherited student takes its sizes from its
+    body, which has the same ones as a student from random weights: the teachers are all of the students' size."""
+    choice = dict(choice)
+    body = choice.pop("init", None)
+    student = {
+        "architecture": "modernbert",  # as the teachers: a post-norm BERT this small barely learns in the budget
+        "preset": None,
+        "hidden_size": settings.hidden,
+        "num_layers": settings.layers,
+        "num_heads": settings.heads,
+        "intermediate_size": 4 * settings.hidden,
+        "dropout": 0.0,
+    }
     return {
         **choice,
         "language_sampling": 0.7,
-        "student": {
-            "architecture": "modernbert",  # as the teachers: a post-norm BERT this small barely learns in the budget
-            "preset": None,
-            "hidden_size": settings.hidden,
-            "num_layers": settings.layers,
-            "num_heads": settings.heads,
-            "intermediate_size": 4 * settings.hidden,
-            "dropout": 0.0,
-        },
+        "student": {"init": {"teacher": body}} if body else student,
         "train": {
             "steps": settings.student_steps,
             "micro_batch_size": settings.batch_size,
@@ -53,7 +58,9 @@ def train_config(choice: dict, settings: DemoSettings) -> dict:
             "warmup": 0.1,
             "checkpoint_every": max(1, settings.student_steps // 3),
             "eval_fraction": settings.eval_fraction,
-            "eval_every": settings.eval_every,
+            # Held-out curves serve Knowledge Inheritance's figure, which compares students from random weights; an
+            # inherited student is scored at its last step only (`mdkd eval` gives its figures).
+            "eval_every": settings.student_steps if body else settings.eval_every,
             "eval_rows": 96,
             "seed": 0,
         },

@@ -93,6 +93,7 @@ def _build_teacher(root, name, splits: dict, family, vocab, steps, seed, setting
         "tokenizer": family,
         "vocabulary": len(tokenizer),
         "steps": steps,
+        "windows": steps * settings.batch_size,
         "seconds": round(seconds, 1),
         "text_bytes": {
             language: sum(len(t.encode()) + 1 for t in training) for language, (training, _) in splits.items()

@@ -14,14 +14,18 @@ where it stopped):
    languages' text (held-out documents excluded), scored against the frequent-token bar, and saved as an ordinary
    HF folder (mdkd/demo/teachers.py);
 3. stage one once, for every teacher, on the students' slice;
-4. from that one cache, four students of one size and step budget: taught by the monolingual teachers, by the
-   multilingual teacher, by both (each sequence served by one of them), and an MLM-only baseline (alpha = 0);
-5. `mdkd eval` for each student, `mdkd report` over all of them, the held-out loss curves, and a printed summary
-   (mdkd/demo/summary.py).
+4. from that one cache, six students of one size and step budget: from random weights, taught by the monolingual
+   teachers, by the multilingual teacher, by both (each sequence served by one of them), and an MLM-only baseline
+   (alpha = 0); and two that inherit the multilingual teacher's weights (MergeDistill's setting), one taught by
+   the monolingual teachers, one with MLM only on the same windows;
+5. `mdkd eval` for each student (on its own teachers' windows, and again on every teacher's, for the lead table
+   that holds every student against every teacher on the same positions), `mdkd report` over all of them, the
+   held-out loss curves, and a printed summary (mdkd/demo/summary.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,25 +34,35 @@ from tqdm.auto import tqdm
 from mdkd.demo.configs import cache_config, train_config, write_yaml
 from mdkd.demo.corpus.assemble import prepare_corpus
 from mdkd.demo.settings import FULL, LANGUAGES, MULTI, QUICK, TOP_K, DemoSettings, mono
-from mdkd.demo.summary import plot_inheritance, summarise
+from mdkd.demo.summary import BASELINE, INHERITED_BASELINE, MERGED, plot_inheritance, summarise
 from mdkd.demo.teachers import build_teachers
+from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.files import write_json_atomic
 from mdkd.pipeline.output_folder import FolderClaim, take_over
 from mdkd.stages.sweep import run_many
 
 RECORD = "demo.json"
+EVERY_TEACHER = "every_teacher"  # report/<this>/<student>.json: each student on every teacher's windows
 
 
 def students(languages: list[str]) -> dict[str, dict]:
-    """The four students: the teacher choice per language and the loss, everything else equal."""
+    """The six students: the teacher choice per language, the loss and the start, everything else equal.
+
+    Four start from random weights (teacher selection, and Knowledge Inheritance's figure against MLM-only); two
+    ask MergeDistill's question: starting from the multilingual teacher's weights, does distilling each language
+    from its own teacher beat MLM on the same data and steps?"""
     kd = {"temperature": 1.0, "top_k": TOP_K, "alpha": {"schedule": "linear", "start": 1.0}}
+    mlm = {**kd, "alpha": {"schedule": "constant", "start": 0.0}}
+    own = {language: mono(language) for language in languages}
     both = {language: [mono(language), MULTI] for language in languages}
     return {
-        "mono_taught": {"teachers": {language: mono(language) for language in languages}, "loss": kd},
+        "mono_taught": {"teachers": own, "loss": kd},
         "multi_taught": {"teachers": dict.fromkeys(languages, MULTI), "loss": kd},
         "both_taught": {"teachers": both, "loss": kd},
-        "mlm_only": {"teachers": both, "loss": {**kd, "alpha": {"schedule": "constant", "start": 0.0}}},
+        BASELINE: {"teachers": both, "loss": mlm},
+        MERGED: {"teachers": own, "loss": kd, "init": MULTI},
+        INHERITED_BASELINE: {"teachers": own, "loss": mlm, "init": MULTI},
     }
 
 
@@ -60,7 +74,7 @@ def run(
     languages: list[str] | None = None,
     overwrite: bool = False,
 ) -> dict:
-    from mdkd.stages import cache_logits
+    from mdkd.stages import cache_logits, evaluate
 
     settings = settings or (QUICK if quick else FULL)
     root = workdir / ("quick" if quick else "full")
@@ -105,17 +119,28 @@ def run(
     tqdm.write("[3/5] stage one: caching every teacher's predictions on the students' slice, once")
     cache_yaml = write_yaml(root / "configs" / "cache.yaml", cache_config(root, languages, settings))
     cache_logits.run(cache_yaml, root / "cache")
-    tqdm.write("[4/5] stage two: four students of one size and step budget from the one cache; then the report")
+    tqdm.write("[4/5] stage two: six students of one size and step budget from the one cache; then the report")
     runs = [
         (write_yaml(root / "configs" / f"{name}.yaml", train_config(choice, settings)), root / "runs" / name)
         for name, choice in students(languages).items()
     ]
     result = run_many(runs, cache_dir=root / "cache", report_dir=root / "report")
-    tqdm.write("[5/5] summary")
+    tqdm.write("[5/5] summary: every student on every teacher's windows, then the tables")
     run_dirs = [run_dir for _, run_dir in runs]
+    every_teacher = {}
+    for run_dir in run_dirs:
+        scored = root / "report" / EVERY_TEACHER / f"{run_dir.name}.json"
+        student = RunFolder(run_dir).student_dir
+        # Kept from an earlier pass only when written after the student it scores.
+        if scored.exists() and scored.stat().st_mtime >= student.stat().st_mtime:
+            every_teacher[run_dir.name] = json.loads(scored.read_text(encoding="utf-8"))
+        else:
+            every_teacher[run_dir.name] = evaluate.run(
+                run_dir, cache_dir=root / "cache", out_file=scored, all_teachers=True
+            )
     if plot_inheritance(run_dirs, root / "report" / "heldout_loss.png"):
         result["plots"].append("heldout_loss.png")
-    text = summarise(run_dirs, languages, teachers)
+    text = summarise(run_dirs, languages, teachers, every_teacher)
     (root / "report" / "summary.txt").write_text(text + "\n", encoding="utf-8")
     write_json_atomic(root / RECORD, {"identity": identity, "complete": True})
     return {"root": str(root), "report": result, "summary": text}

@@ -222,18 +222,21 @@ def _raw_text(model, adapter, tokenizer, manifest: Manifest, language: str, is_h
 
 
 def render(report: dict) -> str:
-    """One row per (language, teacher): the model and the teacher on the same positions of that teacher's windows,
-    accuracy overall and per position kind (model/teacher); then, when a language has several teachers, their
-    position-weighted summary; the model's raw-text figures on each language's first row."""
+    """One row per (language, teacher): the model and the teacher on the same positions of that teacher's windows.
+    The headline is at the positions replaced by [MASK], the task the model is for: at kept positions the input
+    shows the answer, so a figure pooled over all positions rewards copying. Then all positions and each other
+    kind (model/teacher); when a language has several teachers, their position-weighted summary; the model's
+    raw-text figures on each language's first row."""
     headers = [
         "language",
         "windows",
-        "positions",
+        "[MASK] positions",
         "left out",
-        "acc",
-        "teacher acc",
+        "[MASK] acc",
+        "teacher [MASK] acc",
         "ratio",
-        *[f"{kind} acc" for kind in KINDS],
+        "all acc",
+        *[f"{kind} acc" for kind in KINDS if kind != "mask"],
         "agree",
         "KL",
         "outside",
@@ -250,17 +253,18 @@ def render(report: dict) -> str:
         if len(entries) > 1:
             entries.append(("all: " + "+".join(result["teachers"]), result["summary"]))
         for index, (name, scored) in enumerate(entries):
-            model, teacher = scored["model"], scored["teacher"]
+            model, teacher, masked = scored["model"], scored["teacher"], scored["by_kind"]["mask"]
             row = [
                 language,
                 name,
-                scored["positions"],
-                scored["left_out"],
-                _f(model.get("accuracy")),
-                _f(teacher.get("accuracy")),
-                _f(scored.get("accuracy_ratio"), 2),
+                masked["positions"],
+                masked["left_out"],
+                _f(masked["model"].get("accuracy")),
+                _f(masked["teacher"].get("accuracy")),
+                _f(masked.get("accuracy_ratio"), 2),
+                _pair(scored),
             ]
-            row += [_pair(scored["by_kind"][kind]) for kind in KINDS]
+            row += [_pair(scored["by_kind"][kind]) for kind in KINDS if kind != "mask"]
             row += [
                 _f(model.get("agreement")),
                 _f(model.get("kl")),
@@ -276,8 +280,8 @@ def render(report: dict) -> str:
     )
     return (
         f"Scored on the held-out windows of {report.get('scope', 'every cached teacher')}; model and teacher on "
-        "the same positions (left out: labels the model cannot spell); <kind> acc = model/teacher; outside: the "
-        "model's mass on tokens the teacher cannot emit.\n" + table
+        "the same positions (left out: labels the model cannot spell); the headline is at positions replaced by "
+        "[MASK]; all/<kind> acc = model/teacher; outside: the model's mass on tokens the teacher cannot emit.\n" + table
     )
 
 

@@ -3,7 +3,8 @@
 Recipe: read what each run folder holds now (its resolved config, metrics.jsonl, eval.json when `mdkd eval` has
 run, run.json), so a run still going is reported as far as it got; find the config keys whose values differ
 between the runs (the ablation axes); write a table (Markdown and CSV) and two PNG plots: KD and MLM loss curves
-per run, and per (language, teacher) the accuracy of each student beside that teacher's on the same positions.
+per run, and per (language, teacher) the accuracy of each student beside that teacher's on the same [MASK]
+positions.
 """
 
 from __future__ import annotations
@@ -59,17 +60,20 @@ def differing_keys(runs: list[dict]) -> list[str]:
 
 
 def comparisons(run: dict) -> dict[tuple[str, str], dict]:
-    """{(language, teacher): the student against that teacher on the same positions of its windows} from eval.json:
-    positions, student accuracy, teacher accuracy, their ratio."""
+    """{(language, teacher): the student against that teacher on the same positions of its windows} from eval.json,
+    at the positions replaced by [MASK] (at kept ones the input shows the answer): positions, student accuracy,
+    teacher accuracy, their ratio; and the student's accuracy over all masked positions beside."""
     found = {}
     for language, result in ((run["eval"] or {}).get("languages") or {}).items():
         for name, scored in result["windows"].items():
-            if "accuracy" in scored["model"]:
+            masked = scored["by_kind"]["mask"]
+            if "accuracy" in masked["model"]:
                 found[(language, name)] = {
-                    "positions": scored["positions"],
-                    "student": scored["model"]["accuracy"],
-                    "teacher": scored["teacher"]["accuracy"],
-                    "ratio": scored.get("accuracy_ratio"),
+                    "positions": masked["positions"],
+                    "student": masked["model"]["accuracy"],
+                    "teacher": masked["teacher"]["accuracy"],
+                    "ratio": masked.get("accuracy_ratio"),
+                    "student_all": scored["model"]["accuracy"],
                 }
     return found
 
@@ -88,14 +92,15 @@ def _pairs(runs: list[dict]) -> list[tuple[str, str]]:
 
 def table(runs: list[dict]) -> tuple[list[str], list[list]]:
     """One row per run: the ablation axes, progress, losses, then per (language, teacher) the student's accuracy
-    on that teacher's held-out windows and its ratio to the teacher's on the same positions; runs without
-    eval.json add held-out accuracy columns from training."""
+    at [MASK] positions of that teacher's held-out windows, its ratio to the teacher's on the same positions, and
+    its accuracy over all masked positions; runs without eval.json add held-out accuracy columns from training."""
     axes = differing_keys(runs)
     pairs = _pairs(runs)
     fallback = [run for run in runs if run["eval"] is None]
     languages = sorted({language for run in fallback for language in _heldout_accuracy(run)})
     headers = ["run", *axes, "steps", "complete", "loss", "kd_loss", "mlm_loss"]
-    headers += [f"{column} {language}/{teacher}" for language, teacher in pairs for column in ("acc", "ratio")]
+    columns = {"student": "[MASK] acc", "ratio": "[MASK] ratio", "student_all": "all acc"}
+    headers += [f"{columns[key]} {language}/{teacher}" for language, teacher in pairs for key in columns]
     headers += [f"heldout acc {language}" for language in languages]
     rows = []
     for run in runs:
@@ -110,7 +115,7 @@ def table(runs: list[dict]) -> tuple[list[str], list[list]]:
             last["kd_loss"],
             last["mlm_loss"],
         ]
-        row += [compared.get(pair, {}).get(column) for pair in pairs for column in ("student", "ratio")]
+        row += [compared.get(pair, {}).get(key) for pair in pairs for key in columns]
         rows.append(row + [heldout.get(language) for language in languages])
     return headers, rows
 
@@ -198,9 +203,9 @@ def plot_accuracy(runs: list[dict], path: Path) -> bool:
             drawn.update((name, "teacher"))
     axis.set_xticks(range(len(pairs)), [f"{language}\n{teacher}" for language, teacher in pairs], fontsize=8)
     axis.set_xlabel("language and the teacher whose held-out windows are scored")
-    axis.set_ylabel("masked-token accuracy (held-out)")
+    axis.set_ylabel("accuracy at held-out [MASK] positions")
     axis.set_title(
-        "Students against each teacher\n(the same positions of that teacher's held-out windows)", fontsize=10
+        "Students against each teacher\n(the same [MASK] positions of that teacher's held-out windows)", fontsize=10
     )
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")

@@ -18,14 +18,15 @@ from mdkd.pipeline.distill.losses import DistillationLoss, TailSample, Targets
 
 @dataclass
 class StepTotals:
-    """Sums over a step's masked positions, per language: [languages, (loss, kd, mlm, positions)], and tokens."""
+    """Sums over a step's masked positions, per language: [languages, (loss, kd, mlm, positions, windows)], and
+    tokens. Windows count what a student has seen of each language (its exposure, against its teachers')."""
 
     per_language: torch.Tensor
     tokens: torch.Tensor
 
     @classmethod
     def zeros(cls, languages: int) -> StepTotals:
-        return cls(torch.zeros(languages, 4, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+        return cls(torch.zeros(languages, 5, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
 
     def all_reduce(self) -> None:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -43,6 +44,7 @@ class StepTotals:
                 "kd_loss": row[1].item() / max(row[3].item(), 1.0),
                 "mlm_loss": row[2].item() / max(row[3].item(), 1.0),
                 "masked_positions": int(row[3].item()),
+                "windows": round(row[4].item()),
             }
             for language, row in zip(languages, self.per_language, strict=False)
             if row[3].item() > 0
@@ -52,6 +54,7 @@ class StepTotals:
             "kd_loss": totals[1].item() / positions,
             "mlm_loss": totals[2].item() / positions,
             "masked_positions": int(totals[3].item()),
+            "windows": round(totals[4].item()),
             "per_language": per_language,
         }
 
@@ -104,6 +107,8 @@ def micro_batch_backward(
     total, kd, mlm = engine(batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], loss=loss)
     engine.backward(total * scale)
     with torch.no_grad():
-        per_position = torch.stack([(1.0 - alpha) * mlm + alpha * kd, kd, mlm, torch.ones_like(kd)], dim=1)
+        # Each position adds 1 / (its window's masked positions): the window column sums to windows.
+        window_share = 1.0 / torch.bincount(batch["rows"])[batch["rows"]].to(kd.dtype)
+        per_position = torch.stack([(1.0 - alpha) * mlm + alpha * kd, kd, mlm, torch.ones_like(kd), window_share], 1)
         totals.per_language.index_add_(0, batch["language"].cpu(), per_position.double().cpu())
         totals.tokens += batch["attention_mask"].sum().item()
