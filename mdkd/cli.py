@@ -92,7 +92,7 @@ def cli(local_rank: int | None) -> None:
     "--out", "out_dir", type=Location(exists=False), required=True, help="Cache folder, or a URI (s3://bucket/cache)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace a cache in --out that was built from a different config.")
-def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
+def cache_logits(config_path: Path, out_dir: Path | str, overwrite: bool) -> None:
     """Run every teacher once over the corpus and cache its top-k predictions at masked positions.
 
     Resumable: rerun the same command after a crash. Shardable: launch under torchrun or deepspeed.
@@ -119,7 +119,13 @@ def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
 )
 @click.option("--sweep-file", type=existing_file, default=None, help="YAML mapping dotted keys to lists of values.")
 def train(
-    config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None, overwrite: bool, sweeps, sweep_file
+    config_path: Path,
+    cache_dir: Path | str,
+    out_dir: Path | str,
+    resume: str | None,
+    overwrite: bool,
+    sweeps,
+    sweep_file,
 ) -> None:
     """Build the merged vocabulary from the cache and train the student with DeepSpeed on the cached soft targets.
 
@@ -239,7 +245,7 @@ def demo(quick: bool, workdir: Path, corpus_dir: Path | None, overwrite: bool) -
     default=None,
     help="Also check a train config against this cache (teachers, languages, k', temperature).",
 )
-def validate(config_path: Path, cache_dir: Path | None) -> None:
+def validate(config_path: Path, cache_dir: Path | str | None) -> None:
     """Check a config file without loading any model; list every problem."""
     from mdkd.stages import validate as stage
 
@@ -261,7 +267,7 @@ def cache() -> None:
 @cache.command("inspect")
 @click.argument("cache_dir", type=existing_cache)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-def cache_inspect(cache_dir: Path, as_json: bool) -> None:
+def cache_inspect(cache_dir: Path | str, as_json: bool) -> None:
     """Per teacher and language: rows, masked positions, bytes per position, top-1 probability, top-k mass (also
     tempered), entropy; per teacher, where its tokens land in the merged vocabulary. Warns (on stderr) where the
     top-k holds little of a teacher's mass."""
@@ -280,7 +286,7 @@ def cache_inspect(cache_dir: Path, as_json: bool) -> None:
 
 @cache.command("verify")
 @click.argument("cache_dir", type=existing_cache)
-def cache_verify(cache_dir: Path) -> None:
+def cache_verify(cache_dir: Path | str) -> None:
     """Check every shard against the manifest (size, sha256, rows, list shapes); exit 1 on any problem."""
     from mdkd.stages import cache_verify as stage
 

@@ -50,7 +50,7 @@ RAW_TEXT_BATCH = 32  # windows per forward when scoring raw text
 def run(
     target: Path,
     *,
-    cache_dir: Path | None = None,
+    cache_dir: Path | str | None = None,
     heldout_run: Path | None = None,
     eval_fraction: float | None = None,
     max_rows: int = 2000,
