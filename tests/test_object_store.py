@@ -130,6 +130,22 @@ def test_a_prefix_holding_other_objects_is_not_taken_over(store, training_cache)
     assert keys(store, "somebody-else") == ["notes.txt"]
 
 
+def test_overwrite_replaces_a_cache_of_another_config_in_the_bucket(store, bucket_cache, teachers_dir, corpus_dir):
+    copy_prefix(store, "training-cache", "replaced")
+    uri = f"s3://{BUCKET}/replaced"
+    config = write_config(corpus_dir / "cache.yaml", cache_config(teachers_dir, corpus_dir))
+    refused = CliRunner().invoke(cli, ["cache-logits", "--config", str(config), "--out", uri])
+    one_line_error(refused, "holds a cache with a different config or inputs")
+    replaced = CliRunner().invoke(cli, ["cache-logits", "--config", str(config), "--out", uri, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    manifest = manifest_of(store, "replaced")
+    assert manifest["complete"] and manifest["identity"] != manifest_of(store, "training-cache")["identity"]
+    # Every shard object of the old cache went: none is left unlisted, and each listed one matches.
+    verified = CliRunner().invoke(cli, ["cache", "verify", uri])
+    assert verified.exit_code == 0, verified.output
+    assert {key for key in keys(store, "replaced") if key.endswith(".parquet")} == set(shard_hashes(manifest))
+
+
 def test_cache_verify_and_inspect_read_the_bucket(store, bucket_cache, training_cache):
     verified = CliRunner().invoke(cli, ["cache", "verify", bucket_cache])
     assert verified.exit_code == 0, verified.output

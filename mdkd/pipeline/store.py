@@ -239,11 +239,14 @@ class ObjectFolder:
         return sorted(path[start:] for path in found if path.endswith(suffix))
 
     def holds_anything_but(self, names: set[str]) -> bool:
-        with self._reaching():
-            return bool(self.fs.find(self.root))
+        return any(relative.split("/", 1)[0] not in names for relative in self.find(""))
 
     def empty_except(self, names: set[str]) -> None:
-        self.remove_tree("")
+        """Remove every object under the prefix but those under `names`."""
+        doomed = [self._path(relative) for relative in self.find("") if relative.split("/", 1)[0] not in names]
+        with self._reaching(writing=True):
+            if doomed:
+                self.fs.rm(doomed)
 
     def make(self) -> None:
         """Nothing to do: a prefix exists once it holds an object (the bucket must exist)."""
