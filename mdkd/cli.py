@@ -12,6 +12,7 @@ from mdkd import __version__
 from mdkd.pipeline.config import ConfigError
 from mdkd.pipeline.distributed import Ranks, quiet_deepspeed
 from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.store import is_uri
 
 _FREE_SPACE = "free some disk space, then rerun the same command: it resumes"
 _PERMISSIONS = "check that path's permissions, or choose a folder you may write"
@@ -49,8 +50,24 @@ class MdkdGroup(click.Group):
             ctx.exit(130)
 
 
+class Location(click.ParamType):
+    """A local folder (a Path), or a URI of an fsspec filesystem such as s3://bucket/prefix (passed on as a str:
+    the cache reader and writer open it; a Path would fold its `//`)."""
+
+    name = "DIR|URI"
+
+    def __init__(self, exists: bool):
+        self.local = click.Path(exists=exists, file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if is_uri(value):
+            return value
+        return self.local.convert(value, param, ctx)
+
+
 existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+existing_cache = Location(exists=True)
 
 
 @click.group(cls=MdkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,9 +88,11 @@ def cli(local_rank: int | None) -> None:
 @click.option(
     "--config", "config_path", type=existing_file, required=True, help="YAML config (see docs/configuration.md)."
 )
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
+@click.option(
+    "--out", "out_dir", type=Location(exists=False), required=True, help="Cache folder, or a URI (s3://bucket/cache)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace a cache in --out that was built from a different config.")
-def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
+def cache_logits(config_path: Path, out_dir: Path | str, overwrite: bool) -> None:
     """Run every teacher once over the corpus and cache its top-k predictions at masked positions.
 
     Resumable: rerun the same command after a crash. Shardable: launch under torchrun or deepspeed.
@@ -88,9 +107,9 @@ def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
     "--config", "config_path", type=existing_file, required=True, help="YAML train config (see docs/configuration.md)."
 )
 @click.option(
-    "--cache", "cache_dir", type=existing_dir, required=True, help="A complete cache from `mdkd cache-logits`."
+    "--cache", "cache_dir", type=existing_cache, required=True, help="A complete cache from `mdkd cache-logits`."
 )
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--out", "out_dir", type=Location(exists=False), required=True, help="Run folder (local).")
 @click.option(
     "--resume", default=None, metavar="auto|PATH", help="Continue from the latest checkpoint (auto) or a given one."
 )
@@ -100,13 +119,21 @@ def cache_logits(config_path: Path, out_dir: Path, overwrite: bool) -> None:
 )
 @click.option("--sweep-file", type=existing_file, default=None, help="YAML mapping dotted keys to lists of values.")
 def train(
-    config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None, overwrite: bool, sweeps, sweep_file
+    config_path: Path,
+    cache_dir: Path | str,
+    out_dir: Path | str,
+    resume: str | None,
+    overwrite: bool,
+    sweeps,
+    sweep_file,
 ) -> None:
     """Build the merged vocabulary from the cache and train the student with DeepSpeed on the cached soft targets.
 
     Runs in one process as is; launch under torchrun or deepspeed for several GPUs or nodes. With --sweep, trains
     one run per combination into OUT/<combination>/, skipping finished ones, then writes OUT/report/.
     """
+    if is_uri(out_dir):
+        raise UserError(f"--out {out_dir}: runs must be written to a local folder for now (the cache may be a URI)")
     if sweeps or sweep_file:
         if resume or overwrite:
             raise UserError("--resume and --overwrite do not go with --sweep (a sweep resumes unfinished runs itself)")
@@ -123,7 +150,7 @@ def train(
 
 @cli.command("eval")
 @click.argument("target", type=existing_dir)
-@click.option("--cache", "cache_dir", type=existing_dir, default=None, help="Cache to score on (default: the run's).")
+@click.option("--cache", "cache_dir", type=existing_cache, default=None, help="Cache to score on (default: the run's).")
 @click.option("--heldout", "heldout_run", type=existing_dir, default=None, help="Use this run's held-out documents.")
 @click.option(
     "--eval-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Or hold out by doc_id hash."
@@ -214,11 +241,11 @@ def demo(quick: bool, workdir: Path, corpus_dir: Path | None, overwrite: bool) -
 @click.option(
     "--cache",
     "cache_dir",
-    type=existing_dir,
+    type=existing_cache,
     default=None,
     help="Also check a train config against this cache (teachers, languages, k', temperature).",
 )
-def validate(config_path: Path, cache_dir: Path | None) -> None:
+def validate(config_path: Path, cache_dir: Path | str | None) -> None:
     """Check a config file without loading any model; list every problem."""
     from mdkd.stages import validate as stage
 
@@ -238,9 +265,9 @@ def cache() -> None:
 
 
 @cache.command("inspect")
-@click.argument("cache_dir", type=existing_dir)
+@click.argument("cache_dir", type=existing_cache)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-def cache_inspect(cache_dir: Path, as_json: bool) -> None:
+def cache_inspect(cache_dir: Path | str, as_json: bool) -> None:
     """Per teacher and language: rows, masked positions, bytes per position, top-1 probability, top-k mass (also
     tempered), entropy; per teacher, where its tokens land in the merged vocabulary. Warns (on stderr) where the
     top-k holds little of a teacher's mass."""
@@ -258,8 +285,8 @@ def cache_inspect(cache_dir: Path, as_json: bool) -> None:
 
 
 @cache.command("verify")
-@click.argument("cache_dir", type=existing_dir)
-def cache_verify(cache_dir: Path) -> None:
+@click.argument("cache_dir", type=existing_cache)
+def cache_verify(cache_dir: Path | str) -> None:
     """Check every shard against the manifest (size, sha256, rows, list shapes); exit 1 on any problem."""
     from mdkd.stages import cache_verify as stage
 

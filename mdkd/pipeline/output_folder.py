@@ -10,8 +10,11 @@ the identity of what is being built and whether it is complete. A command pointe
   kind's): is refused, with --overwrite too;
 - that is empty or missing: starts; one that holds other files is refused, so nothing of the user's is deleted.
 
-One process at a time writes a folder: rank 0 holds an advisory lock (`.mdkd.lock`, naming its host and pid) from
-the moment it takes the folder over until the process ends, and a second process is refused at once.
+One process at a time writes a local folder: rank 0 holds an advisory lock (`.mdkd.lock`, naming its host and pid)
+from the moment it takes the folder over until the process ends, and a second process is refused at once. A folder
+on an object store (a URI; only caches are written there) has no lock: its record object is the claim, read by every
+rank, and two writers of one identity write the same bytes; keeping two different writers off one prefix is the
+user's part (docs/cache-format.md, "On object stores").
 Every rank decides with `claim_folder` before rank 0 changes anything with `prepare_folder`; `take_over` is that
 sequence for a command running on one or many ranks.
 """
@@ -22,7 +25,6 @@ import atexit
 import fcntl
 import json
 import os
-import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from typing import Literal
 
 from mdkd.pipeline.distributed import Ranks, barrier
 from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.store import is_uri, open_folder
 
 LOCK_NAME = ".mdkd.lock"
 
@@ -39,13 +42,13 @@ LOCK_NAME = ".mdkd.lock"
 class FolderClaim:
     """What to do with an output folder: `complete` (nothing), `resume`, `new` or `replace` (empty it, then new)."""
 
-    folder: Path
+    folder: Path | str  # a local path, or a URI
     action: Literal["complete", "resume", "new", "replace"]
     record: dict | None  # the existing record, when there is one to finish or to skip
 
 
 def claim_folder(
-    folder: Path,
+    folder: Path | str,
     record_name: str,
     identity: dict,
     *,
@@ -64,10 +67,10 @@ def claim_folder(
     of the same identity; `folder_option` is the command's option that chose the folder; `resume_only` (an
     explicit --resume) refuses a folder with nothing to resume.
     """
-    record_file = folder / record_name
-    if record_file.exists():
+    store = open_folder(folder)
+    if store.exists(record_name):
         try:
-            record = json.loads(record_file.read_text(encoding="utf-8"))
+            record = json.loads(store.read_text(record_name))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             record = None
         if not isinstance(record, dict) or not is_record(record):
@@ -92,7 +95,7 @@ def claim_folder(
         )
     if resume_only:
         raise UserError(f"nothing to resume in {folder}: it holds no {what} (drop --resume to start one)")
-    if folder.exists() and any(entry.name != LOCK_NAME for entry in folder.iterdir()):
+    if store.holds_anything_but({LOCK_NAME}):
         raise UserError(
             f"{folder} is not empty and is not an mdkd {what} (choose an empty or new {folder_option} folder)"
         )
@@ -102,19 +105,14 @@ def claim_folder(
 def prepare_folder(claim: FolderClaim) -> None:
     """Rank 0 only, after every rank has claimed: empty a replaced folder (the folder itself stays, so a symbolic
     link to it keeps working; so does the lock) and make sure the folder exists."""
+    store = open_folder(claim.folder)
     if claim.action == "replace":
-        for entry in claim.folder.iterdir():
-            if entry.name == LOCK_NAME:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    claim.folder.mkdir(parents=True, exist_ok=True)
+        store.empty_except({LOCK_NAME})
+    store.make()
 
 
 def take_over(
-    folder: Path,
+    folder: Path | str,
     record_name: str,
     identity: dict,
     ranks: Ranks,
@@ -132,7 +130,7 @@ def take_over(
     rank claims (`claim_folder`) and waits until all have, so nobody reads the folder after rank 0 changed it;
     unless the folder is complete already, rank 0 prepares it and runs `start(claim)` (the first records: a record
     file saying "not complete", say) while the others wait. A claim of `complete` touches nothing."""
-    if ranks.is_main:
+    if ranks.is_main and not is_uri(folder):
         lock_folder(folder, folder_option)
     claim = claim_folder(
         folder,

@@ -30,7 +30,7 @@ class Inspection:
     warnings: list[str]
 
 
-def collect(cache_dir: Path) -> Inspection:
+def collect(cache_dir: Path | str) -> Inspection:
     """Summaries per (teacher, language) and per teacher, and warnings. Entropies and tempered masses need a
     schema-2 cache; a schema-1 one reports only what its top-k gives."""
     cache = CacheReader(cache_dir)

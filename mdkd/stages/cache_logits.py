@@ -34,7 +34,7 @@ from mdkd.pipeline.teacher_pass.windows import TailSampling, score_unit
 from mdkd.pipeline.teacher_pass.workers import ReadyUnit, UnitBlock, UnitPreparation, default_workers, ready_units
 
 
-def run(config_path: Path, out_dir: Path, overwrite: bool = False) -> Manifest | None:
+def run(config_path: Path, out_dir: Path | str, overwrite: bool = False) -> Manifest | None:
     """Build (or finish) the cache in `out_dir`; return the complete manifest (on rank 0; None on the others)."""
     ranks = Ranks.from_env()
     config = load_cache_config(config_path)
@@ -253,7 +253,7 @@ def _write_unit(
     )
 
 
-def _summary(manifest: Manifest, out_dir: Path) -> str:
+def _summary(manifest: Manifest, out_dir: Path | str) -> str:
     totals = manifest.totals
     return (
         f"cache complete: {out_dir} — {len(manifest.teachers)} teachers, {len(manifest.shards)} shards, "

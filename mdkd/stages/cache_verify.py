@@ -15,7 +15,7 @@ from mdkd.pipeline.cache.verify import find_problems
 from mdkd.pipeline.distributed import Ranks
 
 
-def verify(cache_dir: Path) -> list[str]:
+def verify(cache_dir: Path | str) -> list[str]:
     """Every problem found, as `path: what is wrong` lines; empty when the cache is sound."""
     bars = Ranks.from_env().progress_enabled()  # mdkd's one rule: rank 0, on a terminal
     return find_problems(

@@ -50,7 +50,7 @@ RAW_TEXT_BATCH = 32  # windows per forward when scoring raw text
 def run(
     target: Path,
     *,
-    cache_dir: Path | None = None,
+    cache_dir: Path | str | None = None,
     heldout_run: Path | None = None,
     eval_fraction: float | None = None,
     max_rows: int = 2000,
@@ -162,7 +162,7 @@ def _resolve(target: Path, cache_dir, heldout_run, eval_fraction, out_file):
         model_dir = target
     else:
         raise UserError(f"{target} is neither an mdkd run folder nor a model folder (no run record or config.json)")
-    if not cache_dir or not is_cache(Path(cache_dir)):
+    if not cache_dir or not is_cache(cache_dir):
         raise UserError(f"cache {cache_dir} not found (give --cache DIR)")
     if heldout_run is not None:
         rule = RunFolder(heldout_run).held_out_rule()
@@ -170,7 +170,7 @@ def _resolve(target: Path, cache_dir, heldout_run, eval_fraction, out_file):
         rule = fraction_rule(eval_fraction)
     else:
         raise UserError("say which documents are held out: --heldout RUN (that run's) or --eval-fraction F")
-    return model_dir, Path(cache_dir), rule, out_file
+    return model_dir, cache_dir, rule, out_file
 
 
 def _load_model(folder: Path):

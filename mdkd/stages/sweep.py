@@ -58,7 +58,9 @@ def _name(combination: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", text)
 
 
-def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sweep_file: Path | None) -> list[Path]:
+def run(
+    config_path: Path, cache_dir: Path | str, out_dir: Path, sweeps: list[str], sweep_file: Path | None
+) -> list[Path]:
     base = read_yaml(config_path) or {}
     grid = parse_grid(sweeps, sweep_file)
     combinations = [dict(zip(grid, values, strict=False)) for values in itertools.product(*grid.values())]
@@ -88,7 +90,7 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, sweeps: list[str], sw
     return [run_dir for run_dir, _, _ in planned]
 
 
-def run_many(runs: list[tuple[Path, Path]], *, cache_dir: Path, report_dir: Path) -> dict:
+def run_many(runs: list[tuple[Path, Path]], *, cache_dir: Path | str, report_dir: Path) -> dict:
     """Train each (config, run folder) from one cache (a finished run is skipped, an unfinished one resumed),
     evaluate each student once, then write the report over all of them; returns the report's result.
 

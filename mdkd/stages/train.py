@@ -26,7 +26,9 @@ from mdkd.pipeline.distributed import Ranks, barrier, pick_device
 from mdkd.pipeline.errors import UserError
 
 
-def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = None, overwrite: bool = False) -> dict:
+def run(
+    config_path: Path, cache_dir: Path | str, out_dir: Path, resume: str | None = None, overwrite: bool = False
+) -> dict:
     """Train (or finish training) the student described by `config_path` into `out_dir`; return the run's record."""
     ranks = Ranks.from_env()
     config = load_train_config(config_path)

@@ -19,7 +19,7 @@ from mdkd.pipeline.distill.plan import check_against_cache
 from mdkd.pipeline.teacher_pass.config import CacheConfig, validate_cache_config
 
 
-def run(path: Path, cache_dir: Path | None = None) -> BaseModel:
+def run(path: Path, cache_dir: Path | str | None = None) -> BaseModel:
     """Validate `path` (and a train config against `cache_dir`); raises ConfigError (one entry per problem)."""
     raw = read_yaml(path)
     if isinstance(raw, dict) and "corpus" in raw:

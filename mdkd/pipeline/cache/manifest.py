@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.store import Folder, open_folder
 
 SCHEMA_VERSION = 3
 # Schema 1 (mdkd 0.1) lacks the tempered log-partitions: stage two can still read it, for `renormalize` only.
@@ -129,24 +130,24 @@ class Manifest(_Record):
         return sum(entry.documents for entry in self.corpus if entry.language == language)
 
     @classmethod
-    def load(cls, cache_dir: Path, require_complete: bool = True) -> Manifest:
-        """Read DIR/manifest.json; a missing, unreadable, unknown or (by default) incomplete one is a UserError."""
-        path = Path(cache_dir) / MANIFEST_NAME
-        if not path.is_file():
-            raise UserError(f"{cache_dir} is not an mdkd cache: no {MANIFEST_NAME} (run `mdkd cache-logits` first)")
+    def load(cls, cache_dir: str | Path | Folder, require_complete: bool = True) -> Manifest:
+        """Read DIR/manifest.json (DIR a local path or a URI); a missing, unreadable, unknown or (by default)
+        incomplete one is a UserError."""
+        folder = open_folder(cache_dir)
+        path = folder.name(MANIFEST_NAME)
+        if folder.size(MANIFEST_NAME) is None:
+            raise UserError(f"{folder} is not an mdkd cache: no {MANIFEST_NAME} (run `mdkd cache-logits` first)")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(folder.read_text(MANIFEST_NAME))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read {path}: {exc} ({_REBUILD})") from None
         manifest = cls.from_record(raw, path)
         if require_complete and not manifest.complete:
-            raise UserError(
-                f"cache {cache_dir} is incomplete (rerun the same `mdkd cache-logits` command to finish it)"
-            )
+            raise UserError(f"cache {folder} is incomplete (rerun the same `mdkd cache-logits` command to finish it)")
         return manifest
 
     @classmethod
-    def from_record(cls, raw, path: Path) -> Manifest:
+    def from_record(cls, raw, path: Path | str) -> Manifest:
         """A parsed manifest.json validated (a schema-1 one brought to today's shape); a UserError naming the first
         problem."""
         version = raw.get("schema_version") if isinstance(raw, dict) else None

@@ -2,7 +2,9 @@
 
 A `CacheReader` is the manifest plus access to the shards and tokenizer copies it lists. It hands out decoded
 arrays (`ShardRows`), doc_ids and file checks; nothing outside this package opens a shard or parses the manifest,
-and `is_cache` says whether a folder holds a cache at all.
+and `is_cache` says whether a folder holds a cache at all. A cache on an object store (a URI) is read through local
+copies of its objects (`ObjectFolder.fetch`), each checked against the manifest's sha256 as it arrives and kept
+for later reads; docs/cache-format.md, "On object stores".
 """
 
 from __future__ import annotations
@@ -17,32 +19,54 @@ from mdkd.pipeline.cache.manifest import MANIFEST_NAME, Manifest, ShardEntry, Te
 from mdkd.pipeline.cache.shards import CachedPredictions, ShardRows, read_doc_ids, read_table
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sha256_of_file, sha256_of_folder
+from mdkd.pipeline.store import Folder, ObjectFolder, open_folder
 
 
-def is_cache(folder: Path) -> bool:
-    """Whether `folder` holds a cache (complete or not): a manifest file, readable or not."""
-    return (Path(folder) / MANIFEST_NAME).exists()
+def is_cache(folder: str | Path | Folder) -> bool:
+    """Whether `folder` (a local path or a URI) holds a cache (complete or not): a manifest file, readable or not."""
+    return open_folder(folder).exists(MANIFEST_NAME)
 
 
 class CacheReader:
-    """A cache folder, opened through its manifest (by default it must be complete)."""
+    """A cache folder (a local path or a URI), opened through its manifest (by default it must be complete).
 
-    def __init__(self, cache_dir: Path, require_complete: bool = True):
-        self.dir = Path(cache_dir)
-        self.manifest = Manifest.load(self.dir, require_complete)
+    `dir` is how the cache is named: the local path, or the URI."""
+
+    def __init__(self, cache_dir: str | Path | Folder, require_complete: bool = True):
+        self.folder = open_folder(cache_dir)
+        self.dir = self.folder.path if self.folder.is_local else self.folder.uri
+        self.manifest = Manifest.load(self.folder, require_complete)
 
     def teacher(self, name: str) -> TeacherEntry:
         return self.manifest.teachers[name]
 
     def tokenizer_file(self, name: str) -> Path:
-        """The teacher's `tokenizer.json` as stage one saved it."""
-        return self.dir / self.teacher(name).tokenizer_dir / "tokenizer.json"
+        """The teacher's `tokenizer.json` as stage one saved it (a local copy for a cache on an object store)."""
+        return self._tokenizer_folder(name) / "tokenizer.json"
+
+    def _tokenizer_folder(self, name: str) -> Path:
+        entry = self.teacher(name)
+        if isinstance(self.folder, ObjectFolder):
+            copy = self.folder.fetch_folder(entry.tokenizer_dir, entry.tokenizer_hash)
+            if copy is None:
+                raise UserError(
+                    f"cache {self.dir} is damaged: {self.check_tokenizer_copy(name)} (rerun `mdkd cache-logits` "
+                    f"with its config and --out {self.dir} to repair it)"
+                )
+            return copy
+        return self.folder.path / entry.tokenizer_dir
 
     def check_tokenizer_copy(self, name: str) -> str | None:
         """A one-line problem when the teacher's tokenizer copy is missing, lies outside the cache, or differs from
         the hash stage one recorded (a swapped id would silently remap every prediction)."""
         entry = self.teacher(name)
-        folder = self.dir / entry.tokenizer_dir
+        if isinstance(self.folder, ObjectFolder):
+            if not self.folder.exists(entry.tokenizer_dir):
+                return f"{entry.tokenizer_dir}: tokenizer copy of teacher {name} is missing"
+            if self.folder.fetch_folder(entry.tokenizer_dir, entry.tokenizer_hash) is None:
+                return f"{entry.tokenizer_dir}: tokenizer copy of teacher {name} differs from the manifest's hash"
+            return None
+        folder = self.folder.path / entry.tokenizer_dir
         if not self._inside(folder):
             return f"{entry.tokenizer_dir}: tokenizer copy of teacher {name} lies outside the cache"
         if not folder.is_dir():
@@ -70,19 +94,31 @@ class CacheReader:
 
     def _inside(self, path: Path) -> bool:
         """Whether `path` resolves inside the cache folder (a symbolic link may point anywhere)."""
-        return path.resolve().is_relative_to(self.dir.resolve())
+        return path.resolve().is_relative_to(self.folder.path.resolve())
+
+    def _file(self, shard: ShardEntry) -> Path:
+        """The shard's local file: in the folder, or the checked local copy of its object."""
+        if isinstance(self.folder, ObjectFolder):
+            copy = self.folder.fetch(shard.path, shard.sha256)
+            if copy is None:
+                raise UserError(
+                    f"cache {self.dir} is damaged: {self.check_file(shard)} (`mdkd cache verify {self.dir}` lists "
+                    f"every problem; rerun `mdkd cache-logits` with its config and --out {self.dir} to repair it)"
+                )
+            return copy
+        return self.folder.path / shard.path
 
     def rows(self, shard: ShardEntry, top_k: int | None = None, tail: bool = False) -> ShardRows:
         """A shard decoded; `top_k` keeps the k' most probable cached predictions per position; `tail` decodes the
         sampled tail too (a cache drawing one)."""
-        return ShardRows(self.dir / shard.path, self.manifest.top_k, top_k, self.manifest.tail_samples if tail else 0)
+        return ShardRows(self._file(shard), self.manifest.top_k, top_k, self.manifest.tail_samples if tail else 0)
 
     def doc_ids(self, shard: ShardEntry) -> list[str]:
-        return read_doc_ids(self.dir / shard.path)
+        return read_doc_ids(self._file(shard))
 
     def table(self, shard: ShardEntry) -> pa.Table:
         """The raw Arrow table (for verification)."""
-        return read_table(self.dir / shard.path)
+        return read_table(self._file(shard))
 
     def matching_rows(self, shard: ShardEntry, wanted: Callable[[str], bool]) -> np.ndarray:
         """Indices of the shard's rows whose doc_id `wanted` accepts (e.g. the held-out rule, or its negation)."""
@@ -110,9 +146,21 @@ class CacheReader:
                 yield rows.row(int(index))
                 taken += 1
 
-    def check_file(self, shard: ShardEntry) -> str | None:
-        """A one-line problem when the shard file is missing or differs from its manifest entry (size, sha256)."""
-        path = self.dir / shard.path
+    def check_file(self, shard: ShardEntry, reread: bool = False) -> str | None:
+        """A one-line problem when the shard file is missing or differs from its manifest entry (size, sha256).
+
+        On an object store the object's bytes are hashed as they are copied here; a copy kept from an earlier read
+        is trusted unless `reread` (`cache verify`), but the object must still exist with its size."""
+        if isinstance(self.folder, ObjectFolder):
+            size = self.folder.size(shard.path)
+            if size is None:
+                return f"{shard.path}: missing"
+            if size != shard.bytes:
+                return f"{shard.path}: {size} bytes, the manifest says {shard.bytes}"
+            if self.folder.fetch(shard.path, shard.sha256, reread) is None:
+                return f"{shard.path}: sha256 differs from the manifest (the file is corrupted)"
+            return None
+        path = self.folder.path / shard.path
         if not self._inside(path):
             return f"{shard.path}: lies outside the cache"
         if not path.is_file():
@@ -126,5 +174,4 @@ class CacheReader:
     def unlisted_shards(self) -> list[str]:
         """Parquet files in the folder that the manifest does not list (relative paths, sorted)."""
         listed = {shard.path for shard in self.manifest.shards}
-        found = (path.relative_to(self.dir).as_posix() for path in sorted(self.dir.rglob("*.parquet")))
-        return [relative for relative in found if relative not in listed]
+        return [relative for relative in self.folder.find(".parquet") if relative not in listed]

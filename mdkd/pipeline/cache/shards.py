@@ -2,15 +2,14 @@
 
 One row per (window, copy) of a document; docs/cache-format.md gives the meaning of each column. Stage one
 turns a unit's rows (`UnitRows`) and its teacher's predictions into a table with `build_table`, and the cache
-writer writes it with `write_shard` (a temporary name in the final folder, fsync, rename, so a reader or a
-resumed run never sees a half-written file under a real name). Everything else reads them back as flat numpy
-arrays through `ShardRows`, or as `read_doc_ids` (the doc_id column alone) and `read_table` (the raw Arrow table,
-for verification).
+writer writes it with `write_shard` (locally a temporary name in the final folder, fsync, rename; on an object store
+one whole upload: a reader or a resumed run never sees a half-written file under a real name). Everything else
+reads them back as flat numpy arrays through `ShardRows`, or as `read_doc_ids` (the doc_id column alone) and
+`read_table` (the raw Arrow table, for verification).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mdkd.pipeline.files import sha256_of_file
+from mdkd.pipeline.store import Folder, open_folder
 
 COLUMNS = (
     "doc_id",
@@ -228,18 +227,16 @@ class WrittenShard:
     sha256: str
 
 
-def write_shard(cache_dir: Path, relative_path: str, table: pa.Table) -> WrittenShard:
-    """Write `table` to cache_dir/relative_path via a temporary file, fsync and a rename."""
-    final = cache_dir / relative_path
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    # Statistics and dictionary pages buy nothing for list columns that are read whole, and cost bytes.
-    pq.write_table(table, temporary, compression="zstd", write_statistics=False, use_dictionary=["doc_id", "language"])
-    with temporary.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
+def write_shard(cache: Path | Folder, relative_path: str, table: pa.Table) -> WrittenShard:
+    """Write `table` to relative_path in the cache folder, whole before it has that name (`Folder.write_file`)."""
+
+    def write(path: Path) -> None:
+        # Statistics and dictionary pages buy nothing for list columns that are read whole, and cost bytes.
+        pq.write_table(table, path, compression="zstd", write_statistics=False, use_dictionary=["doc_id", "language"])
+
+    size, sha256 = open_folder(cache).write_file(relative_path, write)
     masked = int(pc.sum(pc.list_value_length(table.column("positions"))).as_py() or 0)
-    return WrittenShard(table.num_rows, masked, final.stat().st_size, sha256_of_file(final))
+    return WrittenShard(table.num_rows, masked, size, sha256)
 
 
 def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:

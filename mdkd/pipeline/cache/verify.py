@@ -25,7 +25,7 @@ def find_problems(cache: CacheReader, progress: Callable[[list[ShardEntry]], Ite
     problems = [problem for name in manifest.teachers if (problem := cache.check_tokenizer_copy(name))]
     for shard in progress(manifest.shards):
         where = shard.path
-        file_problem = cache.check_file(shard)
+        file_problem = cache.check_file(shard, reread=True)  # on an object store: the object's own bytes
         if file_problem:
             problems.append(file_problem)
             continue

@@ -3,14 +3,15 @@
 `start` writes the manifest with `complete: false` and the run's identity, the resolved config and the teachers'
 tokenizer copies (a resumed cache keeps them). `write_unit` writes one unit (teacher, language, part): its shard,
 then its marker under `.progress/`, then a line of this rank's log; a unit is done once its marker parses and its
-shard exists, so a rerun redoes exactly the units a crash cut short. `finish` merges the markers into the
-manifest, which is written last with `complete: true`. docs/cache-format.md, "Units, completion and resuming".
+shard exists with the marker's size, so a rerun redoes exactly the units a crash cut short. `finish` merges the
+markers into the manifest, which is written last with `complete: true`. The folder is local or on an object store
+(`pipeline/store.py`): each write is whole before the next begins on both, so the order is the protocol.
+docs/cache-format.md, "Units, completion and resuming".
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from mdkd import __version__
 from mdkd.pipeline.cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardEntry, Totals
 from mdkd.pipeline.cache.reader import CacheReader, is_cache
 from mdkd.pipeline.cache.shards import write_shard
-from mdkd.pipeline.files import sha256_of_folder, write_json_atomic
+from mdkd.pipeline.store import Folder, open_folder
 
 PROGRESS_DIR = ".progress"
 
@@ -54,11 +55,11 @@ class Damage:
 
 
 class CacheWriter:
-    """The cache folder `folder`, as rank `rank` of stage one writes it."""
+    """The cache folder `folder` (a local path or a URI), as rank `rank` of stage one writes it."""
 
-    def __init__(self, folder: Path, rank: int = 0):
-        self.folder = Path(folder)
-        self.log_path = self.folder / "logs" / f"cache-logits.rank{rank}.jsonl"
+    def __init__(self, folder: str | Path | Folder, rank: int = 0):
+        self.folder = open_folder(folder)
+        self.log_name = f"logs/cache-logits.rank{rank}.jsonl"
 
     def start(
         self,
@@ -69,16 +70,16 @@ class CacheWriter:
         """Rank 0, before any unit: clear the temporary files of an interrupted run and, for a new cache, write the
         tokenizer copies, config.yaml and the incomplete manifest. `describe` gives the manifest's fields from the
         copies (all but the schema, the version and what `finish` fills in)."""
-        for leftover in self.folder.rglob(".*.tmp"):
-            leftover.unlink()
+        self.folder.remove_leftovers()
         if is_cache(self.folder):
             return  # resumed: its manifest is the record the markers' work belongs to
         copies = {}
         for name, tokenizer in tokenizers.items():
-            tokenizer.save_pretrained(self.folder / "tokenizers" / name)
-            copies[name] = TokenizerCopy(f"tokenizers/{name}", sha256_of_folder(self.folder / "tokenizers" / name))
+            copies[name] = TokenizerCopy(
+                f"tokenizers/{name}", self.folder.write_folder(f"tokenizers/{name}", tokenizer.save_pretrained)
+            )
         fields = describe(copies)
-        (self.folder / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        self.folder.write_text("config.yaml", config_yaml)
         self._save(Manifest(schema_version=SCHEMA_VERSION, mdkd_version=__version__, complete=False, **fields))
 
     def damage(self) -> Damage:
@@ -95,14 +96,14 @@ class CacheWriter:
         does the manifest say complete: false (a crash in between leaves a complete manifest and the same damage)."""
         manifest = CacheReader(self.folder).manifest
         for name in damage.tokenizers:
-            shutil.rmtree(self.folder / manifest.teachers[name].tokenizer_dir, ignore_errors=True)
-            tokenizers[name].save_pretrained(self.folder / manifest.teachers[name].tokenizer_dir)
+            self.folder.remove_tree(manifest.teachers[name].tokenizer_dir)
+            self.folder.write_folder(manifest.teachers[name].tokenizer_dir, tokenizers[name].save_pretrained)
         damaged = {shard.path for shard in damage.shards}
         for shard in manifest.shards:
             if shard.path in damaged:
-                (self.folder / shard.path).unlink(missing_ok=True)
+                self.folder.remove(shard.path)
             else:
-                write_json_atomic(
+                self.folder.write_json(
                     self._marker(shard.teacher, shard.language, shard.part), shard.model_dump(mode="json")
                 )
         manifest.shards, manifest.totals, manifest.complete = [], None, False
@@ -125,7 +126,8 @@ class CacheWriter:
     ) -> None:
         """The shard first, then its marker (the unit's completion record), then the log line."""
         path = _shard_path(teacher, language, part)
-        written = write_shard(self.folder, path, table)
+        # A local folder is named by its path, as write_shard has always been given it.
+        written = write_shard(self.folder.path if self.folder.is_local else self.folder, path, table)
         entry = ShardEntry(
             teacher=teacher,
             language=language,
@@ -138,15 +140,13 @@ class CacheWriter:
             bytes=written.bytes,
             sha256=written.sha256,
         )
-        write_json_atomic(self._marker(teacher, language, part), entry.model_dump(mode="json"))
+        self.folder.write_json(self._marker(teacher, language, part), entry.model_dump(mode="json"))
         event = {
             **entry.model_dump(),
             "seconds": round(seconds, 4),
             "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
         }
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("a", encoding="utf-8") as log:
-            log.write(json.dumps(event) + "\n")
+        self.folder.append_line(self.log_name, json.dumps(event))
 
     def finish(self, parts: Mapping[str, int]) -> Manifest:
         """Rank 0, once every rank is done: the manifest with every unit's record, saying complete.
@@ -172,22 +172,22 @@ class CacheWriter:
         )
         manifest.complete = True
         self._save(manifest)
-        shutil.rmtree(self.folder / PROGRESS_DIR, ignore_errors=True)
+        self.folder.remove_tree(PROGRESS_DIR)
         return manifest
 
     def _save(self, manifest: Manifest) -> None:
-        write_json_atomic(self.folder / MANIFEST_NAME, manifest.model_dump(mode="json"))
+        self.folder.write_json(MANIFEST_NAME, manifest.model_dump(mode="json"))
 
-    def _marker(self, teacher: str, language: str, part: int) -> Path:
-        return self.folder / PROGRESS_DIR / teacher / language / f"part-{part:05d}.json"
+    def _marker(self, teacher: str, language: str, part: int) -> str:
+        return f"{PROGRESS_DIR}/{teacher}/{language}/part-{part:05d}.json"
 
     def _finished(self, teacher: str, language: str, part: int) -> ShardEntry | None:
-        """The unit's record, or None when it still has to run (no marker, a torn one, no shard)."""
+        """The unit's record, or None when it still has to run (no marker, a torn one, no shard of its size)."""
         try:
-            entry = ShardEntry.model_validate_json(self._marker(teacher, language, part).read_text(encoding="utf-8"))
-        except (OSError, ValidationError):
+            entry = ShardEntry.model_validate_json(self.folder.read_text(self._marker(teacher, language, part)))
+        except (OSError, UnicodeDecodeError, ValidationError):
             return None
-        return entry if (self.folder / entry.path).is_file() else None
+        return entry if self.folder.size(entry.path) == entry.bytes else None
 
 
 def _shard_path(teacher: str, language: str, part: int) -> str:

@@ -35,6 +35,7 @@ from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sync_folder, write_json_atomic
 from mdkd.pipeline.output_folder import FolderClaim, take_over
+from mdkd.pipeline.store import is_uri, location_name
 
 RECORD = "run.json"
 
@@ -129,20 +130,21 @@ class RunFolder:
             raise UserError(f"{self.path} is not an mdkd run folder (no {RECORD} from `mdkd train`)")
         return json.loads(self._record.read_text(encoding="utf-8"))
 
-    def write_record(self, identity: dict, complete: bool, cache_dir: Path, **extra) -> None:
-        record = {"identity": identity, "complete": complete, **extra, "cache": str(Path(cache_dir).resolve())}
+    def write_record(self, identity: dict, complete: bool, cache_dir: Path | str, **extra) -> None:
+        record = {"identity": identity, "complete": complete, **extra, "cache": location_name(cache_dir)}
         write_json_atomic(self._record, record)
 
-    def cache_dir(self) -> Path:
-        """The cache the run was trained from, as its record names it."""
-        return Path(self.record().get("cache", ""))
+    def cache_dir(self) -> Path | str:
+        """The cache the run was trained from, as its record names it (a local path, or a URI)."""
+        cache = self.record().get("cache", "")
+        return cache if is_uri(cache) else Path(cache)
 
     # ---------------------------------------------------------------- what the run was told to do
 
-    def write_config(self, config: TrainConfig, source: Path, identity: dict, cache_dir: Path) -> None:
+    def write_config(self, config: TrainConfig, source: Path, identity: dict, cache_dir: Path | str) -> None:
         header = (
             f"# mdkd train config (resolved from {source}); hash {identity['config_hash']}\n"
-            f"# cache: {Path(cache_dir).resolve()}\n"
+            f"# cache: {location_name(cache_dir)}\n"
         )
         self._config.write_text(header + dump_config(config), encoding="utf-8")
 

@@ -1,0 +1,318 @@
+"""Caches on an object store: an S3 server (moto's server mode) on 127.0.0.1, started here, holds them.
+
+Stage one into a bucket writes the same bytes as to a local disk, survives kill -9 and two ranks, `cache verify`
+checks the objects themselves, stage two and eval read the cache from the bucket, and every way of not reaching
+the store is one line and exit status 2. Nothing reaches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import cache_config, make_documents, torchrun, train, train_config, write_config
+from safetensors.torch import load_file
+
+from mdkd.cli import cli
+
+BUCKET = "mdkd-test"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An S3 server on a free local port with one empty bucket; this process's environment points at it (and
+    keeps local copies of objects in a fresh folder) for the module's tests. Yields a boto3 client."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log in the test output
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    variables = {
+        **CREDENTIALS,
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
+        "MDKD_STORE_COPIES": str(tmp_path_factory.mktemp("store_copies")),
+    }
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/")
+    return sorted(item["Key"][len(prefix) + 1 :] for page in pages for item in page.get("Contents", []))
+
+
+def read_object(client, key: str) -> bytes:
+    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def manifest_of(client, prefix: str) -> dict:
+    return json.loads(read_object(client, f"{prefix}/manifest.json"))
+
+
+def shard_hashes(manifest: dict) -> dict[str, str]:
+    return {shard["path"]: shard["sha256"] for shard in manifest["shards"]}
+
+
+def copy_prefix(client, source: str, target: str) -> None:
+    for key in keys(client, source):
+        client.copy_object(
+            Bucket=BUCKET, Key=f"{target}/{key}", CopySource={"Bucket": BUCKET, "Key": f"{source}/{key}"}
+        )
+
+
+def one_line_error(result, fragment: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bucket_cache(store, training_cache) -> str:
+    """The training cache's config, cached again into the bucket."""
+    uri = f"s3://{BUCKET}/training-cache"
+    config = training_cache.parent / "cache.yaml"
+    result = CliRunner().invoke(cli, ["cache-logits", "--config", str(config), "--out", uri])
+    assert result.exit_code == 0, result.output
+    return uri
+
+
+def test_stage_one_into_a_bucket_writes_the_bytes_it_writes_to_disk(store, bucket_cache, training_cache):
+    local = json.loads((training_cache / "manifest.json").read_text())
+    remote = manifest_of(store, "training-cache")
+    assert remote["complete"] is True
+    assert shard_hashes(remote) == shard_hashes(local)
+    for path in shard_hashes(local):
+        assert read_object(store, f"training-cache/{path}") == (training_cache / path).read_bytes()
+    stored = keys(store, "training-cache")
+    assert not [key for key in stored if key.startswith(".progress/")], "the markers go once the manifest is written"
+    assert "logs/cache-logits.rank0.jsonl" in stored
+    # The manifest in the bucket is the claim: the same command again finds the cache complete.
+    again = CliRunner().invoke(
+        cli, ["cache-logits", "--config", str(training_cache.parent / "cache.yaml"), "--out", bucket_cache]
+    )
+    assert again.exit_code == 0 and "already complete; nothing to do" in again.output
+
+
+def test_a_prefix_holding_other_objects_is_not_taken_over(store, training_cache):
+    store.put_object(Bucket=BUCKET, Key="somebody-else/notes.txt", Body=b"mine")
+    config = training_cache.parent / "cache.yaml"
+    result = CliRunner().invoke(cli, ["cache-logits", "--config", str(config), "--out", f"s3://{BUCKET}/somebody-else"])
+    one_line_error(result, "is not empty and is not an mdkd cache")
+    assert keys(store, "somebody-else") == ["notes.txt"]
+
+
+def test_overwrite_replaces_a_cache_of_another_config_in_the_bucket(store, bucket_cache, teachers_dir, corpus_dir):
+    copy_prefix(store, "training-cache", "replaced")
+    uri = f"s3://{BUCKET}/replaced"
+    config = write_config(corpus_dir / "cache.yaml", cache_config(teachers_dir, corpus_dir))
+    refused = CliRunner().invoke(cli, ["cache-logits", "--config", str(config), "--out", uri])
+    one_line_error(refused, "holds a cache with a different config or inputs")
+    replaced = CliRunner().invoke(cli, ["cache-logits", "--config", str(config), "--out", uri, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    manifest = manifest_of(store, "replaced")
+    assert manifest["complete"] and manifest["identity"] != manifest_of(store, "training-cache")["identity"]
+    # Every shard object of the old cache went: none is left unlisted, and each listed one matches.
+    verified = CliRunner().invoke(cli, ["cache", "verify", uri])
+    assert verified.exit_code == 0, verified.output
+    assert {key for key in keys(store, "replaced") if key.endswith(".parquet")} == set(shard_hashes(manifest))
+
+
+def test_cache_verify_and_inspect_read_the_bucket(store, bucket_cache, training_cache):
+    verified = CliRunner().invoke(cli, ["cache", "verify", bucket_cache])
+    assert verified.exit_code == 0, verified.output
+    assert "verified" in verified.output
+    remote = CliRunner().invoke(cli, ["cache", "inspect", "--json", bucket_cache])
+    local = CliRunner().invoke(cli, ["cache", "inspect", "--json", str(training_cache)])
+    assert remote.exit_code == 0, remote.output
+    assert remote.stdout == local.stdout
+
+
+def test_a_damaged_or_missing_object_is_found_like_a_damaged_file(store, bucket_cache):
+    copy_prefix(store, "training-cache", "damaged")
+    uri = f"s3://{BUCKET}/damaged"
+    shards = manifest_of(store, "damaged")["shards"]
+    flipped, missing = shards[0]["path"], shards[1]["path"]
+    original = read_object(store, f"damaged/{flipped}")
+    # The same size, one byte changed: only the hash can tell (and the local copies of the intact bytes exist).
+    store.put_object(
+        Bucket=BUCKET, Key=f"damaged/{flipped}", Body=original[:100] + bytes([original[100] ^ 1]) + original[101:]
+    )
+    store.delete_object(Bucket=BUCKET, Key=f"damaged/{missing}")
+    result = CliRunner().invoke(cli, ["cache", "verify", uri])
+    assert result.exit_code == 1
+    assert f"problem: {flipped}: sha256 differs from the manifest (the file is corrupted)" in result.stderr
+    assert f"problem: {missing}: missing" in result.stderr
+    config = write_config(Path(os.environ["MDKD_STORE_COPIES"]).parent / "damaged-train.yaml", train_config())
+    refused = CliRunner().invoke(
+        cli, ["train", "--config", str(config), "--cache", uri, "--out", str(config.parent / "r")]
+    )
+    one_line_error(refused, f"cache {uri} is damaged: {missing}: missing")
+
+
+def test_training_and_eval_read_the_cache_from_the_bucket(store, bucket_cache, training_cache, tmp_path):
+    config = train_config()
+    local = train(tmp_path, training_cache, config, "local")
+    remote = train(tmp_path, bucket_cache, config, "remote")
+    assert local.exit_code == 0, local.output
+    assert remote.exit_code == 0, remote.output
+    assert json.loads((tmp_path / "remote" / "run.json").read_text())["cache"] == bucket_cache
+
+    def losses(run: str) -> list[tuple]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], m["loss"], m["kd_loss"], m["mlm_loss"]) for m in map(json.loads, lines) if "loss" in m]
+
+    assert losses("remote") == losses("local") and losses("local")
+    students = [load_file(tmp_path / run / "student" / "model.safetensors") for run in ("local", "remote")]
+    assert students[0].keys() == students[1].keys()
+    assert all((students[0][name] == students[1][name]).all() for name in students[0])
+    # eval takes the run's cache from its record: the URI.
+    scored = {}
+    for run in ("local", "remote"):
+        result = CliRunner().invoke(cli, ["eval", str(tmp_path / run)])
+        assert result.exit_code == 0, result.output
+        scored[run] = json.loads((tmp_path / run / "eval.json").read_text())
+    assert scored["remote"]["cache"] == bucket_cache
+    assert scored["remote"]["languages"] == scored["local"]["languages"]
+
+
+def test_runs_are_refused_on_a_bucket_for_now(store, bucket_cache, tmp_path):
+    config = write_config(tmp_path / "train.yaml", train_config())
+    result = CliRunner().invoke(
+        cli, ["train", "--config", str(config), "--cache", bucket_cache, "--out", f"s3://{BUCKET}/run"]
+    )
+    one_line_error(result, "runs must be written to a local folder for now")
+    assert keys(store, "run") == []
+
+
+@pytest.fixture(scope="module")
+def many_units(store, tmp_path_factory, teachers_dir):
+    """A config of many small units (for kill -9 and two ranks) and its cache on the local disk."""
+    root = tmp_path_factory.mktemp("many_units")
+    (root / "de.txt").write_text("\n".join(make_documents("de", 60, seed=3)) + "\n", encoding="utf-8")
+    (root / "ru.txt").write_text("\n".join(make_documents("ru", 40, seed=3)) + "\n", encoding="utf-8")
+    config = write_config(root / "cache.yaml", cache_config(teachers_dir, root, shard_documents=3))
+    command = [sys.executable, "-m", "mdkd", "cache-logits", "--config", str(config), "--out", str(root / "cache")]
+    subprocess.run(command, check=True, env=environment(), capture_output=True)
+    return config, root / "cache"
+
+
+def test_kill_minus_nine_into_a_bucket_then_rerun_writes_the_uninterrupted_bytes(store, many_units):
+    config, reference = many_units
+    command = [sys.executable, "-m", "mdkd", "cache-logits", "--config", str(config), "--out", f"s3://{BUCKET}/killed"]
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if len([key for key in keys(store, "killed") if key.startswith(".progress/")]) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert manifest_of(store, "killed")["complete"] is False, "the kill must land mid-run"
+    finished = subprocess.run(command, env=environment(), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    expected = shard_hashes(json.loads((reference / "manifest.json").read_text()))
+    assert shard_hashes(manifest_of(store, "killed")) == expected
+    for path in expected:
+        assert read_object(store, f"killed/{path}") == (reference / path).read_bytes()
+    assert not [key for key in keys(store, "killed") if key.startswith(".progress/") or key.endswith(".tmp")]
+
+
+def test_two_ranks_writing_to_one_bucket_make_the_cache_of_one_process(store, many_units):
+    config, reference = many_units
+    run = subprocess.run(
+        torchrun("-m", "mdkd", "cache-logits", "--config", str(config), "--out", f"s3://{BUCKET}/two-ranks"),
+        env=environment(),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("cache complete") == 1, "console output comes from rank 0 only"
+    expected = shard_hashes(json.loads((reference / "manifest.json").read_text()))
+    assert shard_hashes(manifest_of(store, "two-ranks")) == expected
+    stored = keys(store, "two-ranks")
+    assert [key for key in stored if key.startswith("logs/")] == [
+        "logs/cache-logits.rank0.jsonl",
+        "logs/cache-logits.rank1.jsonl",
+    ]
+    rank1 = read_object(store, "two-ranks/logs/cache-logits.rank1.jsonl").decode().splitlines()
+    assert {json.loads(line)["part"] % 2 for line in rank1} == {1}, "rank 1 takes the odd parts"
+
+
+# ---------------------------------------------------------------- not reaching the store: one line, exit 2
+
+
+def _cache_logits_into(uri: str, training_cache: Path, **env):
+    config = training_cache.parent / "cache.yaml"
+    return CliRunner(env=env).invoke(cli, ["cache-logits", "--config", str(config), "--out", uri])
+
+
+def test_an_unknown_protocol_is_one_line(store, training_cache):
+    one_line_error(_cache_logits_into("nosuchfs://bucket/cache", training_cache), "unknown filesystem protocol")
+
+
+def test_missing_credentials_are_one_line_and_leave_nothing(store, training_cache, tmp_path):
+    result = _cache_logits_into(
+        f"s3://{BUCKET}/no-credentials",
+        training_cache,
+        AWS_ACCESS_KEY_ID=None,
+        AWS_SECRET_ACCESS_KEY=None,
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+    )
+    one_line_error(result, "no credentials found")
+    assert keys(store, "no-credentials") == []
+
+
+def test_an_unreachable_endpoint_is_one_line_within_the_retry_bound(store, bucket_cache):
+    from conftest import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    # A subprocess, so that a retry loop that never ends fails the test by its timeout instead of hanging it.
+    result = subprocess.run(
+        [sys.executable, "-m", "mdkd", "cache", "verify", bucket_cache],
+        env={**environment(), "AWS_ENDPOINT_URL": closed},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the object store" in lines[0] and "AWS_ENDPOINT_URL" in lines[0], lines
+
+
+def test_a_uri_whose_filesystem_package_is_missing_names_the_extra(store, training_cache, monkeypatch):
+    import importlib
+
+    # What fsspec meets where s3fs is not installed: no class registered for s3 yet, and `import s3fs` fails.
+    monkeypatch.delitem(importlib.import_module("fsspec.registry")._registry, "s3", raising=False)
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    one_line_error(_cache_logits_into(f"s3://{BUCKET}/no-package", training_cache), "pip install 'mdkd[s3]'")
