@@ -19,6 +19,7 @@ from mdkd.pipeline.distill.config import TrainConfig, load_train_config
 from mdkd.pipeline.distill.deepspeed_setup import init_distributed, resolve_precision
 from mdkd.pipeline.distill.inherit import body_problems
 from mdkd.pipeline.distill.metrics import AllLoggers, MetricsLogger
+from mdkd.pipeline.distill.model_card import write_model_card
 from mdkd.pipeline.distill.plan import RunPlan, plan_run
 from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.trackers import Trackers, require_packages
@@ -81,9 +82,10 @@ def run(config_path: Path, cache_dir: Path, out_dir: Path, resume: str | None = 
         loggers.append(Trackers(config.trackers, folder, name, config.model_dump(mode="json"), distiller.step))
     distiller.fit(AllLoggers(loggers))
 
-    # Save: the student as an HF folder, then the record that says the run is complete.
+    # Save: the student as an HF folder with its model card, then the record that says the run is complete.
     distiller.export(alignment)
     if ranks.is_main:
+        write_model_card(run_folder, cache.manifest)
         run_folder.write_record(
             identity, complete=True, cache_dir=cache.dir, steps=config.train.steps, mdkd_version=__version__
         )

@@ -198,6 +198,12 @@ class RunFolder:
         """The exported student's model card, where the Hub and `huggingface_hub` look for it."""
         return self.student_dir / "README.md"
 
+    def write_model_card(self, text: str) -> None:
+        """Replace the student's README.md whole (a crash leaves the old card or the new one)."""
+        temporary = self.model_card.with_name(f".{self.model_card.name}.{os.getpid()}.tmp")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, self.model_card)
+
     def has_student(self) -> bool:
         return (self.student_dir / "config.json").exists()
 
