@@ -120,7 +120,7 @@ def run(
     if out_file is not None:
         write_json_atomic(out_file, report)
         run_folder = RunFolder(target)
-        if run_folder.is_run() and out_file == run_folder.eval_file():
+        if run_folder.is_run() and out_file.resolve() == run_folder.eval_file().resolve():
             write_model_card(run_folder, manifest)  # the card shows the run's eval.json
     return report
 

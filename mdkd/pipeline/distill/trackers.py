@@ -25,7 +25,7 @@ from pathlib import Path
 from mdkd.pipeline.distill.config import TrackersConfig
 from mdkd.pipeline.errors import UserError
 
-# What each tracker imports, and how to get it.
+# What each tracker imports, and how to get it (CSV needs nothing beyond DeepSpeed).
 PACKAGES = {
     "tensorboard": ("tensorboard", "pip install 'mdkd[trackers]'"),
     "wandb": ("wandb", "pip install 'mdkd[trackers]'"),
@@ -35,9 +35,7 @@ PACKAGES = {
 
 def require_packages(settings: TrackersConfig) -> None:
     """Refuse, before anything is trained, a tracker whose package is not installed."""
-    for tracker in settings.report_to:
-        if tracker not in PACKAGES:
-            continue
+    for tracker in (t for t in settings.report_to if t in PACKAGES):
         package, install = PACKAGES[tracker]
         try:
             importlib.import_module(package)
