@@ -123,3 +123,15 @@ def test_the_student_with_its_card_still_loads_with_fill_mask(evaluated):
     model = AutoModelForMaskedLM.from_pretrained(folder)
     filled = pipeline("fill-mask", model=str(folder))("Der Hund [MASK] schnell.", top_k=3)
     assert model.config.model_type == "bert" and len(filled) == 3 and all(f["token_str"] for f in filled)
+
+
+def test_an_inheriting_students_card_names_its_body_and_rows(tmp_path, training_cache):
+    config = train_config(train={"steps": 2, "checkpoint_every": 2})
+    config["student"] = {"init": {"teacher": "multi_xlmr"}}
+    result = train(tmp_path, training_cache, config)
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "run" / "student" / "README.md").read_text(encoding="utf-8")
+    stats = json.loads((tmp_path / "run" / "inheritance.json").read_text())
+    rows = ", ".join(f"{count} {path}" for path, count in stats["rows"].items())
+    assert f"Inherited from teacher `multi_xlmr`: layers {stats['layers']} of its body" in card
+    assert f"the vocabulary rows were made as {rows}." in card and "From scratch" not in card
