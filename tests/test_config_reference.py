@@ -29,6 +29,7 @@ def test_the_walk_reaches_every_nested_model():
         "AlphaConfig",
         "LossConfig",
         "TrainLoopConfig",
+        "TrackersConfig",
     }
 
 

@@ -10,7 +10,7 @@ language); for each language and each of those teachers, score the model on the 
 exact masked inputs the teacher saw, mapped into the model's vocabulary by canonical token) and read the
 teacher's own metrics from the cache on exactly the same positions, split by position kind (mask / random /
 keep); then score the model on the raw held-out text with its own tokenizer and fresh masking; save eval.json and
-print a table.
+print a table. A run's eval.json goes into its student's model card too.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from mdkd.pipeline.cache.documents import fraction_rule
 from mdkd.pipeline.cache.manifest import Manifest
 from mdkd.pipeline.cache.reader import CacheReader, is_cache
+from mdkd.pipeline.distill.model_card import write_model_card
 from mdkd.pipeline.distill.plan import check_against_cache, teachers_by_language
 from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.vocab import TeacherVocabulary, map_by_canonical
@@ -118,6 +119,9 @@ def run(
     report = {"model": str(model_dir), "cache": str(cache_dir), "scope": scope, "languages": languages}
     if out_file is not None:
         write_json_atomic(out_file, report)
+        run_folder = RunFolder(target)
+        if run_folder.is_run() and out_file.resolve() == run_folder.eval_file().resolve():
+            write_model_card(run_folder, manifest)  # the card shows the run's eval.json
     return report
 
 

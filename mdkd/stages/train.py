@@ -18,8 +18,11 @@ from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import TrainConfig, load_train_config
 from mdkd.pipeline.distill.deepspeed_setup import init_distributed, resolve_precision
 from mdkd.pipeline.distill.inherit import body_problems
+from mdkd.pipeline.distill.metrics import AllLoggers, MetricsLogger
+from mdkd.pipeline.distill.model_card import write_model_card
 from mdkd.pipeline.distill.plan import RunPlan, plan_run
 from mdkd.pipeline.distill.run import RunFolder
+from mdkd.pipeline.distill.trackers import Trackers, require_packages
 from mdkd.pipeline.distill.trainer import Distiller
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, TokenTally, build_alignment, teacher_token_shares
 from mdkd.pipeline.distributed import Ranks, barrier, pick_device
@@ -32,6 +35,7 @@ def run(
     """Train (or finish training) the student described by `config_path` into `out_dir`; return the run's record."""
     ranks = Ranks.from_env()
     config = load_train_config(config_path)
+    require_packages(config.trackers)
     cache = CacheReader(cache_dir)
     run_folder = RunFolder(out_dir)
 
@@ -62,7 +66,7 @@ def run(
         ranks.echo(f"run {out_dir} is already complete; nothing to do")
         return claim.record
     alignment = Alignment.load(run_folder.vocab_dir, plan.teachers)
-    distiller = Distiller(config, cache, plan, alignment, run_folder, ranks, device, precision, run_folder.metrics)
+    distiller = Distiller(config, cache, plan, alignment, run_folder, ranks, device, precision)
     if distiller.inheritance is not None and ranks.is_main:
         run_folder.write_inheritance(distiller.inheritance)
         rows = ", ".join(f"{count} {path}" for path, count in distiller.inheritance["rows"].items())
@@ -73,12 +77,17 @@ def run(
     if resume:
         distiller.resume(resume)
 
-    # Run.
-    distiller.fit()
+    # Run: metrics.jsonl first, then any trackers (opened on rank 0 once the step a resume continues from is known).
+    loggers: list[MetricsLogger] = [run_folder.metrics]
+    if ranks.is_main and config.trackers.report_to:
+        folder, name = run_folder.trackers_dir(config.trackers.dir), run_folder.path.resolve().name
+        loggers.append(Trackers(config.trackers, folder, name, config.model_dump(mode="json"), distiller.step))
+    distiller.fit(AllLoggers(loggers))
 
-    # Save: the student as an HF folder, then the record that says the run is complete.
+    # Save: the student as an HF folder with its model card, then the record that says the run is complete.
     distiller.export(alignment)
     if ranks.is_main:
+        write_model_card(run_folder, cache.manifest)
         run_folder.write_record(
             identity, complete=True, cache_dir=cache.dir, steps=config.train.steps, mdkd_version=__version__
         )

@@ -216,6 +216,36 @@ class TrainLoopConfig(StrictModel):
     )
 
 
+class TrackersConfig(StrictModel):
+    """Experiment trackers that receive every figure of metrics.jsonl as it is logged (metrics.jsonl stays the
+    source of truth), through DeepSpeed's monitors."""
+
+    report_to: list[Literal["tensorboard", "wandb", "csv", "comet"]] = Field(
+        [],
+        description="Which trackers to send the run's figures to, from rank 0. `tensorboard` and `wandb` need "
+        "`pip install 'mdkd[trackers]'`, `comet` needs `comet_ml` (checked at start). Empty: none.",
+    )
+    dir: str | None = Field(
+        None,
+        description="Where TensorBoard event files (`tensorboard/NAME/`), CSV files (`csv/NAME/`) and W&B's "
+        "offline and run files (`wandb/`) go; a relative path is taken from the run folder. Null: `RUN/trackers`.",
+    )
+    name: str | None = Field(
+        None,
+        description="The run's name in the trackers (its TensorBoard and CSV subfolder, its W&B run name, its Comet "
+        "experiment name). Null: the run folder's name.",
+    )
+    project: str = Field("mdkd", description="The W&B and Comet project.")
+    group: str | None = Field(None, description="The W&B group (e.g. one per sweep). Null: none.")
+    entity: str | None = Field(None, description="The W&B team or the Comet workspace. Null: the account's default.")
+
+    @model_validator(mode="after")
+    def _each_once(self) -> TrackersConfig:
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError("name each tracker in report_to once")
+        return self
+
+
 TeacherChoice = str | list[str] | dict[str, float]
 
 
@@ -258,6 +288,11 @@ class TrainConfig(StrictModel):
     deepspeed: dict[str, Any] = Field(
         {}, description="Raw DeepSpeed config, deep-merged over the [generated one](#generated-deepspeed-config)."
     )
+    trackers: TrackersConfig = Field(
+        TrackersConfig(),
+        description="Experiment trackers watching the run (default: none). Not part of the run's identity: adding "
+        "one to a resumed run keeps its config hash.",
+    )
 
     @model_validator(mode="after")
     def _teacher_weights(self) -> TrainConfig:
@@ -269,7 +304,8 @@ class TrainConfig(StrictModel):
         return self
 
     def content_hash(self) -> str:
-        return content_hash(self.model_dump(mode="json"))
+        # Where figures are watched changes no figure: a tracker may be added or dropped when resuming.
+        return content_hash(self.model_dump(mode="json", exclude={"trackers"}))
 
 
 def teacher_weights(choice: TeacherChoice) -> dict[str, float]:

@@ -10,8 +10,9 @@
 | `inheritance.json` | train, at the start | for a student with `student.init`: its body, layers, rows per path |
 | `metrics.jsonl` | train, every step | one JSON object per training step and per held-out evaluation |
 | `checkpoints/` | train (DeepSpeed) | engine checkpoints with the data position |
-| `student/` | train, at the end | the exported HF model and tokenizer |
-| `eval.json` | eval | the student against each teacher on held-out windows |
+| `student/` | train, at the end | the exported HF model and tokenizer, and its model card (`README.md`) |
+| `trackers/` | train, every step | the experiment trackers' files (TensorBoard, CSV, W&B) by default |
+| `eval.json` | eval | the student against each teacher on held-out windows (eval also rewrites the model card) |
 
 Nothing outside this module names these files; every command that reads or writes a run goes through a
 `RunFolder`. Taking a folder over (new, resume, complete, refuse) follows the protocol of
@@ -102,6 +103,11 @@ class RunFolder:
     def name(self) -> str:
         return self.path.name
 
+    def trackers_dir(self, configured: str | None) -> Path:
+        """Where the experiment trackers write: `trackers.dir` (a relative one from the run folder), else
+        RUN/trackers."""
+        return self.path / configured if configured else self.path / "trackers"
+
     # ---------------------------------------------------------------- the record: identity and completion
 
     def is_run(self) -> bool:
@@ -188,6 +194,17 @@ class RunFolder:
         return json.loads(self._inheritance.read_text(encoding="utf-8")) if self._inheritance.exists() else None
 
     # ---------------------------------------------------------------- what came out
+
+    @property
+    def model_card(self) -> Path:
+        """The exported student's model card, where the Hub and `huggingface_hub` look for it."""
+        return self.student_dir / "README.md"
+
+    def write_model_card(self, text: str) -> None:
+        """Replace the student's README.md whole (a crash leaves the old card or the new one)."""
+        temporary = self.model_card.with_name(f".{self.model_card.name}.{os.getpid()}.tmp")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, self.model_card)
 
     def has_student(self) -> bool:
         return (self.student_dir / "config.json").exists()

@@ -4,7 +4,7 @@ Its state is the DeepSpeed engine (student, optimizer, lr schedule), the sampler
 held-out sets scored during training and the step; a checkpoint holds all of it (the engine's own files plus the
 sampler state, the step and the config hash), so a resumed run continues exactly where the checkpoint left off.
 What a resume trusts is in checkpoints.py.
-Metrics go to one `MetricsLogger`, on rank 0.
+Metrics go to the `MetricsLogger` that `fit` is given, on rank 0.
 """
 
 from __future__ import annotations
@@ -48,11 +48,10 @@ class Distiller:
         ranks: Ranks,
         device: torch.device,
         precision: str,
-        logger: MetricsLogger,
     ):
         import deepspeed
 
-        self.config, self.run, self.ranks, self.logger = config, run, ranks, logger
+        self.config, self.run, self.ranks = config, run, ranks
         self.config_hash = config.content_hash()
         self.sampler = build_sampler(cache, plan, alignment, config)
         self.supports = None
@@ -120,9 +119,10 @@ class Distiller:
 
     # ---------------------------------------------------------------- the loop
 
-    def fit(self) -> None:
-        """Train from the current step to the last one: log every step, score the held-out sets every
-        `eval_every` steps (and at the end), checkpoint every `checkpoint_every` steps (and at the end)."""
+    def fit(self, logger: MetricsLogger) -> None:
+        """Train from the current step to the last one: log every step to `logger` (on rank 0), score the held-out
+        sets every `eval_every` steps (and at the end), checkpoint every `checkpoint_every` steps (and at the
+        end)."""
         loop = self.config.train
         progress = tqdm(
             total=loop.steps, initial=self.step, desc="training", unit="step", disable=not self.ranks.progress_enabled()
@@ -138,14 +138,14 @@ class Distiller:
             pin_memory=self.engine.device.type == "cuda",
         )
         try:
-            self._train_steps(loader, progress)
+            self._train_steps(loader, progress, logger)
         finally:
             loader.close()
         progress.close()
         if self.ranks.is_main:
-            self.logger.close()
+            logger.close()
 
-    def _train_steps(self, loader: StepLoader, progress) -> None:
+    def _train_steps(self, loader: StepLoader, progress, logger: MetricsLogger) -> None:
         loop = self.config.train
         while self.step < loop.steps:
             record = self.train_step(loader)
@@ -154,7 +154,7 @@ class Distiller:
             if self.held_out and (self.step % (loop.eval_every or loop.checkpoint_every) == 0 or last):
                 records.append(self.evaluate())
             if self.ranks.is_main:
-                self.logger.log(records)
+                logger.log(records)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
                 progress.update(1)
             if self.step % loop.checkpoint_every == 0 or last:
