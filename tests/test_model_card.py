@@ -104,14 +104,17 @@ def test_eval_puts_its_per_language_table_into_the_card(evaluated):
     assert [(row[0], row[1]) for row in rows] == [(language, name) for language, name, _ in expected]
     assert {row[0] for row in rows} == {"de", "ru"}
     for index, (row, (language, _, scored)) in enumerate(zip(rows, expected, strict=True)):
-        assert int(row[2]) == scored["positions"]
-        assert float(row[3]) == pytest.approx(scored["model"]["accuracy"], rel=1e-5)
-        assert float(row[4]) == pytest.approx(scored["teacher"]["accuracy"], rel=1e-5)
-        assert float(row[6]) == pytest.approx(scored["model"]["perplexity"], rel=1e-5)
+        masked = scored["by_kind"]["mask"]
+        assert int(row[2]) == masked["positions"]
+        assert float(row[3]) == pytest.approx(masked["model"]["accuracy"], rel=1e-5)
+        assert float(row[4]) == pytest.approx(masked["teacher"]["accuracy"], rel=1e-5)
+        assert float(row[6]) == pytest.approx(scored["model"]["accuracy"], rel=1e-5)
+        assert float(row[7]) == pytest.approx(scored["teacher"]["accuracy"], rel=1e-5)
+        assert float(row[8]) == pytest.approx(scored["model"]["perplexity"], rel=1e-5)
         if index == 0 or rows[index - 1][0] != language:  # raw text: once per language, on its first row
-            assert float(row[8]) == pytest.approx(report["languages"][language]["raw_text"]["accuracy"], rel=1e-5)
+            assert float(row[10]) == pytest.approx(report["languages"][language]["raw_text"]["accuracy"], rel=1e-5)
         else:
-            assert row[8] == ""
+            assert row[10] == ""
     assert "Not evaluated yet" not in card
 
 

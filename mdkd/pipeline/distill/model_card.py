@@ -150,25 +150,39 @@ def _evaluation(evaluation: dict | None) -> str:
             entries.append(("all: " + "+".join(result["teachers"]), result["summary"]))
         raw = result.get("raw_text", {})
         for index, (name, scored) in enumerate(entries):
+            masked = scored["by_kind"]["mask"]
             model, teacher = scored["model"], scored["teacher"]
             rows.append(
                 [
                     language,
                     name,
-                    scored["positions"],
+                    masked["positions"],
+                    _figure(masked["model"].get("accuracy")),
+                    _figure(masked["teacher"].get("accuracy")),
+                    _figure(masked.get("accuracy_ratio")),
                     _figure(model.get("accuracy")),
                     _figure(teacher.get("accuracy")),
-                    _figure(scored.get("accuracy_ratio")),
                     _figure(model.get("perplexity")),
                     _figure(teacher.get("perplexity")),
                     _figure(raw.get("accuracy")) if index == 0 else "",  # one figure per language
                 ]
             )
-    headers = ["language", "windows of", "positions", "accuracy", "teacher accuracy", "ratio", "perplexity"]
+    headers = [
+        "language",
+        "windows of",
+        "[MASK] positions",
+        "[MASK] accuracy",
+        "teacher [MASK] accuracy",
+        "ratio",
+        "all-positions accuracy",
+        "teacher all-positions accuracy",
+        "perplexity",
+    ]
     return (
         "## Evaluation\n\n"
         f"`mdkd eval` on held-out documents, on the windows of {evaluation.get('scope', 'every cached teacher')}: "
-        "the student and the teacher predict the same masked positions (top-1 accuracy; the teacher's perplexity "
+        "the student and the teacher predict the same masked positions (top-1 accuracy, first at the positions "
+        "replaced by [MASK], then at all masked positions, where kept ones show the answer; the teacher's perplexity "
         "is a lower bound, from its cached top-k); raw-text accuracy is the student's on the held-out text with "
         "its own tokenizer and fresh masking (mdkd's docs/evaluation.md describes every figure).\n\n"
         + _table([*headers, "teacher perplexity", "raw-text accuracy"], rows)
