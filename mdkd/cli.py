@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from mdkd import __version__
 from mdkd.pipeline.config import ConfigError
 from mdkd.pipeline.distributed import Ranks, quiet_deepspeed
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.store import is_uri
+from mdkd.pipeline.store import LOCAL_SCHEME, is_uri
 
 _FREE_SPACE = "free some disk space, then rerun the same command: it resumes"
 _PERMISSIONS = "check that path's permissions, or choose a folder you may write"
@@ -50,9 +51,13 @@ class MdkdGroup(click.Group):
             ctx.exit(130)
 
 
+# A URI with one slash after its scheme (s3:/bucket): as a path it would be a local folder named `s3:`.
+_ONE_SLASH_URI = re.compile(r"^[a-z0-9+]+:/[^/]")
+
+
 class Location(click.ParamType):
-    """A local folder (a Path), or a URI of an fsspec filesystem such as s3://bucket/prefix (passed on as a str:
-    the cache reader and writer open it; a Path would fold its `//`)."""
+    """A local folder (a Path, as is `file://PATH`), or a URI of an fsspec filesystem such as s3://bucket/prefix
+    (passed on as a str: the cache reader and writer open it; a Path would fold its `//`)."""
 
     name = "DIR|URI"
 
@@ -60,8 +65,13 @@ class Location(click.ParamType):
         self.local = click.Path(exists=exists, file_okay=False, path_type=Path)
 
     def convert(self, value, param, ctx):
-        if is_uri(value):
+        if isinstance(value, str) and value.startswith(LOCAL_SCHEME):
+            value = value.removeprefix(LOCAL_SCHEME)
+        elif is_uri(value):
             return value
+        elif isinstance(value, str) and _ONE_SLASH_URI.match(value):
+            scheme, rest = value.split(":/", 1)
+            raise UserError(f"{value}: a URI takes two slashes after its scheme ({scheme}://{rest})")
         return self.local.convert(value, param, ctx)
 
 
@@ -132,8 +142,6 @@ def train(
     Runs in one process as is; launch under torchrun or deepspeed for several GPUs or nodes. With --sweep, trains
     one run per combination into OUT/<combination>/, skipping finished ones, then writes OUT/report/.
     """
-    if is_uri(out_dir):
-        raise UserError(f"--out {out_dir}: runs must be written to a local folder for now (the cache may be a URI)")
     if sweeps or sweep_file:
         if resume or overwrite:
             raise UserError("--resume and --overwrite do not go with --sweep (a sweep resumes unfinished runs itself)")

@@ -210,7 +210,91 @@ def test_runs_are_refused_on_a_bucket_for_now(store, bucket_cache, tmp_path):
         cli, ["train", "--config", str(config), "--cache", bucket_cache, "--out", f"s3://{BUCKET}/run"]
     )
     one_line_error(result, "runs must be written to a local folder for now")
+    # The refusal is the run folder's own, so the stage refuses too when called without the command line.
+    from mdkd.pipeline.errors import UserError
+    from mdkd.stages import train as stage
+
+    with pytest.raises(UserError, match="runs must be written to a local folder for now"):
+        stage.run(config, bucket_cache, f"s3://{BUCKET}/run")
     assert keys(store, "run") == []
+
+
+def test_a_flipped_shard_is_refused_by_stage_two_as_it_arrives(store, bucket_cache, tmp_path, monkeypatch):
+    copy_prefix(store, "training-cache", "flipped")
+    uri = f"s3://{BUCKET}/flipped"
+    flipped = manifest_of(store, "flipped")["shards"][0]["path"]
+    original = read_object(store, f"flipped/{flipped}")
+    store.put_object(
+        Bucket=BUCKET, Key=f"flipped/{flipped}", Body=original[:100] + bytes([original[100] ^ 1]) + original[101:]
+    )
+    # No kept copies: the object's own bytes arrive, of the manifest's size, and only their hash tells.
+    monkeypatch.setenv("MDKD_STORE_COPIES", str(tmp_path / "fresh-copies"))
+    config = write_config(tmp_path / "train.yaml", train_config())
+    refused = CliRunner().invoke(cli, ["train", "--config", str(config), "--cache", uri, "--out", str(tmp_path / "r")])
+    one_line_error(refused, f"cache {uri} is damaged: {flipped}: sha256 differs from the manifest")
+    assert not list((tmp_path / "fresh-copies").rglob("*.tmp")), "a copy that failed its hash is not left behind"
+
+
+def test_a_missing_tokenizer_copy_is_the_damaged_cache_line(store, bucket_cache, tmp_path, monkeypatch):
+    from mdkd.pipeline.cache.reader import CacheReader
+    from mdkd.pipeline.errors import UserError
+
+    copy_prefix(store, "training-cache", "no-tokenizer")
+    teacher = sorted(manifest_of(store, "no-tokenizer")["teachers"])[0]
+    for key in keys(store, f"no-tokenizer/tokenizers/{teacher}"):
+        store.delete_object(Bucket=BUCKET, Key=f"no-tokenizer/tokenizers/{teacher}/{key}")
+    monkeypatch.setenv("MDKD_STORE_COPIES", str(tmp_path / "fresh-copies"))
+    reader = CacheReader(f"s3://{BUCKET}/no-tokenizer")
+    with pytest.raises(UserError, match=f"is damaged: tokenizers/{teacher}: tokenizer copy of teacher {teacher} is"):
+        reader.tokenizer_file(teacher)
+
+
+def test_a_download_that_fails_midway_leaves_no_temporary_copy(store, bucket_cache, monkeypatch):
+    from mdkd.pipeline.errors import UserError
+    from mdkd.pipeline.store import ObjectFolder, copies_root
+
+    folder = ObjectFolder(bucket_cache)
+    shard = manifest_of(store, "training-cache")["shards"][0]
+
+    def half_then_fail(source, target):
+        Path(target).write_bytes(b"half an object")
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(folder.fs, "get_file", half_then_fail)
+    with pytest.raises(UserError, match="connection reset by peer"):
+        folder.fetch(shard["path"], shard["sha256"], reread=True)
+    assert not list(copies_root().rglob("*.tmp"))
+
+
+def test_a_console_folder_placeholder_does_not_make_a_prefix_look_taken(store):
+    from mdkd.pipeline.output_folder import claim_folder
+
+    # What "Create folder" in the S3 console makes: a zero-byte object named like the prefix, with a slash.
+    store.put_object(Bucket=BUCKET, Key="console-folder/", Body=b"")
+    claim = claim_folder(
+        f"s3://{BUCKET}/console-folder",
+        "manifest.json",
+        {},
+        what="cache",
+        is_record=lambda record: True,
+        overwrite=False,
+        resume=False,
+    )
+    assert claim.action == "new"
+
+
+def test_a_file_uri_is_the_local_folder_it_names(training_cache, tmp_path):
+    from mdkd.stages import cache_logits
+
+    # Called without the command line, which would have turned the URI into a path before the stage sees it.
+    cache_logits.run(training_cache.parent / "cache.yaml", f"file://{tmp_path}/cache")
+    local = json.loads((training_cache / "manifest.json").read_text())
+    written = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert written["complete"] is True and shard_hashes(written) == shard_hashes(local)
+    for path in shard_hashes(local):
+        assert (tmp_path / "cache" / path).read_bytes() == (training_cache / path).read_bytes()
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    assert (tmp_path / "cache" / ".mdkd.lock").exists(), "held like a plain path's lock, until this process ends"
 
 
 @pytest.fixture(scope="module")
@@ -237,13 +321,48 @@ def test_kill_minus_nine_into_a_bucket_then_rerun_writes_the_uninterrupted_bytes
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert manifest_of(store, "killed")["complete"] is False, "the kill must land mid-run"
+    # The units the kill left finished: their shard objects as they are now (a rewrite gives a new LastModified).
+    markers = [key for key in keys(store, "killed") if key.startswith(".progress/")]
+    done = {key.removeprefix(".progress/").removesuffix(".json") + ".parquet" for key in markers}
+    assert done
+
+    def uploaded(path: str) -> tuple:
+        head = store.head_object(Bucket=BUCKET, Key=f"killed/{path}")
+        return head["LastModified"], head["ETag"]
+
+    before = {path: uploaded(path) for path in done}
+    time.sleep(1.1)  # LastModified counts whole seconds
     finished = subprocess.run(command, env=environment(), capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
     expected = shard_hashes(json.loads((reference / "manifest.json").read_text()))
     assert shard_hashes(manifest_of(store, "killed")) == expected
     for path in expected:
         assert read_object(store, f"killed/{path}") == (reference / path).read_bytes()
-    assert not [key for key in keys(store, "killed") if key.startswith(".progress/") or key.endswith(".tmp")]
+    assert {path: uploaded(path) for path in done} == before, "the rerun must not compute a finished unit again"
+    logged = read_object(store, "killed/logs/cache-logits.rank0.jsonl").decode().splitlines()
+    rerun = {json.loads(line)["path"] for line in logged[-(len(expected) - len(done)) :]}
+    assert rerun == set(expected) - done, "the rerun logs exactly the units that had no marker"
+    assert not [key for key in keys(store, "killed") if key.startswith(".progress/")]
+
+
+def test_a_rank_log_in_a_bucket_is_uploaded_in_batches_not_after_every_unit(store, training_cache, monkeypatch):
+    from mdkd.pipeline.cache.writer import LOG_UPLOAD_UNITS
+    from mdkd.pipeline.store import ObjectFolder
+
+    uploads = []
+    real_write_text = ObjectFolder.write_text
+
+    def counting(folder, relative, text):
+        if relative.startswith("logs/"):
+            uploads.append(len(text.splitlines()))
+        real_write_text(folder, relative, text)
+
+    monkeypatch.setattr(ObjectFolder, "write_text", counting)
+    result = _cache_logits_into(f"s3://{BUCKET}/batched-log", training_cache)
+    assert result.exit_code == 0, result.output
+    units = len(manifest_of(store, "batched-log")["shards"])
+    assert units < LOG_UPLOAD_UNITS
+    assert uploads == [units], "one upload, when the rank's units are done, holding a line per unit"
 
 
 def test_two_ranks_writing_to_one_bucket_make_the_cache_of_one_process(store, many_units):
@@ -273,6 +392,29 @@ def test_two_ranks_writing_to_one_bucket_make_the_cache_of_one_process(store, ma
 def _cache_logits_into(uri: str, training_cache: Path, **env):
     config = training_cache.parent / "cache.yaml"
     return CliRunner(env=env).invoke(cli, ["cache-logits", "--config", str(config), "--out", uri])
+
+
+def test_a_missing_bucket_is_one_line_for_every_command(store, training_cache, tmp_path):
+    missing = "bucket no-such-bucket does not exist at http://127.0.0.1:"
+    line = one_line_error(_cache_logits_into("s3://no-such-bucket/x", training_cache), missing)
+    assert line.endswith("; create it first"), line
+    one_line_error(CliRunner().invoke(cli, ["cache", "verify", "s3://no-such-bucket/x"]), missing)
+    config = write_config(tmp_path / "train.yaml", train_config())
+    trained = CliRunner().invoke(
+        cli, ["train", "--config", str(config), "--cache", "s3://no-such-bucket/x", "--out", str(tmp_path / "r")]
+    )
+    one_line_error(trained, missing)
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3:///cache"])
+def test_a_uri_without_a_bucket_is_one_line(store, training_cache, uri):
+    one_line_error(_cache_logits_into(uri, training_cache), "name a bucket: s3://bucket/prefix")
+
+
+def test_a_uri_with_one_slash_is_refused_not_made_a_local_folder(store, training_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(_cache_logits_into("s3:/bucket/cache", training_cache), "s3://bucket/cache")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_protocol_is_one_line(store, training_cache):

@@ -485,11 +485,11 @@ def test_a_full_disk_while_writing_shards_is_one_line_and_resumes(monkeypatch, t
     real_write = shards.write_shard
     calls = []
 
-    def full_after_two(cache_dir, relative_path, table):
+    def full_after_two(cache_folder, relative_path, table):
         calls.append(relative_path)
         if len(calls) > 2:
-            raise OSError(28, os.strerror(28), str(cache_dir / relative_path))
-        return real_write(cache_dir, relative_path, table)
+            raise OSError(28, os.strerror(28), cache_folder.name(relative_path))
+        return real_write(cache_folder, relative_path, table)
 
     monkeypatch.setattr("mdkd.pipeline.cache.writer.write_shard", full_after_two)
     config = training_cache.parent / "cache.yaml"

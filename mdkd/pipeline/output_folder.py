@@ -13,8 +13,8 @@ the identity of what is being built and whether it is complete. A command pointe
 One process at a time writes a local folder: rank 0 holds an advisory lock (`.mdkd.lock`, naming its host and pid)
 from the moment it takes the folder over until the process ends, and a second process is refused at once. A folder
 on an object store (a URI; only caches are written there) has no lock: its record object is the claim, read by every
-rank, and two writers of one identity write the same bytes; keeping two different writers off one prefix is the
-user's part (docs/cache-format.md, "On object stores").
+rank; two writers on one prefix at once are not supported, and keeping them apart is the user's part
+(docs/cache-format.md, "On object stores").
 Every rank decides with `claim_folder` before rank 0 changes anything with `prepare_folder`; `take_over` is that
 sequence for a command running on one or many ranks.
 """
@@ -33,7 +33,7 @@ from typing import Literal
 
 from mdkd.pipeline.distributed import Ranks, barrier
 from mdkd.pipeline.errors import UserError
-from mdkd.pipeline.store import is_uri, open_folder
+from mdkd.pipeline.store import open_folder
 
 LOCK_NAME = ".mdkd.lock"
 
@@ -130,8 +130,9 @@ def take_over(
     rank claims (`claim_folder`) and waits until all have, so nobody reads the folder after rank 0 changed it;
     unless the folder is complete already, rank 0 prepares it and runs `start(claim)` (the first records: a record
     file saying "not complete", say) while the others wait. A claim of `complete` touches nothing."""
-    if ranks.is_main and not is_uri(folder):
-        lock_folder(folder, folder_option)
+    store = open_folder(folder)
+    if ranks.is_main and store.is_local:
+        lock_folder(store.path, folder_option)
     claim = claim_folder(
         folder,
         record_name,

@@ -1,12 +1,12 @@
-"""Folders on a local disk or on any fsspec filesystem (`s3://bucket/prefix`, `gs://`, `file://`, ...).
+"""Folders on a local disk or on an fsspec filesystem of an object store (`s3://bucket/prefix`, `gs://`, ...).
 
 The cache reader and writer and the output-folder claim work on a `Folder`, so recipes only pass a location
 through: a local path or a URI. `LocalFolder` does what mdkd always did (temporary file, fsync, rename).
-`ObjectFolder` relies on what an object store does offer instead of rename: an object appears whole once its
-upload ends, or not at all. Stage two reads objects through local copies (`copies_root`), each checked against
-the sha256 the manifest records before it is used. Credentials and endpoints come from the filesystem's usual
-environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS profiles); errors reaching
-the store become one-line UserErrors.
+`file://PATH` is the local folder PATH. `ObjectFolder` relies on what an object store does offer instead of rename: an
+object appears whole once its upload ends, or not at all. Stage two reads objects through local copies (`copies_root`),
+each checked against the sha256 the manifest records before it is used. Credentials and endpoints come from the
+filesystem's usual environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS profiles);
+errors reaching the store become one-line UserErrors.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from mdkd.pipeline.files import sha256_of_file, sha256_of_folder, write_json_ato
 EXTRAS = {"s3": "s3", "s3a": "s3"}
 # Where local copies of objects are kept (content-addressed by sha256, so any cache may share them).
 COPIES_VARIABLE = "MDKD_STORE_COPIES"
+# Protocols whose URIs name a bucket (or container) first, which must exist before anything is written there.
+BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs"}
+# A URI of the local filesystem: opened as the plain path it names.
+LOCAL_SCHEME = "file://"
 
 
 def is_uri(location: str | Path) -> bool:
@@ -40,6 +44,9 @@ def location_name(location: str | Path) -> str:
 def open_folder(location: str | Path | Folder) -> Folder:
     if isinstance(location, LocalFolder | ObjectFolder):
         return location
+    if isinstance(location, str) and location.startswith(LOCAL_SCHEME):
+        # fsspec's local filesystem would write in place, without the temporary name and rename of LocalFolder.
+        return LocalFolder(Path(location.removeprefix(LOCAL_SCHEME)))
     return ObjectFolder(location) if is_uri(location) else LocalFolder(Path(location))
 
 
@@ -143,8 +150,12 @@ class ObjectFolder:
     is_local = False
 
     def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
-        self.protocol = self.uri.split("://", 1)[0]
+        self.protocol, _, path = uri.partition("://")
+        self.uri = f"{self.protocol}://{path.rstrip('/')}"
+        self.bucket = path.split("/", 1)[0]
+        if not self.bucket:
+            raise UserError(f"{uri}: name a bucket: {self.protocol}://bucket/prefix")
+        self._bucket_seen = False
         with self._reaching():
             from fsspec.core import url_to_fs
 
@@ -164,11 +175,11 @@ class ObjectFolder:
             return self.fs.exists(self._path(relative))
 
     def size(self, relative: str) -> int | None:
-        with self._reaching():
-            try:
+        try:
+            with self._reaching():
                 info = self.fs.info(self._path(relative))
-            except FileNotFoundError:
-                return None
+        except FileNotFoundError:
+            return None
         return int(info["size"]) if info.get("type") == "file" else None
 
     def read_bytes(self, relative: str) -> bytes:
@@ -189,14 +200,6 @@ class ObjectFolder:
         import json
 
         self.write_bytes(relative, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    def append_line(self, relative: str, line: str) -> None:
-        """Objects cannot be appended to: the object is written again whole, with what it held before."""
-        try:
-            before = self.read_text(relative)
-        except FileNotFoundError:
-            before = ""
-        self.write_text(relative, before + line + "\n")
 
     def write_file(self, relative: str, write: Callable[[Path], None]) -> tuple[int, str]:
         """`write(path)` to a local temporary file, hashed, then uploaded as one object; (bytes, sha256)."""
@@ -236,7 +239,8 @@ class ObjectFolder:
         with self._reaching():
             found = self.fs.find(self.root)
         start = len(self.root.rstrip("/")) + 1
-        return sorted(path[start:] for path in found if path.endswith(suffix))
+        # An empty name is a zero-byte `prefix/` placeholder (a "folder" made in a console), not an object inside.
+        return sorted(path[start:] for path in found if path.endswith(suffix) and path[start:])
 
     def holds_anything_but(self, names: set[str]) -> bool:
         return any(relative.split("/", 1)[0] not in names for relative in self.find(""))
@@ -263,12 +267,13 @@ class ObjectFolder:
         try:
             with self._reaching():
                 self.fs.get_file(self._path(relative), str(temporary))
+            if sha256_of_file(temporary) != sha256:
+                return None
+            os.replace(temporary, copy)
         except FileNotFoundError:
             return None
-        if sha256_of_file(temporary) != sha256:
-            temporary.unlink()
-            return None
-        os.replace(temporary, copy)
+        finally:
+            temporary.unlink(missing_ok=True)
         return copy
 
     def fetch_folder(self, relative: str, sha256: str) -> Path | None:
@@ -278,12 +283,15 @@ class ObjectFolder:
             return copy
         copy.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{copy.name}.", dir=copy.parent) as scratch:
-            with self._reaching():
-                names = [path.rsplit("/", 1)[-1] for path in self.fs.ls(self._path(relative), detail=False)]
-                if not names:
-                    return None
-                for name in names:
-                    self.fs.get_file(self._path(f"{relative}/{name}"), str(Path(scratch) / name))
+            try:
+                with self._reaching():
+                    names = [path.rsplit("/", 1)[-1] for path in self.fs.ls(self._path(relative), detail=False)]
+                    for name in names:
+                        self.fs.get_file(self._path(f"{relative}/{name}"), str(Path(scratch) / name))
+            except FileNotFoundError:
+                return None
+            if not names:
+                return None
             if sha256_of_folder(Path(scratch)) != sha256:
                 return None
             try:
@@ -296,10 +304,12 @@ class ObjectFolder:
     @contextmanager
     def _reaching(self, writing: bool = False) -> Iterator[None]:
         """The filesystem's failures to reach the store as one-line UserErrors; a missing object stays a
-        FileNotFoundError (callers decide what it means) unless it is the bucket a write needs."""
+        FileNotFoundError (callers decide what it means) unless the bucket is missing or a write needs it."""
         try:
             yield
         except FileNotFoundError as error:
+            if not self._has_bucket():
+                raise UserError(f"bucket {self.bucket} does not exist at {self._endpoint()}; create it first") from None
             if writing:
                 raise UserError(
                     f"cannot write to {self.uri}: {first_line(error)} (create the bucket first, or check the URI)"
@@ -318,6 +328,19 @@ class ObjectFolder:
             if problem is None:
                 raise
             raise UserError(f"{self.uri}: {problem}") from None
+
+    def _has_bucket(self) -> bool:
+        """Whether the bucket exists (asked once a missing object is met, and once only when it does)."""
+        if not self._bucket_seen:
+            self._bucket_seen = self.protocol not in BUCKET_PROTOCOLS or self.fs.exists(self.bucket)
+        return self._bucket_seen
+
+    def _endpoint(self) -> str:
+        """Where the store is, for messages: S3's endpoint URL; other filesystems are named by their protocol."""
+        try:
+            return str(self.fs.s3.meta.endpoint_url)
+        except AttributeError:
+            return f"{self.protocol}://"
 
 
 def _options(protocol: str) -> dict:

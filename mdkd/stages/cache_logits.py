@@ -100,6 +100,7 @@ def run(config_path: Path, out_dir: Path | str, overwrite: bool = False) -> Mani
         if todo:
             _run_teacher(config, info, Teacher(info, device, dtype), todo, writer, jobs, ranks)
     jobs.close()
+    writer.flush_log()
     barrier(ranks)
 
     # Save. Rank 0 merges the units' records; the manifest says complete only once every unit's shard exists.

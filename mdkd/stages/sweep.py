@@ -21,7 +21,7 @@ from mdkd.pipeline.cache.manifest import Manifest
 from mdkd.pipeline.config import ConfigError, dump_config, read_yaml
 from mdkd.pipeline.distill.config import validate_train_config
 from mdkd.pipeline.distill.plan import check_against_cache
-from mdkd.pipeline.distill.run import RunFolder
+from mdkd.pipeline.distill.run import RunFolder, local_run_path
 from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
 
@@ -59,8 +59,9 @@ def _name(combination: dict) -> str:
 
 
 def run(
-    config_path: Path, cache_dir: Path | str, out_dir: Path, sweeps: list[str], sweep_file: Path | None
+    config_path: Path, cache_dir: Path | str, out_dir: Path | str, sweeps: list[str], sweep_file: Path | None
 ) -> list[Path]:
+    out_dir = local_run_path(out_dir)
     base = read_yaml(config_path) or {}
     grid = parse_grid(sweeps, sweep_file)
     combinations = [dict(zip(grid, values, strict=False)) for values in itertools.product(*grid.values())]

@@ -2,7 +2,8 @@
 
 `start` writes the manifest with `complete: false` and the run's identity, the resolved config and the teachers'
 tokenizer copies (a resumed cache keeps them). `write_unit` writes one unit (teacher, language, part): its shard,
-then its marker under `.progress/`, then a line of this rank's log; a unit is done once its marker parses and its
+then its marker under `.progress/`, then a line of this rank's log (on an object store, which cannot append, the
+log is uploaded whole every `LOG_UPLOAD_UNITS` units and by `flush_log`); a unit is done once its marker parses and its
 shard exists with the marker's size, so a rerun redoes exactly the units a crash cut short. `finish` merges the
 markers into the manifest, which is written last with `complete: true`. The folder is local or on an object store
 (`pipeline/store.py`): each write is whole before the next begins on both, so the order is the protocol.
@@ -27,6 +28,9 @@ from mdkd.pipeline.cache.shards import write_shard
 from mdkd.pipeline.store import Folder, open_folder
 
 PROGRESS_DIR = ".progress"
+# On an object store a rank's log is uploaded whole (objects cannot be appended to) once this many lines wait,
+# not after every unit, so that its traffic stays a small part of the shards'.
+LOG_UPLOAD_UNITS = 64
 
 
 class Tokenizer(Protocol):
@@ -60,6 +64,8 @@ class CacheWriter:
     def __init__(self, folder: str | Path | Folder, rank: int = 0):
         self.folder = open_folder(folder)
         self.log_name = f"logs/cache-logits.rank{rank}.jsonl"
+        self._log_lines: list[str] | None = None  # an object store's log: what it held, then this run's lines
+        self._log_waiting = 0  # lines of _log_lines not uploaded yet
 
     def start(
         self,
@@ -126,8 +132,7 @@ class CacheWriter:
     ) -> None:
         """The shard first, then its marker (the unit's completion record), then the log line."""
         path = _shard_path(teacher, language, part)
-        # A local folder is named by its path, as write_shard has always been given it.
-        written = write_shard(self.folder.path if self.folder.is_local else self.folder, path, table)
+        written = write_shard(self.folder, path, table)
         entry = ShardEntry(
             teacher=teacher,
             language=language,
@@ -146,7 +151,27 @@ class CacheWriter:
             "seconds": round(seconds, 4),
             "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
         }
-        self.folder.append_line(self.log_name, json.dumps(event))
+        self._log(json.dumps(event))
+
+    def _log(self, line: str) -> None:
+        if self.folder.is_local:
+            self.folder.append_line(self.log_name, line)
+            return
+        if self._log_lines is None:
+            try:
+                self._log_lines = self.folder.read_text(self.log_name).splitlines()
+            except FileNotFoundError:
+                self._log_lines = []
+        self._log_lines.append(line)
+        self._log_waiting += 1
+        if self._log_waiting >= LOG_UPLOAD_UNITS:
+            self.flush_log()
+
+    def flush_log(self) -> None:
+        """Every rank, after its last unit: upload the log lines still waiting (only an object store's wait)."""
+        if self._log_waiting:
+            self.folder.write_text(self.log_name, "\n".join(self._log_lines) + "\n")
+            self._log_waiting = 0
 
     def finish(self, parts: Mapping[str, int]) -> Manifest:
         """Rank 0, once every rank is done: the manifest with every unit's record, saying complete.

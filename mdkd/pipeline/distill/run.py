@@ -36,9 +36,17 @@ from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sync_folder, write_json_atomic
 from mdkd.pipeline.output_folder import FolderClaim, take_over
-from mdkd.pipeline.store import is_uri, location_name
+from mdkd.pipeline.store import is_uri, location_name, open_folder
 
 RECORD = "run.json"
+
+
+def local_run_path(location: Path | str) -> Path:
+    """The local path of a run folder; a URI of an object store is refused (runs are written locally for now)."""
+    folder = open_folder(location)
+    if not folder.is_local:
+        raise UserError(f"--out {location}: runs must be written to a local folder for now (the cache may be a URI)")
+    return folder.path
 
 
 class MetricsLog:
@@ -86,8 +94,8 @@ class MetricsLog:
 class RunFolder:
     """One run folder (see the module docstring for its files)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path | str):
+        self.path = local_run_path(path)
         self.vocab_dir = self.path / "vocab"
         self.student_dir = self.path / "student"
         self.checkpoints_dir = self.path / "checkpoints"
