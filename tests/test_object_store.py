@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import cache_config, make_documents, torchrun, train, train_config, write_config
 from safetensors.torch import load_file
@@ -211,6 +212,110 @@ def test_runs_are_refused_on_a_bucket_for_now(store, bucket_cache, tmp_path):
     )
     one_line_error(result, "runs must be written to a local folder for now")
     assert keys(store, "run") == []
+
+
+# ---------------------------------------------------------------- a corpus on the bucket
+
+
+def upload(client, folder: Path, prefix: str) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+
+
+def test_stage_one_reads_its_corpus_from_the_bucket_as_from_disk(store, training_cache, teachers_dir, tmp_path):
+    """The training cache's corpus files as objects: the cache built from them is the local one, byte for byte
+    (doc_ids name a file by its base name, the fingerprint is of its bytes, and the config hash leaves locations
+    out), and eval's raw-text scoring reads the corpus from the bucket too."""
+    for language in ("de", "ru"):
+        store.put_object(
+            Bucket=BUCKET, Key=f"corpus/{language}.txt", Body=(training_cache.parent / f"{language}.txt").read_bytes()
+        )
+    config = yaml.safe_load((training_cache.parent / "cache.yaml").read_text(encoding="utf-8"))
+    config["corpus"] = [{"language": lang, "path": f"s3://{BUCKET}/corpus/{lang}.txt"} for lang in ("de", "ru")]
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(
+        cli, ["cache-logits", "--config", str(write_config(tmp_path / "cache.yaml", config)), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    local = json.loads((training_cache / "manifest.json").read_text())
+    remote = json.loads((out / "manifest.json").read_text())
+    assert remote["complete"] and shard_hashes(remote) == shard_hashes(local) and shard_hashes(local)
+    assert remote["identity"] == local["identity"]
+    assert [entry["source"] for entry in remote["corpus"]] == [
+        f"s3://{BUCKET}/corpus/{lang}.txt" for lang in "de ru".split()
+    ]
+    strip = [{k: v for k, v in entry.items() if k != "source"} for entry in local["corpus"]]
+    assert [{k: v for k, v in entry.items() if k != "source"} for entry in remote["corpus"]] == strip
+    scored = {}
+    for name, cache in (("local", training_cache), ("remote", out)):
+        report = tmp_path / f"eval-{name}.json"
+        arguments = [
+            str(teachers_dir / "de_bert"),
+            "--cache",
+            str(cache),
+            "--eval-fraction",
+            "0.3",
+            "--out",
+            str(report),
+        ]
+        evaluated = CliRunner().invoke(cli, ["eval", *arguments])
+        assert evaluated.exit_code == 0, evaluated.output
+        scored[name] = {lang: v["raw_text"] for lang, v in json.loads(report.read_text())["languages"].items()}
+    assert scored["remote"] == scored["local"] and scored["local"]["de"]["positions"] > 0
+    # The object gone: eval says so instead of failing.
+    store.delete_object(Bucket=BUCKET, Key="corpus/ru.txt")
+    evaluated = CliRunner().invoke(cli, ["eval", *arguments])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(report.read_text())["languages"]["ru"]["raw_text"] == {
+        "skipped": "the corpus files recorded in the cache are no longer there"
+    }
+
+
+def test_a_corpus_prefix_is_read_as_the_same_folder_on_disk(store, tmp_path):
+    """Names whose order differs as strings and as paths (`a-b.txt` sorts before `a/x.txt` as a string, after it
+    path by path), every suffix, and a file that is not corpus: the same files, order, documents and fingerprint."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mdkd.pipeline.teacher_pass.config import CorpusSource
+    from mdkd.pipeline.teacher_pass.corpus import read_source, scan_source
+
+    folder = tmp_path / "corpus"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a-b.txt").write_text("erste Zeile\n\nzweite Zeile\n", encoding="utf-8")
+    (folder / "a" / "x.txt").write_bytes(b"dritte\n\xff kaputt\nvierte\n")
+    (folder / "a" / "y.jsonl").write_text('{"text": "fuenfte"}\n{"text": "sechste"}\n', encoding="utf-8")
+    pq.write_table(pa.table({"text": ["siebte", None, "achte"]}), folder / "z.parquet")
+    (folder / "notes.md").write_text("not corpus", encoding="utf-8")
+    upload(store, folder, "corpus-folder")
+    sources = [
+        CorpusSource.model_validate({"language": "de", "path": path}, context={"base_dir": tmp_path})
+        for path in (str(folder), f"s3://{BUCKET}/corpus-folder/")
+    ]
+    assert sources[1].path == f"s3://{BUCKET}/corpus-folder"
+    names = [[name for _, name in source.files()] for source in sources]
+    assert names[0] == names[1] == ["a/x.txt", "a/y.jsonl", "a-b.txt", "z.parquet"]
+    documents = [list(read_source(source)) for source in sources]
+    assert documents[0] == documents[1] and len(documents[0]) == 8
+    assert scan_source(sources[0]) == scan_source(sources[1])
+
+
+@pytest.mark.parametrize(
+    "path, fragment",
+    [
+        (f"s3://{BUCKET}/no-such-corpus/de.txt", f"corpus object not found: s3://{BUCKET}/no-such-corpus/de.txt"),
+        ("nosuchfs://bucket/de.txt", "unknown filesystem protocol"),
+    ],
+)
+def test_a_corpus_uri_that_names_nothing_is_one_line_before_any_work(store, training_cache, tmp_path, path, fragment):
+    config = yaml.safe_load((training_cache.parent / "cache.yaml").read_text(encoding="utf-8"))
+    config["corpus"][0]["path"] = path
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(
+        cli, ["cache-logits", "--config", str(write_config(tmp_path / "cache.yaml", config)), "--out", str(out)]
+    )
+    one_line_error(result, fragment)
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from mdkd.pipeline.errors import UserError, first_line
 from mdkd.pipeline.files import sha256_of_file, sha256_of_folder, write_json_atomic
@@ -170,6 +171,20 @@ class ObjectFolder:
             except FileNotFoundError:
                 return None
         return int(info["size"]) if info.get("type") == "file" else None
+
+    def kind(self, relative: str = "") -> str | None:
+        """What is at `relative`: "file" (an object), "directory" (a prefix holding objects) or None (nothing)."""
+        with self._reaching():
+            try:
+                return self.fs.info(self._path(relative)).get("type")
+            except FileNotFoundError:
+                return None
+
+    @contextmanager
+    def open(self, relative: str = "") -> Iterator[BinaryIO]:
+        """The object, streamed for reading; failing to reach the store while it is read is a UserError too."""
+        with self._reaching(), self.fs.open(self._path(relative), "rb") as handle:
+            yield handle
 
     def read_bytes(self, relative: str) -> bytes:
         with self._reaching():
