@@ -119,7 +119,13 @@ def cache_logits(config_path: Path, out_dir: Path | str, overwrite: bool) -> Non
 @click.option(
     "--cache", "cache_dir", type=existing_cache, required=True, help="A complete cache from `mdkd cache-logits`."
 )
-@click.option("--out", "out_dir", type=Location(exists=False), required=True, help="Run folder (local).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=Location(exists=False),
+    required=True,
+    help="Run folder: local, or a URI such as s3://bucket/run.",
+)
 @click.option(
     "--resume", default=None, metavar="auto|PATH", help="Continue from the latest checkpoint (auto) or a given one."
 )
@@ -142,6 +148,10 @@ def train(
     Runs in one process as is; launch under torchrun or deepspeed for several GPUs or nodes. With --sweep, trains
     one run per combination into OUT/<combination>/, skipping finished ones, then writes OUT/report/.
     """
+    if is_uri(out_dir) and (sweeps or sweep_file):
+        raise UserError(f"--out {out_dir}: a sweep is written to a local folder for now (one run may be a URI)")
+    if is_uri(out_dir) and resume not in (None, "auto"):
+        raise UserError(f"--resume {resume}: a run on an object store resumes from its own checkpoints: --resume auto")
     if sweeps or sweep_file:
         if resume or overwrite:
             raise UserError("--resume and --overwrite do not go with --sweep (a sweep resumes unfinished runs itself)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import cache_config, make_documents, torchrun, train, train_config, write_config
 from safetensors.torch import load_file
@@ -58,8 +60,13 @@ def store(tmp_path_factory):
     server.stop()
 
 
+# What an in-process `mdkd train` leaves in os.environ for its one-process group: a subprocess must pick its own.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
 def environment() -> dict[str, str]:
-    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    inherited = {name: value for name, value in os.environ.items() if name not in LAUNCHER_VARIABLES}
+    return {**inherited, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 def keys(client, prefix: str) -> list[str]:
@@ -204,19 +211,218 @@ def test_training_and_eval_read_the_cache_from_the_bucket(store, bucket_cache, t
     assert scored["remote"]["languages"] == scored["local"]["languages"]
 
 
-def test_runs_are_refused_on_a_bucket_for_now(store, bucket_cache, tmp_path):
-    config = write_config(tmp_path / "train.yaml", train_config())
-    result = CliRunner().invoke(
-        cli, ["train", "--config", str(config), "--cache", bucket_cache, "--out", f"s3://{BUCKET}/run"]
-    )
-    one_line_error(result, "runs must be written to a local folder for now")
-    # The refusal is the run folder's own, so the stage refuses too when called without the command line.
-    from mdkd.pipeline.errors import UserError
-    from mdkd.stages import train as stage
+def step_losses(lines: list[str]) -> list[tuple]:
+    """(step, loss, KD loss, MLM loss) of each training line of a metrics.jsonl."""
+    return [
+        (m["step"], m["loss"], m["kd_loss"], m["mlm_loss"]) for m in map(json.loads, lines) if m["split"] == "train"
+    ]
 
-    with pytest.raises(UserError, match="runs must be written to a local folder for now"):
-        stage.run(config, bucket_cache, f"s3://{BUCKET}/run")
-    assert keys(store, "run") == []
+
+def test_a_run_on_a_bucket_trains_as_a_local_one_and_uploads_its_record_last(
+    store, training_cache, tmp_path, monkeypatch
+):
+    from mdkd.pipeline import store as store_module
+
+    uploads: list[str] = []
+    upload = store_module.Mirror._upload
+    monkeypatch.setattr(
+        store_module.Mirror, "_upload", lambda self, relative: (uploads.append(relative), upload(self, relative))
+    )
+    config = train_config()
+    local = train(tmp_path, training_cache, config, "local")
+    assert local.exit_code == 0, local.output
+    path = write_config(tmp_path / "remote.yaml", config)
+    command = ["train", "--config", str(path), "--cache", str(training_cache), "--out", f"s3://{BUCKET}/run"]
+    remote = CliRunner().invoke(cli, command)
+    assert remote.exit_code == 0, remote.output
+    stored = keys(store, "run")
+    assert json.loads(read_object(store, "run/run.json"))["complete"] is True
+    assert not [key for key in stored if key.endswith((".mdkd.lock", ".tmp"))]
+    expected = sorted(
+        p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("*") if p.is_file()
+    )
+    assert stored == [key for key in expected if key != ".mdkd.lock"]
+    assert (
+        read_object(store, "run/student/model.safetensors")
+        == (tmp_path / "local/student/model.safetensors").read_bytes()
+    )
+    assert step_losses(read_object(store, "run/metrics.jsonl").decode().splitlines()) == step_losses(
+        (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()
+    )
+    # run.json goes up twice: right after the first checkpoint (incomplete) and last of all (complete); a
+    # checkpoint's record goes up after that checkpoint's files.
+    assert [index for index, name in enumerate(uploads) if name == "run.json"] == [
+        uploads.index("checkpoints/step-0000004/mdkd-checkpoint.json") + 1,
+        len(uploads) - 1,
+    ]
+    for step in ("0000004", "0000008"):
+        folder = [index for index, name in enumerate(uploads) if name.startswith(f"checkpoints/step-{step}/")]
+        assert uploads[folder[-1]] == f"checkpoints/step-{step}/mdkd-checkpoint.json" and len(folder) > 1
+    # Another machine (no working copy) finds the run complete from the bucket alone.
+    shutil.rmtree(Path(os.environ["MDKD_STORE_COPIES"]) / "working")
+    again = CliRunner().invoke(cli, command)
+    assert again.exit_code == 0 and "already complete; nothing to do" in again.output
+
+
+def test_a_run_on_a_bucket_killed_then_resumed_elsewhere_gives_the_uninterrupted_losses(
+    store, training_cache, tmp_path
+):
+    config = train_config(train={"steps": 40, "checkpoint_every": 4})
+    reference = train(tmp_path, training_cache, config, "reference")
+    assert reference.exit_code == 0, reference.output
+    path = write_config(tmp_path / "killed.yaml", config)
+    uri = f"s3://{BUCKET}/killed-run"
+    command = [
+        sys.executable,
+        "-m",
+        "mdkd",
+        "train",
+        "--config",
+        str(path),
+        "--cache",
+        str(training_cache),
+        "--out",
+        uri,
+    ]
+    errors = (tmp_path / "killed.stderr").open("w")
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=errors)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if "run.json" in keys(store, "killed-run"):  # uploaded right after the first checkpoint
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    errors.close()
+    assert "run.json" in keys(store, "killed-run"), (tmp_path / "killed.stderr").read_text()[-3000:]
+    assert json.loads(read_object(store, "killed-run/run.json"))["complete"] is False, "the kill must land mid-run"
+    checkpointed = read_object(store, "killed-run/metrics.jsonl").decode().splitlines()
+    shutil.rmtree(Path(os.environ["MDKD_STORE_COPIES"]) / "working")  # resumed on a machine that has only the bucket
+    resumed = subprocess.run([*command, "--resume", "auto"], env=environment(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(read_object(store, "killed-run/run.json"))["complete"] is True
+    remote = step_losses(read_object(store, "killed-run/metrics.jsonl").decode().splitlines())
+    assert remote == step_losses((tmp_path / "reference" / "metrics.jsonl").read_text().splitlines())
+    assert [step for step, *_ in remote] == list(range(1, 41)), "every step logged once"
+    # Resumed, not started over: the steps up to the checkpoint are the killed process's lines (their
+    # tokens_per_second is its own timing), kept as they were.
+    kept = [line for line in checkpointed if json.loads(line)["step"] <= 4]
+    assert kept and read_object(store, "killed-run/metrics.jsonl").decode().splitlines()[: len(kept)] == kept
+
+
+def test_a_run_on_a_bucket_refuses_a_sweep_and_a_checkpoint_path(store, training_cache, tmp_path):
+    config = write_config(tmp_path / "train.yaml", train_config())
+    base = ["train", "--config", str(config), "--cache", str(training_cache), "--out", f"s3://{BUCKET}/refused"]
+    one_line_error(CliRunner().invoke(cli, [*base, "--sweep", "train.lr=1e-3,2e-3"]), "a sweep is written to a local")
+    one_line_error(CliRunner().invoke(cli, [*base, "--resume", str(tmp_path)]), "--resume auto")
+    assert keys(store, "refused") == []
+    # A bucket that does not exist is found before training, not at the first checkpoint's upload.
+    missing = [*base[:-1], "s3://mdkd-no-such-bucket/run"]
+    one_line_error(CliRunner().invoke(cli, missing), "create the bucket first")
+
+
+# ---------------------------------------------------------------- a corpus on the bucket
+
+
+def upload(client, folder: Path, prefix: str) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+
+
+def test_stage_one_reads_its_corpus_from_the_bucket_as_from_disk(store, training_cache, teachers_dir, tmp_path):
+    """The training cache's corpus files as objects: the cache built from them is the local one, byte for byte
+    (doc_ids name a file by its base name, the fingerprint is of its bytes, and the config hash leaves locations
+    out), and eval's raw-text scoring reads the corpus from the bucket too."""
+    for language in ("de", "ru"):
+        store.put_object(
+            Bucket=BUCKET, Key=f"corpus/{language}.txt", Body=(training_cache.parent / f"{language}.txt").read_bytes()
+        )
+    config = yaml.safe_load((training_cache.parent / "cache.yaml").read_text(encoding="utf-8"))
+    config["corpus"] = [{"language": lang, "path": f"s3://{BUCKET}/corpus/{lang}.txt"} for lang in ("de", "ru")]
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(
+        cli, ["cache-logits", "--config", str(write_config(tmp_path / "cache.yaml", config)), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    local = json.loads((training_cache / "manifest.json").read_text())
+    remote = json.loads((out / "manifest.json").read_text())
+    assert remote["complete"] and shard_hashes(remote) == shard_hashes(local) and shard_hashes(local)
+    assert remote["identity"] == local["identity"]
+    assert [entry["source"] for entry in remote["corpus"]] == [
+        f"s3://{BUCKET}/corpus/{lang}.txt" for lang in "de ru".split()
+    ]
+    strip = [{k: v for k, v in entry.items() if k != "source"} for entry in local["corpus"]]
+    assert [{k: v for k, v in entry.items() if k != "source"} for entry in remote["corpus"]] == strip
+    scored = {}
+    for name, cache in (("local", training_cache), ("remote", out)):
+        report = tmp_path / f"eval-{name}.json"
+        arguments = [
+            str(teachers_dir / "de_bert"),
+            "--cache",
+            str(cache),
+            "--eval-fraction",
+            "0.3",
+            "--out",
+            str(report),
+        ]
+        evaluated = CliRunner().invoke(cli, ["eval", *arguments])
+        assert evaluated.exit_code == 0, evaluated.output
+        scored[name] = {lang: v["raw_text"] for lang, v in json.loads(report.read_text())["languages"].items()}
+    assert scored["remote"] == scored["local"] and scored["local"]["de"]["positions"] > 0
+    # The object gone: eval says so instead of failing.
+    store.delete_object(Bucket=BUCKET, Key="corpus/ru.txt")
+    evaluated = CliRunner().invoke(cli, ["eval", *arguments])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(report.read_text())["languages"]["ru"]["raw_text"] == {
+        "skipped": "the corpus files recorded in the cache are no longer there"
+    }
+
+
+def test_a_corpus_prefix_is_read_as_the_same_folder_on_disk(store, tmp_path):
+    """Names whose order differs as strings and as paths (`a-b.txt` sorts before `a/x.txt` as a string, after it
+    path by path), every suffix, and a file that is not corpus: the same files, order, documents and fingerprint."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mdkd.pipeline.teacher_pass.config import CorpusSource
+    from mdkd.pipeline.teacher_pass.corpus import read_source, scan_source
+
+    folder = tmp_path / "corpus"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a-b.txt").write_text("erste Zeile\n\nzweite Zeile\n", encoding="utf-8")
+    (folder / "a" / "x.txt").write_bytes(b"dritte\n\xff kaputt\nvierte\n")
+    (folder / "a" / "y.jsonl").write_text('{"text": "fuenfte"}\n{"text": "sechste"}\n', encoding="utf-8")
+    pq.write_table(pa.table({"text": ["siebte", None, "achte"]}), folder / "z.parquet")
+    (folder / "notes.md").write_text("not corpus", encoding="utf-8")
+    upload(store, folder, "corpus-folder")
+    sources = [
+        CorpusSource.model_validate({"language": "de", "path": path}, context={"base_dir": tmp_path})
+        for path in (str(folder), f"s3://{BUCKET}/corpus-folder/")
+    ]
+    assert sources[1].path == f"s3://{BUCKET}/corpus-folder"
+    names = [[name for _, name in source.files()] for source in sources]
+    assert names[0] == names[1] == ["a/x.txt", "a/y.jsonl", "a-b.txt", "z.parquet"]
+    documents = [list(read_source(source)) for source in sources]
+    assert documents[0] == documents[1] and len(documents[0]) == 8
+    assert scan_source(sources[0]) == scan_source(sources[1])
+
+
+@pytest.mark.parametrize(
+    "path, fragment",
+    [
+        (f"s3://{BUCKET}/no-such-corpus/de.txt", f"corpus object not found: s3://{BUCKET}/no-such-corpus/de.txt"),
+        ("nosuchfs://bucket/de.txt", "unknown filesystem protocol"),
+    ],
+)
+def test_a_corpus_uri_that_names_nothing_is_one_line_before_any_work(store, training_cache, tmp_path, path, fragment):
+    config = yaml.safe_load((training_cache.parent / "cache.yaml").read_text(encoding="utf-8"))
+    config["corpus"][0]["path"] = path
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(
+        cli, ["cache-logits", "--config", str(write_config(tmp_path / "cache.yaml", config)), "--out", str(out)]
+    )
+    one_line_error(result, fragment)
+    assert not out.exists()
 
 
 def test_a_flipped_shard_is_refused_by_stage_two_as_it_arrives(store, bucket_cache, tmp_path, monkeypatch):

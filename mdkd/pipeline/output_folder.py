@@ -11,10 +11,10 @@ the identity of what is being built and whether it is complete. A command pointe
 - that is empty or missing: starts; one that holds other files is refused, so nothing of the user's is deleted.
 
 One process at a time writes a local folder: rank 0 holds an advisory lock (`.mdkd.lock`, naming its host and pid)
-from the moment it takes the folder over until the process ends, and a second process is refused at once. A folder
-on an object store (a URI; only caches are written there) has no lock: its record object is the claim, read by every
-rank; two writers on one prefix at once are not supported, and keeping them apart is the user's part
-(docs/cache-format.md, "On object stores").
+from the moment it takes the folder over until the process ends, and a second process is refused at once. A cache
+on an object store (a URI) has no lock: its record object is the claim, read by every rank; two writers on one
+prefix at once are not supported, and keeping them apart is the user's part (docs/cache-format.md, "On object
+stores"). A run on a store is claimed in its local working copy, locked as any local folder (`RunFolder.open`).
 Every rank decides with `claim_folder` before rank 0 changes anything with `prepare_folder`; `take_over` is that
 sequence for a command running on one or many ranks.
 """

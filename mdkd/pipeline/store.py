@@ -11,12 +11,14 @@ errors reaching the store become one-line UserErrors.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from mdkd.pipeline.errors import UserError, first_line
 from mdkd.pipeline.files import sha256_of_file, sha256_of_folder, write_json_atomic
@@ -182,6 +184,20 @@ class ObjectFolder:
             return None
         return int(info["size"]) if info.get("type") == "file" else None
 
+    def kind(self, relative: str = "") -> str | None:
+        """What is at `relative`: "file" (an object), "directory" (a prefix holding objects) or None (nothing)."""
+        with self._reaching():
+            try:
+                return self.fs.info(self._path(relative)).get("type")
+            except FileNotFoundError:
+                return None
+
+    @contextmanager
+    def open(self, relative: str = "") -> Iterator[BinaryIO]:
+        """The object, streamed for reading; failing to reach the store while it is read is a UserError too."""
+        with self._reaching(), self.fs.open(self._path(relative), "rb") as handle:
+            yield handle
+
     def read_bytes(self, relative: str) -> bytes:
         with self._reaching():
             return self.fs.cat_file(self._path(relative))
@@ -341,6 +357,71 @@ class ObjectFolder:
             return str(self.fs.s3.meta.endpoint_url)
         except AttributeError:
             return f"{self.protocol}://"
+
+
+def working_copy(uri: str) -> Path:
+    """The local folder in which a folder on a store is worked on (a run trains there), keyed by its URI."""
+    key = hashlib.sha256(uri.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    return copies_root() / "working" / key
+
+
+class Mirror:
+    """A local folder kept as the working copy of a prefix on a store (a run folder, say).
+
+    `pull` makes the local folder what the prefix holds (the lock file `keep` stays); `push` uploads the files that
+    are new or changed since the last pull or push, one object each, in an order that keeps the store consistent
+    at every moment: ordinary files first, then each file named in `records_last` (a checkpoint's record after the
+    checkpoint's files, the run's record after everything), and removes the objects whose files are gone."""
+
+    def __init__(self, uri: str, local: Path, records_last: tuple[str, ...], keep: str):
+        self.remote = ObjectFolder(uri)
+        self.local = local
+        self.records_last = records_last
+        self.keep = keep
+        self._pushed: dict[str, tuple[int, int]] = {}
+
+    def _signature(self, relative: str) -> tuple[int, int]:
+        status = (self.local / relative).stat()
+        return status.st_size, status.st_mtime_ns
+
+    def _local_files(self) -> list[str]:
+        return [
+            path.relative_to(self.local).as_posix()
+            for path in sorted(self.local.rglob("*"))
+            if path.is_file() and path.name != self.keep and not path.name.endswith(".tmp")
+        ]
+
+    def pull(self) -> None:
+        self.local.mkdir(parents=True, exist_ok=True)
+        LocalFolder(self.local).empty_except({self.keep})
+        self._pushed = {}
+        with self.remote._reaching(writing=True):  # a missing bucket: found now, not at the first upload
+            found = self.remote.find("")
+        for relative in found:
+            target = self.local / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.remote._reaching():
+                self.remote.fs.get_file(self.remote._path(relative), str(target))
+            self._pushed[relative] = self._signature(relative)
+
+    def _upload(self, relative: str) -> None:
+        self.remote.fs.put_file(str(self.local / relative), self.remote._path(relative))
+
+    def push(self) -> None:
+        files = self._local_files()
+        rank = {name: position + 1 for position, name in enumerate(self.records_last)}
+        changed = [relative for relative in files if self._pushed.get(relative) != self._signature(relative)]
+        changed.sort(key=lambda relative: (rank.get(relative.rsplit("/", 1)[-1], 0), relative))
+        with self.remote._reaching(writing=True):
+            for relative in changed:
+                signature = self._signature(relative)
+                self._upload(relative)
+                self._pushed[relative] = signature
+            gone = sorted(set(self._pushed) - set(files))
+            if gone:
+                self.remote.fs.rm([self.remote._path(relative) for relative in gone])
+            for relative in gone:
+                del self._pushed[relative]
 
 
 def _options(protocol: str) -> dict:

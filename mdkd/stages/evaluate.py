@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from mdkd.pipeline.cache.documents import fraction_rule
 from mdkd.pipeline.cache.manifest import Manifest
@@ -196,8 +197,10 @@ def _raw_text(model, adapter, tokenizer, manifest: Manifest, language: str, is_h
 
     The corpus is re-read through stage one's reader from the sources the manifest records: eval compares a model
     with the teachers, so it reads both stages' records (stage two itself reads only the cache)."""
-    sources = [CorpusSource.model_validate(s) for s in manifest.config["corpus"] if s["language"] == language]
-    if any(s.path is not None and not Path(s.path).exists() for s in sources):
+    recorded = [source for source in manifest.config["corpus"] if source["language"] == language]
+    try:  # a source is checked as stage one checked it: a local file or an object on its store must exist
+        sources = [CorpusSource.model_validate(source) for source in recorded]
+    except ValidationError:
         return {"skipped": "the corpus files recorded in the cache are no longer there"}
     documents: list[Document] = []
     for document in read_language(sources):

@@ -37,7 +37,6 @@ def run(
     config = load_train_config(config_path)
     require_packages(config.trackers)
     cache = CacheReader(cache_dir)
-    run_folder = RunFolder(out_dir)
 
     # Setup: everything that can be wrong with the inputs is found before any training starts.
     plan = plan_run(config, cache.manifest)
@@ -51,6 +50,7 @@ def run(
     device = pick_device("auto", ranks)
     precision = resolve_precision(config.precision, device)
     init_distributed(device)
+    run_folder = RunFolder.open(out_dir, ranks)  # a run on a store: its objects downloaded into the working copy
 
     def start(_claim) -> None:
         # What the run is told to do, written before it trains (a resumed run keeps its vocabulary and record).
@@ -80,7 +80,7 @@ def run(
     # Run: metrics.jsonl first, then any trackers (opened on rank 0 once the step a resume continues from is known).
     loggers: list[MetricsLogger] = [run_folder.metrics]
     if ranks.is_main and config.trackers.report_to:
-        folder, name = run_folder.trackers_dir(config.trackers.dir), run_folder.path.resolve().name
+        folder, name = run_folder.trackers_dir(config.trackers.dir), run_folder.title
         loggers.append(Trackers(config.trackers, folder, name, config.model_dump(mode="json"), distiller.step))
     distiller.fit(AllLoggers(loggers))
 
@@ -91,6 +91,7 @@ def run(
         run_folder.write_record(
             identity, complete=True, cache_dir=cache.dir, steps=config.train.steps, mdkd_version=__version__
         )
+        run_folder.sync()
         ranks.echo(f"student written to {run_folder.student_dir}")
     barrier(ranks)
     return run_folder.record()

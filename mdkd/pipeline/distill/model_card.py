@@ -51,7 +51,7 @@ def render_model_card(run: RunFolder, manifest: Manifest) -> str:
         tags=TAGS,
     )
     sections = [
-        f"# {run.path.resolve().name}\n\n"
+        f"# {run.title}\n\n"
         f"A masked language model distilled by mdkd {__version__} from {len(taught)} "
         f"teacher(s) by task-agnostic knowledge distillation on their cached top-k predictions. It loads with "
         "`AutoModelForMaskedLM` and `pipeline('fill-mask')`.",

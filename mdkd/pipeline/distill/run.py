@@ -24,28 +24,30 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
 from mdkd.pipeline.cache.documents import HELD_OUT_RULE, held_out
 from mdkd.pipeline.config import dump_config
+from mdkd.pipeline.distill import checkpoints
 from mdkd.pipeline.distill.config import TrainConfig, load_train_config
 from mdkd.pipeline.distill.plan import TeacherSelection
 from mdkd.pipeline.distributed import Ranks
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sync_folder, write_json_atomic
-from mdkd.pipeline.output_folder import FolderClaim, take_over
-from mdkd.pipeline.store import is_uri, location_name, open_folder
+from mdkd.pipeline.output_folder import LOCK_NAME, FolderClaim, lock_folder, take_over
+from mdkd.pipeline.store import Mirror, is_uri, location_name, open_folder, working_copy
 
 RECORD = "run.json"
 
 
 def local_run_path(location: Path | str) -> Path:
-    """The local path of a run folder; a URI of an object store is refused (runs are written locally for now)."""
+    """The local path of a run folder (`file://` URIs included); a URI of an object store is refused: a run there
+    is opened with `RunFolder.open`, which works on it in a local copy, and a sweep is written locally for now."""
     folder = open_folder(location)
     if not folder.is_local:
-        raise UserError(f"--out {location}: runs must be written to a local folder for now (the cache may be a URI)")
+        raise UserError(f"--out {location}: a sweep is written to a local folder for now (one run may be a URI)")
     return folder.path
 
 
@@ -92,10 +94,12 @@ class MetricsLog:
 
 
 class RunFolder:
-    """One run folder (see the module docstring for its files)."""
+    """One run folder (see the module docstring for its files). A run on an object store (`open` with a URI) is
+    worked on in a local working copy, downloaded first; `sync` uploads what changed (every checkpoint, the end)."""
 
-    def __init__(self, path: Path | str):
-        self.path = local_run_path(path)
+    def __init__(self, path: Path | str, mirror: Mirror | None = None):
+        self.path = local_run_path(path)  # a run on a store is opened with `open`, in its working copy
+        self.mirror = mirror
         self.vocab_dir = self.path / "vocab"
         self.student_dir = self.path / "student"
         self.checkpoints_dir = self.path / "checkpoints"
@@ -107,9 +111,37 @@ class RunFolder:
         self._eval = self.path / "eval.json"
         self._inheritance = self.path / "inheritance.json"
 
+    @classmethod
+    def open(cls, location: Path | str, ranks: Ranks) -> RunFolder:
+        """The run folder `mdkd train --out` names: a local folder, or a prefix on a store, whose objects are
+        downloaded into its working copy (locked first, so that no other process on this machine works on it)."""
+        if not is_uri(location) or open_folder(location).is_local:
+            return cls(location)
+        if ranks.world_size > 1:
+            raise UserError(
+                f"--out {location}: a run on an object store trains in one process for now (or give a local folder)"
+            )
+        local = working_copy(location)
+        lock_folder(local)
+        mirror = Mirror(location, local, records_last=(checkpoints.RECORD, RECORD), keep=LOCK_NAME)
+        mirror.pull()
+        return cls(local, mirror)
+
+    def sync(self) -> None:
+        """Upload what changed since the last sync to the store the run lives on, its record last (a local run:
+        nothing to do)."""
+        if self.mirror is not None:
+            self.mirror.push()
+
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def title(self) -> str:
+        """What the run is called where a person reads it (a tracker's run, the model card): its folder's name, or
+        the last part of its URI."""
+        return PurePosixPath(self.mirror.remote.uri).name if self.mirror is not None else self.path.resolve().name
 
     def trackers_dir(self, configured: str | None) -> Path:
         """Where the experiment trackers write: `trackers.dir` (a relative one from the run folder), else

@@ -116,6 +116,7 @@ class Distiller:
         barrier(self.ranks)
         if self.ranks.is_main:
             checkpoints.write_record(self.run.checkpoints_dir / tag, self.config_hash, self.step)
+            self.run.sync()
 
     # ---------------------------------------------------------------- the loop
 

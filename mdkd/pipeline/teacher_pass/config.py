@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mdkd.pipeline.config import ConfigError, StrictModel, format_validation_error, read_yaml
 from mdkd.pipeline.files import content_hash
+from mdkd.pipeline.store import ObjectFolder, is_uri
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -51,7 +52,9 @@ class CorpusSource(StrictModel):
     path: str | None = Field(
         None,
         description="A `.txt`, `.jsonl` or `.parquet` file, or a folder. A folder contributes every file with one of "
-        "those suffixes at any depth, sorted by relative path. Must exist.",
+        "those suffixes at any depth, sorted by relative path. Must exist. It may be a URI of an fsspec filesystem "
+        "instead (`s3://bucket/de.txt`, or a prefix `s3://bucket/corpus/` as a folder), read from the store as it "
+        "is streamed ([running.md](running.md#writing-the-cache-to-a-bucket)).",
     )
     dataset: dict[str, Any] | None = Field(
         None,
@@ -71,6 +74,8 @@ class CorpusSource(StrictModel):
     def _path_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
+        if is_uri(value):
+            return _object_source(value)
         resolved = (_base_dir(info) / Path(value).expanduser()).resolve()
         if not resolved.exists():
             raise ValueError(f"corpus file not found: {resolved}")
@@ -102,9 +107,16 @@ class CorpusSource(StrictModel):
             return self.path
         return "dataset:" + json.dumps(self.dataset, sort_keys=True)
 
-    def files(self) -> list[tuple[Path, str]]:
+    def files(self) -> list[tuple[Path | str, str]]:
         """(file, its name in doc_ids) for a `path` source, in a stable order: a file is named by its base name, a
-        folder's files by their paths relative to it."""
+        folder's files by their paths relative to it. A file on a store is its URI; its name and its place in the
+        order are those the same file would have on a local disk (paths are compared part by part)."""
+        if is_uri(self.path):
+            folder = ObjectFolder(self.path)
+            if folder.kind() == "file":
+                return [(folder.uri, PurePosixPath(folder.uri).name)]
+            found = [name for name in folder.find("") if PurePosixPath(name).suffix in CORPUS_SUFFIXES]
+            return [(folder.name(name), name) for name in sorted(found, key=lambda name: PurePosixPath(name).parts)]
         root = Path(self.path)
         if root.is_file():
             return [(root, root.name)]
@@ -118,6 +130,17 @@ class CorpusSource(StrictModel):
     def document_names(self) -> list[str]:
         """The names this source gives its documents' files in doc_ids (`<language>:<name>:<line or row>`)."""
         return [name for _, name in self.files()] if self.path is not None else [self.dataset_name()]
+
+
+def _object_source(uri: str) -> str:
+    """A corpus URI that names an object or a prefix holding objects (the store is asked now, so a missing one is
+    found before any work); failing to reach the store is a one-line UserError of its own."""
+    kind = ObjectFolder(uri).kind()
+    if kind is None:
+        raise ValueError(f"corpus object not found: {uri} (check the URI: an object, or a prefix holding objects)")
+    if kind == "file" and PurePosixPath(uri).suffix not in CORPUS_SUFFIXES:
+        raise ValueError(f"unsupported corpus file {PurePosixPath(uri).name}: use one of {', '.join(CORPUS_SUFFIXES)}")
+    return uri.rstrip("/")
 
 
 class TeacherSpec(StrictModel):
@@ -329,8 +352,9 @@ class CacheConfig(StrictModel):
     def content_hash(self) -> str:
         """Hash of every setting that changes what the cache holds, but not where files are.
 
-        Local paths are left out (the cache identity holds the corpus fingerprints and teacher hashes instead),
-        so a cache can be resumed after its data moved. `device`, `batch_tokens`, `batch_size` and `workers` are
+        Locations are left out (the cache identity holds the corpus fingerprints and teacher hashes instead): a
+        corpus path, local or a URI, counts by its base name only, so a cache can be resumed after its data moved,
+        to another folder or to a bucket. `device`, `batch_tokens`, `batch_size` and `workers` are
         left out too: they are how the work runs, and a user resuming after running out of memory must be able to
         lower the batch without starting over (the results then differ from an uninterrupted run in the last
         bits); `workers` changes no bit, and leaving it out keeps the hash of caches begun before it existed.

@@ -1,6 +1,8 @@
 """Streaming corpus reading: `.txt`, `.jsonl`, `.parquet`, folders of them, and `datasets` specs.
 
-Documents are yielded one at a time, so memory does not grow with the corpus. Every document gets a stable
+Documents are yielded one at a time, so memory does not grow with the corpus. A file may be an object on an
+fsspec filesystem (`s3://...`), streamed through the store layer: the same bytes give the same documents, doc_ids
+and fingerprint as the local file. Every document gets a stable
 `doc_id` built from its language, its file (relative to the source) and its line or row, so every teacher and
 every rank names a document the same way. Lines that are not valid UTF-8 are skipped and counted, not fatal.
 """
@@ -10,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import pyarrow.parquet as pq
 
 from mdkd.pipeline.cache.documents import doc_id
-from mdkd.pipeline.errors import UserError
+from mdkd.pipeline.errors import UserError, first_line
+from mdkd.pipeline.store import ObjectFolder, is_uri
 from mdkd.pipeline.teacher_pass.config import CORPUS_SUFFIXES, CorpusSource
 
 
@@ -37,7 +42,7 @@ class SourceCounts:
     _hash: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
 
 
-def _files_of(source: CorpusSource) -> list[tuple[Path, str]]:
+def _files_of(source: CorpusSource) -> list[tuple[Path | str, str]]:
     """(file, name relative to the source) pairs in a stable order (`CorpusSource.files`)."""
     files = source.files()
     if not files:
@@ -47,9 +52,22 @@ def _files_of(source: CorpusSource) -> list[tuple[Path, str]]:
     return files
 
 
-def _text_lines(path: Path, counts: SourceCounts) -> Iterator[tuple[int, str | None]]:
+@contextmanager
+def _opened(path: Path | str) -> Iterator[BinaryIO]:
+    """A corpus file opened for reading bytes: a local file, or an object streamed from its store."""
+    with ExitStack() as stack:
+        try:
+            handle = stack.enter_context(ObjectFolder(path).open() if is_uri(path) else Path(path).open("rb"))
+        except OSError as exc:
+            raise UserError(
+                f"cannot read corpus file {path}: {exc.strerror or first_line(exc)} (check the path and permissions)"
+            ) from None
+        yield handle
+
+
+def _text_lines(path: Path | str, counts: SourceCounts) -> Iterator[tuple[int, str | None]]:
     """(1-based line number, decoded line or None when it is not UTF-8), hashing the bytes as they go by."""
-    with path.open("rb") as handle:
+    with _opened(path) as handle:
         for number, raw in enumerate(handle, start=1):
             counts._hash.update(raw)
             try:
@@ -59,13 +77,13 @@ def _text_lines(path: Path, counts: SourceCounts) -> Iterator[tuple[int, str | N
                 yield number, None
 
 
-def _read_txt(path: Path, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
+def _read_txt(path: Path | str, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
     for number, line in _text_lines(path, counts):
         if line is not None:
             yield f"{name}:{number}", line
 
 
-def _read_jsonl(path: Path, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
+def _read_jsonl(path: Path | str, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
     for number, line in _text_lines(path, counts):
         if line is None:
             continue
@@ -81,21 +99,22 @@ def _read_jsonl(path: Path, name: str, source: CorpusSource, counts: SourceCount
         yield f"{name}:{number}", _text(record[source.text_field], f"{path}:{number}", source)
 
 
-def _read_parquet(path: Path, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
-    with path.open("rb") as handle:
+def _read_parquet(path: Path | str, name: str, source: CorpusSource, counts: SourceCounts) -> Iterator[tuple[str, str]]:
+    with _opened(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             counts._hash.update(block)
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...: all mean the file cannot be used
-        raise UserError(f"cannot read corpus file {path}: not a readable Parquet file ({exc})") from None
-    if source.text_field not in parquet.schema_arrow.names:
-        raise UserError(f"{path} has no column '{source.text_field}' (set text_field in the corpus entry)")
-    row = 0
-    for batch in parquet.iter_batches(columns=[source.text_field], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            yield f"{name}:{row}", _text(text, f"{path} row {row}", source)
-            row += 1
+        handle.seek(0)
+        try:
+            parquet = pq.ParquetFile(handle)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...: all mean the file cannot be used
+            raise UserError(f"cannot read corpus file {path}: not a readable Parquet file ({exc})") from None
+        if source.text_field not in parquet.schema_arrow.names:
+            raise UserError(f"{path} has no column '{source.text_field}' (set text_field in the corpus entry)")
+        row = 0
+        for batch in parquet.iter_batches(columns=[source.text_field], batch_size=4096):
+            for text in batch.column(0).to_pylist():
+                yield f"{name}:{row}", _text(text, f"{path} row {row}", source)
+                row += 1
 
 
 def _text(value, where: str, source: CorpusSource) -> str:
@@ -141,7 +160,7 @@ def read_source(source: CorpusSource, counts: SourceCounts | None = None) -> Ite
         records = (
             record
             for path, name in _files_of(source)
-            for record in _READERS[path.suffix](_checked(path), name, source, counts)
+            for record in _READERS[PurePosixPath(path).suffix](path, name, source, counts)
         )
     for local_id, text in records:
         if not text.strip():
@@ -150,17 +169,6 @@ def read_source(source: CorpusSource, counts: SourceCounts | None = None) -> Ite
         counts.documents += 1
         yield Document(doc_id=doc_id(source.language, local_id), text=text)
     counts.fingerprint = "sha256:" + counts._hash.hexdigest()
-
-
-def _checked(path: Path) -> Path:
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise UserError(
-            f"cannot read corpus file {path}: {exc.strerror or exc} (check the path and permissions)"
-        ) from None
-    return path
 
 
 @dataclass(frozen=True)
