@@ -318,7 +318,7 @@ def test_a_run_on_a_bucket_refuses_a_sweep_and_a_checkpoint_path(store, training
     assert keys(store, "refused") == []
     # A bucket that does not exist is found before training, not at the first checkpoint's upload.
     missing = [*base[:-1], "s3://mdkd-no-such-bucket/run"]
-    one_line_error(CliRunner().invoke(cli, missing), "create the bucket first")
+    one_line_error(CliRunner().invoke(cli, missing), "does not exist at http://127.0.0.1:")
 
 
 # ---------------------------------------------------------------- a corpus on the bucket
