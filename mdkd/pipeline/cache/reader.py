@@ -19,7 +19,7 @@ from mdkd.pipeline.cache.manifest import MANIFEST_NAME, Manifest, ShardEntry, Te
 from mdkd.pipeline.cache.shards import CachedPredictions, ShardRows, read_doc_ids, read_table
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sha256_of_file, sha256_of_folder
-from mdkd.pipeline.store import Folder, ObjectFolder, open_folder
+from mdkd.pipeline.store import Folder, open_folder
 
 
 def is_cache(folder: str | Path | Folder) -> bool:
@@ -46,21 +46,16 @@ class CacheReader:
 
     def _tokenizer_folder(self, name: str) -> Path:
         entry = self.teacher(name)
-        if isinstance(self.folder, ObjectFolder):
-            copy = self.folder.fetch_folder(entry.tokenizer_dir, entry.tokenizer_hash)
-            if copy is None:
-                raise UserError(
-                    f"cache {self.dir} is damaged: {self.check_tokenizer_copy(name)} (rerun `mdkd cache-logits` "
-                    f"with its config and --out {self.dir} to repair it)"
-                )
-            return copy
-        return self.folder.path / entry.tokenizer_dir
+        if self.folder.is_local:
+            return self.folder.path / entry.tokenizer_dir
+        copy = self.folder.fetch_folder(entry.tokenizer_dir, entry.tokenizer_hash)
+        return self._checked_copy(copy, lambda: self.check_tokenizer_copy(name))
 
     def check_tokenizer_copy(self, name: str) -> str | None:
         """A one-line problem when the teacher's tokenizer copy is missing, lies outside the cache, or differs from
         the hash stage one recorded (a swapped id would silently remap every prediction)."""
         entry = self.teacher(name)
-        if isinstance(self.folder, ObjectFolder):
+        if not self.folder.is_local:
             if not self.folder.exists(entry.tokenizer_dir):
                 return f"{entry.tokenizer_dir}: tokenizer copy of teacher {name} is missing"
             if self.folder.fetch_folder(entry.tokenizer_dir, entry.tokenizer_hash) is None:
@@ -98,15 +93,19 @@ class CacheReader:
 
     def _file(self, shard: ShardEntry) -> Path:
         """The shard's local file: in the folder, or the checked local copy of its object."""
-        if isinstance(self.folder, ObjectFolder):
-            copy = self.folder.fetch(shard.path, shard.sha256)
-            if copy is None:
-                raise UserError(
-                    f"cache {self.dir} is damaged: {self.check_file(shard)} (`mdkd cache verify {self.dir}` lists "
-                    f"every problem; rerun `mdkd cache-logits` with its config and --out {self.dir} to repair it)"
-                )
-            return copy
-        return self.folder.path / shard.path
+        if self.folder.is_local:
+            return self.folder.path / shard.path
+        return self._checked_copy(self.folder.fetch(shard.path, shard.sha256), lambda: self.check_file(shard))
+
+    def _checked_copy(self, copy: Path | None, problem: Callable[[], str | None]) -> Path:
+        """A local copy fetched from the store, or (None: the object is missing or its bytes differ) the error that
+        names what is wrong with it, asked of `problem`, and how to repair the cache."""
+        if copy is None:
+            raise UserError(
+                f"cache {self.dir} is damaged: {problem()} (`mdkd cache verify {self.dir}` lists every problem; "
+                f"rerun `mdkd cache-logits` with its config and --out {self.dir} to repair it)"
+            )
+        return copy
 
     def rows(self, shard: ShardEntry, top_k: int | None = None, tail: bool = False) -> ShardRows:
         """A shard decoded; `top_k` keeps the k' most probable cached predictions per position; `tail` decodes the
@@ -151,7 +150,7 @@ class CacheReader:
 
         On an object store the object's bytes are hashed as they are copied here; a copy kept from an earlier read
         is trusted unless `reread` (`cache verify`), but the object must still exist with its size."""
-        if isinstance(self.folder, ObjectFolder):
+        if not self.folder.is_local:
             size = self.folder.size(shard.path)
             if size is None:
                 return f"{shard.path}: missing"
