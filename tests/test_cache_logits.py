@@ -320,6 +320,19 @@ def _big_config(tmp_path: Path, teachers_dir: Path) -> Path:
     return write_config(tmp_path / "big.yaml", cache_config(teachers_dir, corpus, shard_documents=3))
 
 
+def session_processes(session: int) -> list[str]:
+    """The command lines of the live processes in a session (Linux's /proc; zombies are dead already)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session and fields[0] != "Z":
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except (OSError, IndexError, ValueError):
+            continue  # ended while being read
+    return found
+
+
 def test_kill_minus_nine_then_rerun_equals_an_uninterrupted_run(tmp_path, teachers_dir):
     config = _big_config(tmp_path, teachers_dir)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
@@ -327,7 +340,11 @@ def test_kill_minus_nine_then_rerun_equals_an_uninterrupted_run(tmp_path, teache
     subprocess.run(command + [str(reference)], check=True, env=ENV, capture_output=True)
     for kill_after_markers in (3, 60):
         process = subprocess.Popen(
-            command + [str(resumed)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command + [str(resumed)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its workers and their fork server share its session id
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
@@ -337,6 +354,11 @@ def test_kill_minus_nine_then_rerun_equals_an_uninterrupted_run(tmp_path, teache
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert not json.loads((resumed / "manifest.json").read_text())["complete"], "the kill must land mid-run"
+        # Nothing of the killed stage lives on: its worker processes and their fork server end with it.
+        deadline = time.monotonic() + 30
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not session_processes(process.pid), session_processes(process.pid)
     finished = subprocess.run(command + [str(resumed)], env=ENV, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     assert shard_hashes(resumed) == shard_hashes(reference)

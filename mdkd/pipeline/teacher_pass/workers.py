@@ -10,7 +10,10 @@ the worker that prepared it, so any number of workers writes the same bytes.
 Workers are forked from a fork server (spawned where there is none), never from the stage's own process: a
 plain fork would hand them its open files, the output folder's lock among them, and a run killed with -9 would
 leave its folder locked until its orphaned workers noticed. The server preloads this module (torch, the
-tokenizers) once per process, so starting a teacher's workers costs little after the first.
+tokenizers) once per process, so starting a teacher's workers costs little after the first. A worker's parent is
+then the server, which lives as long as any worker holds its pipe, so torch's own watchdog (is my parent alive?)
+would keep a worker of a killed stage waiting forever, and the server with it: each worker watches the stage's
+process itself and exits when it ends.
 
 The documents are read in the process that iterates the loader (stage one does so in a background thread) and
 sent to the workers with each block: every worker reading the whole corpus to find its blocks would read it as
@@ -19,8 +22,12 @@ many times as there are workers.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
+import select
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -103,9 +110,30 @@ def _as_prepared(item):
     return item
 
 
-def _start_worker(_worker_id: int) -> None:
+def _start_worker(stage_pid: int, _worker_id: int) -> None:
     # Each worker is one core's worth of work: the tokenizer's own thread pool would only oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    threading.Thread(target=_exit_after, args=(stage_pid,), name="mdkd-stage-watch", daemon=True).start()
+
+
+def _exit_after(pid: int) -> None:
+    """Wait for process `pid` to end (a pidfd where Linux has one, else a poll each second), then end this one."""
+    try:
+        select.select([os.pidfd_open(pid)], [], [])  # readable once the process has ended
+    except (AttributeError, OSError):
+        while _is_running(pid):
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _worker_context(tokenizer) -> multiprocessing.context.BaseContext:
@@ -130,7 +158,7 @@ def ready_units(
         num_workers=workers,
         collate_fn=_as_prepared,
         pin_memory=pin,
-        worker_init_fn=_start_worker if workers else None,
+        worker_init_fn=functools.partial(_start_worker, os.getpid()) if workers else None,
         prefetch_factor=UNITS_AHEAD_PER_WORKER if workers else None,
         multiprocessing_context=_worker_context(preparation.tokenizer) if workers else None,
     )
