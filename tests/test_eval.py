@@ -53,6 +53,65 @@ def test_model_metrics_by_hand():
     assert result["outside_mass"] == pytest.approx(0.1, rel=1e-5)
 
 
+@pytest.mark.parametrize("k", [4, 30])  # a weak teacher's top-4 (most of its mass outside), and its whole vocabulary
+def test_model_metrics_match_a_dense_float64_reference(k):
+    """Every model figure against a float64 recomputation from the whole softmax, row by row, with the buckets
+    written out as sets: teacher twins (two teacher ids, one model token), a teacher token the model lacks, a
+    label the model cannot spell, and a row whose rest bucket underflows float32's exponentials."""
+    generator = torch.Generator().manual_seed(k)
+    vocab, teacher_vocab, rows = 40, 30, 12
+    target_map = torch.randperm(vocab, generator=generator)[:teacher_vocab]
+    target_map[3] = target_map[4]  # twins
+    target_map[5] = -1  # the model lacks this teacher token
+    support = torch.zeros(vocab, dtype=torch.bool)
+    support[target_map[target_map >= 0]] = True
+    logits = torch.randn(rows, vocab, generator=generator) * 3
+    teacher = torch.log_softmax(torch.randn(rows, teacher_vocab, generator=generator), dim=1)
+    cached = teacher.topk(k, dim=1)
+    teacher_ids, teacher_logprobs = target_map[cached.indices], cached.values
+    labels = torch.randint(vocab, (rows,), generator=generator)
+    labels[0] = -1
+    # Row 1: the teacher's top-1 far above everything else, so exp(x - max) is 0 in float32 on the whole rest.
+    logits[1] = -200.0
+    logits[1, teacher_ids[1].clamp(min=0)] = 0.0
+    temperatures = [1.0, 2.0]
+
+    expected = MetricSums(topk_mass=dict.fromkeys(temperatures, 0.0))
+    for row in range(rows):
+        x = logits[row].double().numpy()
+        probability = {tau: np.exp(x / tau - np.logaddexp.reduce(x / tau)) for tau in temperatures}
+        s = probability[1.0]
+        kept: dict[int, float] = {}
+        for j in range(k):
+            token = int(teacher_ids[row, j])
+            if token >= 0:
+                kept[token] = kept.get(token, 0.0) + math.exp(float(teacher_logprobs[row, j]))
+        rest_tokens = [v for v in range(vocab) if support[v] and v not in kept]
+        teacher_rest = max(1.0 - sum(kept.values()), 0.0) if rest_tokens else 0.0
+        label = int(labels[row])
+        if label >= 0:
+            expected.positions += 1
+            expected.correct += float(np.argmax(x) == label)
+            expected.nll += -math.log(s[label])
+            for tau in temperatures:
+                expected.topk_mass[tau] += sum(probability[tau][v] for v in kept)
+        if teacher_ids[row, 0] >= 0:
+            expected.agreement_positions += 1
+            expected.agreements += float(np.argmax(x) == int(teacher_ids[row, 0]))
+            kl = sum(t * math.log(t / s[v]) for v, t in kept.items() if t > 0)
+            if teacher_rest > 0:
+                kl += teacher_rest * math.log(teacher_rest / sum(s[v] for v in rest_tokens))
+            expected.kl += kl
+            expected.outside_mass += sum(s[v] for v in range(vocab) if not support[v])
+
+    found = model_sums(logits, labels, teacher_ids, teacher_logprobs, temperatures, support)
+    for name in ("positions", "correct", "agreement_positions", "agreements"):
+        assert getattr(found, name) == getattr(expected, name), name
+    for name in ("nll", "kl", "outside_mass"):
+        assert getattr(found, name) == pytest.approx(getattr(expected, name), rel=1e-5), name
+    assert found.topk_mass == pytest.approx(expected.topk_mass, rel=1e-5)
+
+
 def test_teacher_metrics_by_hand():
     ids = np.array([[5, 3, 9], [2, 4, 8], [1, 0, 6]])
     logprobs = np.log(np.array([[0.5, 0.3, 0.1], [0.4, 0.2, 0.1], [0.6, 0.2, 0.05]]))

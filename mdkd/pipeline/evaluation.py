@@ -36,7 +36,7 @@ import torch
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import CachedPredictions
 from mdkd.pipeline.distill.data import Example, collate
-from mdkd.pipeline.distill.losses import kd_loss
+from mdkd.pipeline.distill.losses import kd_loss, merge_duplicates
 
 
 @dataclass
@@ -76,6 +76,44 @@ class MetricSums:
         return result
 
 
+@dataclass
+class PositionMetrics:
+    """A model's figures at each masked position of one batch ([N] each), summed over any subset by `sums`.
+
+    known: the label can be spelled (the position is scored); correct and nll: top-1 equals the label, and the
+    cross-entropy there; comparable: the teacher's top-1 maps to a model token (agreement, kl, outside_mass count
+    there); topk_mass: temperature -> the model's tempered mass on the teacher's top-k tokens."""
+
+    known: torch.Tensor
+    correct: torch.Tensor
+    nll: torch.Tensor
+    comparable: torch.Tensor | None = None
+    agrees: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    outside: torch.Tensor | None = None
+    topk_mass: dict[float, torch.Tensor] = field(default_factory=dict)
+
+    def sums(self, where: torch.Tensor | None = None) -> MetricSums:
+        """Sums over the positions `where` ([N] bool; None: every position)."""
+        chosen = torch.ones_like(self.known) if where is None else where
+        scored = chosen & self.known
+
+        def total(values: torch.Tensor, mask: torch.Tensor) -> float:
+            return float(values.double()[mask].sum())
+
+        sums = MetricSums(
+            positions=float(scored.sum()), correct=total(self.correct, scored), nll=total(self.nll, scored)
+        )
+        if self.comparable is not None:
+            compared = chosen & self.comparable
+            sums.agreement_positions = float(compared.sum())
+            sums.agreements = total(self.agrees, compared)
+            sums.kl = total(self.kl, compared)
+            sums.outside_mass = total(self.outside, compared)
+        sums.topk_mass = {tau: total(mass, scored) for tau, mass in self.topk_mass.items()}
+        return sums
+
+
 def model_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -84,45 +122,81 @@ def model_sums(
     temperatures: list[float] = (),
     support: torch.Tensor | None = None,
 ) -> MetricSums:
-    """Sums for one batch. labels [N] (-1: the model cannot spell the label; left out), teacher_ids [N, k] in the
-    model's ids (-1: no such token), teacher_logprobs [N, k]; top-k masses at each of `temperatures`; `support`
-    [model vocabulary] bool, the model's tokens the teacher can emit (needed with teacher_ids)."""
+    """Sums for one batch (`position_metrics`, summed over every position)."""
+    return position_metrics(logits, labels, teacher_ids, teacher_logprobs, temperatures, support).sums()
+
+
+def position_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    temperatures: list[float] = (),
+    support: torch.Tensor | None = None,
+) -> PositionMetrics:
+    """Each position's figures. labels [N] (-1: the model cannot spell the label; not scored), teacher_ids [N, k] in
+    the model's ids (-1: no such token), teacher_logprobs [N, k] at temperature 1; top-k masses at each of
+    `temperatures`; `support` [model vocabulary] bool, the model's tokens the teacher can emit, which hold every
+    teacher id (needed with teacher_ids).
+
+    Held-out scoring runs this every few steps, so the vocabulary-wide work is a few passes over [N, V]: one
+    maximum, the exponentials, and (with a teacher) one product of the exponentials, the teacher's kept tokens
+    emptied, with [support | not support], which gives the rest bucket and the mass the teacher cannot emit as sums
+    of the same positive terms (nothing cancels). The KL is kd_loss's exact `support` KL at temperature 1 (tested
+    against a dense reference); a row whose rest underflows the row's maximum goes through kd_loss itself."""
     logits = logits.float()
     known = labels >= 0
-    logp = torch.log_softmax(logits[known], dim=-1)
-    predicted = logits.argmax(dim=-1)
-    sums = MetricSums(
-        positions=float(known.sum()),
-        correct=float((predicted[known] == labels[known]).sum()),
-        nll=float(-logp.gather(1, labels[known].unsqueeze(1)).sum()),
+    top, predicted = logits.max(dim=1)
+    exps = torch.exp(logits - top.unsqueeze(1))  # [N, V] in (0, 1]
+    label_logits = logits.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    metrics = PositionMetrics(known, (predicted == labels) & known, torch.zeros(len(labels)))
+    if teacher_ids is None:
+        metrics.nll = torch.where(known, top + exps.sum(dim=1).log() - label_logits, 0.0)
+        return metrics
+    # Each model token once, however many teacher ids map to it; ids the model lacks add nothing.
+    ids, teacher_p = merge_duplicates(
+        teacher_ids, torch.where(teacher_ids >= 0, teacher_logprobs.double().exp(), torch.zeros(()).double())
     )
-    if teacher_ids is not None:
-        comparable = teacher_ids[:, 0] >= 0
-        sums.agreement_positions = float(comparable.sum())
-        sums.agreements = float((predicted[comparable] == teacher_ids[comparable, 0]).sum())
-        if comparable.any():
-            no_partition = torch.zeros(int(comparable.sum()))  # log sum_j p_j = 0 at tau = 1
-            support_rows = support.unsqueeze(0).expand(int(comparable.sum()), -1)
-            sums.kl = float(
-                kd_loss(
-                    logits[comparable],
-                    teacher_ids[comparable],
-                    teacher_logprobs[comparable],
-                    1.0,
-                    missing_mass="support",
-                    teacher_log_partition=no_partition,
-                    support=support_rows,
-                ).sum()
-            )
-            outside = torch.softmax(logits[comparable], dim=-1).masked_fill(support_rows, 0.0)
-            sums.outside_mass = float(outside.sum())
-        # Each student token once, however many teacher ids map to it; ids the model lacks add nothing.
-        covered = torch.zeros_like(logits, dtype=torch.bool)
-        covered.scatter_(1, teacher_ids.clamp(min=0), teacher_ids >= 0)
-        for tau in temperatures:
-            probs = torch.softmax(logits[known] / tau, dim=-1)
-            sums.topk_mass[tau] = float((probs * covered[known]).sum())
-    return sums
+    kept = ids >= 0
+    safe_ids = ids.clamp(min=0)
+    kept_exps = torch.where(kept, exps.gather(1, safe_ids), 0.0)
+    rows, columns = kept.nonzero(as_tuple=True)
+    exps[rows, ids[rows, columns]] = 0.0
+    rest, outside = (exps @ torch.stack([support, ~support], dim=1).to(exps.dtype)).unbind(dim=1)
+    total = kept_exps.sum(dim=1) + rest + outside
+    log_z = top + total.log()
+    metrics.nll = torch.where(known, log_z - label_logits, 0.0)
+    metrics.comparable = teacher_ids[:, 0] >= 0
+    metrics.agrees = predicted == teacher_ids[:, 0]
+    metrics.outside = outside / total
+    has_rest = int(support.sum()) - kept.sum(dim=1) > 0
+    teacher_rest = torch.where(has_rest, (1.0 - teacher_p.sum(dim=1)).clamp(min=0.0), 0.0)
+    student_logp = (logits.gather(1, safe_ids) - log_z.unsqueeze(1)).double()
+    kl = torch.where(kept & (teacher_p > 0), teacher_p * (teacher_p.clamp(min=1e-300).log() - student_logp), 0.0).sum(
+        dim=1
+    )
+    student_rest = rest.double().log() - total.double().log()  # exps are relative to the row's maximum
+    kl += torch.where(teacher_rest > 0, teacher_rest * (teacher_rest.clamp(min=1e-300).log() - student_rest), 0.0)
+    underflow = (teacher_rest > 0) & (rest == 0) & metrics.comparable
+    if underflow.any():
+        chosen = underflow.nonzero().squeeze(1)
+        kl[chosen] = kd_loss(
+            logits[chosen],
+            teacher_ids[chosen],
+            teacher_logprobs[chosen],
+            1.0,
+            missing_mass="support",
+            teacher_log_partition=torch.zeros(len(chosen)),
+            support=support.unsqueeze(0).expand(len(chosen), -1),
+        ).double()
+    metrics.kl = kl
+    for tau in temperatures:
+        if tau == 1.0:
+            metrics.topk_mass[tau] = kept_exps.sum(dim=1) / total
+        else:
+            tempered_top = torch.where(kept, torch.exp((logits.gather(1, safe_ids) - top.unsqueeze(1)) / tau), 0.0)
+            metrics.topk_mass[tau] = tempered_top.sum(dim=1) / torch.exp((logits - top.unsqueeze(1)) / tau).sum(dim=1)
+    return metrics
 
 
 def teacher_sums(
@@ -286,6 +360,9 @@ def compare_on_windows(
         if support is None:
             support = torch.zeros(logits.shape[1], dtype=torch.bool)
             support[torch.from_numpy(target_map[target_map >= 0].astype(np.int64))] = True
+        metrics = position_metrics(
+            logits, batch["labels"], batch["topk_ids"], batch["topk_logprobs"], temperatures, support
+        )
         labels = np.concatenate([r.labels for r in rows])
         kinds = position_kinds(np.concatenate([r.input_ids[r.positions] for r in rows]), labels, mask_id)
         known = batch["labels"].numpy() >= 0
@@ -302,17 +379,7 @@ def compare_on_windows(
                 comparison.unk_labels[kind] += int((labels[scored] == unk_id).sum())
             if not scored.any():
                 continue
-            chosen = torch.from_numpy(scored)
-            comparison.model[kind].add(
-                model_sums(
-                    logits[chosen],
-                    batch["labels"][chosen],
-                    batch["topk_ids"][chosen],
-                    batch["topk_logprobs"][chosen],
-                    temperatures,
-                    support,
-                )
-            )
+            comparison.model[kind].add(metrics.sums(torch.from_numpy(scored)))
             comparison.teacher[kind].add(
                 # In the model's ids, where a teacher's twins are one token: the cache names a token by its
                 # smallest id, the label by the id the text had, and `.` is right for a label `##.`.
