@@ -106,3 +106,11 @@ def test_jsonl_blank_and_null_texts_are_counted_not_fatal(tmp_path):
     path.write_text('{"text": 5}\n', encoding="utf-8")
     with pytest.raises(UserError, match="holds int, not text"):
         scan_source(source)
+
+
+def test_a_negative_training_seed_is_a_config_problem(tmp_path):
+    # Each example draws from default_rng([seed, index]), which takes no negative seed: refused before training.
+    path = write_config(tmp_path / "t.yaml", {"train": {"steps": 3, "seed": -1}})
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "train.seed: Input should be greater than or equal to 0" in result.stderr

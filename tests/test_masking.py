@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mdkd.pipeline.seeding import pcg64_starts
 from mdkd.pipeline.teacher_pass.config import MaskingConfig
-from mdkd.pipeline.teacher_pass.masking import Masker, pcg64_starts, window_seed
+from mdkd.pipeline.teacher_pass.masking import Masker, window_seed
 
 MASK_ID, SPECIALS, VOCAB = 4, {0, 1, 2, 3, 4}, 1000
 
@@ -98,8 +99,17 @@ def test_masking_together_draws_what_each_window_drew_alone():
 def test_generators_start_where_default_rng_starts(stream):
     """Seeds below 2**32 are one entropy word, not two: the edges of that rule included."""
     seeds = [0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**64 - 1, *np.random.default_rng(5).integers(0, 2**63, 200).tolist()]
-    for seed, start in zip(seeds, pcg64_starts(seeds, stream), strict=True):
-        state = np.random.default_rng(seed if stream is None else [seed, stream]).bit_generator.state["state"]
+    entropies = [[seed] if stream is None else [seed, stream] for seed in seeds]
+    for entropy, start in zip(entropies, pcg64_starts(entropies), strict=True):
+        state = np.random.default_rng(entropy).bit_generator.state["state"]
+        assert (state["state"], state["inc"]) == start
+
+
+def test_generators_start_where_default_rng_starts_for_a_seed_and_an_index():
+    """Stage two's examples: [seed, example index], both sides of 2**32 (an index of two words)."""
+    entropies = [[seed, index] for seed in (0, 7, 2**40) for index in (0, 1, 31, 2**32 - 1, 2**32, 10**12)]
+    for entropy, start in zip(entropies, pcg64_starts(entropies), strict=True):
+        state = np.random.default_rng(entropy).bit_generator.state["state"]
         assert (state["state"], state["inc"]) == start
 
 

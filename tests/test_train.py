@@ -16,7 +16,7 @@ from conftest import metrics, torchrun, train, train_config, unfinished_copy, wr
 from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import StudentConfig
-from mdkd.pipeline.distill.data import Sampler, Stream, language_probabilities
+from mdkd.pipeline.distill.data import Sampler, StepLoader, Stream, language_probabilities
 from mdkd.pipeline.distill.student import build_student
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, build_alignment
 
@@ -72,18 +72,21 @@ def test_streams_skip_held_out_documents_and_cover_the_rest_each_epoch(training_
     assert set(second_epoch) == training and second_epoch != first_epoch
 
 
+def _three_stream_sampler(training_cache, alignment) -> Sampler:
+    streams = {
+        s.key: s
+        for s in (
+            _stream(training_cache, alignment, t, language)
+            for t, language in [("de_bert", "de"), ("multi_xlmr", "de"), ("multi_xlmr", "ru")]
+        )
+    }
+    weights = {"de": {"de_bert": 1.0, "multi_xlmr": 3.0}, "ru": {"multi_xlmr": 1.0}}
+    return Sampler(streams, {"de": 0.6, "ru": 0.4}, weights, 0)
+
+
 def test_sampler_state_restores_the_same_examples(training_cache, alignment):
     def sampler():
-        streams = {
-            s.key: s
-            for s in (
-                _stream(training_cache, alignment, t, language)
-                for t, language in [("de_bert", "de"), ("multi_xlmr", "de"), ("multi_xlmr", "ru")]
-            )
-        }
-        return Sampler(
-            streams, {"de": 0.6, "ru": 0.4}, {"de": {"de_bert": 1.0, "multi_xlmr": 3.0}, "ru": {"multi_xlmr": 1.0}}, 0
-        )
+        return _three_stream_sampler(training_cache, alignment)
 
     first = sampler()
     first.draw(37)
@@ -95,6 +98,35 @@ def test_sampler_state_restores_the_same_examples(training_cache, alignment):
     assert [(e.language, e.input_ids.tolist()) for e in again] == [(e.language, e.input_ids.tolist()) for e in expected]
     languages = [e.language for e in sampler().draw(2000)]
     assert abs(languages.count("de") / 2000 - 0.6) < 0.04
+
+
+def test_each_example_draws_its_language_and_teacher_from_its_own_default_rng(training_cache, alignment):
+    # The reference: NumPy's own generator for [seed, example index], which the sampler reproduces without
+    # building one per example.
+    drawn = _three_stream_sampler(training_cache, alignment).draw(300)
+    expected = []
+    for index in range(300):
+        rng = np.random.default_rng([0, index])
+        language = ["de", "ru"][rng.choice(2, p=[0.6, 0.4])]
+        teachers = ["de_bert", "multi_xlmr"] if language == "de" else ["multi_xlmr"]
+        expected.append((language, teachers[rng.choice(len(teachers), p=[0.25, 0.75] if language == "de" else [1.0])]))
+    assert [(e.language, e.teacher) for e in drawn] == expected
+
+
+def test_a_loader_that_prepares_ahead_gives_the_batches_of_one_that_prepares_in_turn(training_cache, alignment):
+    loaders = [
+        StepLoader(_three_stream_sampler(training_cache, alignment), 6, 4, 2, 1, 2, ["de_bert", "multi_xlmr"], ahead=a)
+        for a in (True, False)
+    ]
+    try:
+        for _ in range(6):
+            ahead, in_turn = (loader.next() for loader in loaders)
+            assert ahead.positions == in_turn.positions and ahead.sampler_state == in_turn.sampler_state
+            for a, b in zip(ahead.micro_batches, in_turn.micro_batches, strict=True):
+                assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    finally:
+        for loader in loaders:
+            loader.close()
 
 
 def test_language_sampling_exponent():

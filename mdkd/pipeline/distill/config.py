@@ -191,7 +191,7 @@ class TrainLoopConfig(StrictModel):
     gradient_clipping: float = Field(
         1.0, ge=0.0, description="Gradient-norm clipping (DeepSpeed's `gradient_clipping`; 0 turns it off)."
     )
-    seed: int = Field(0, description="Seeds the student's initial weights, the data order and dropout.")
+    seed: int = Field(0, ge=0, description="Seeds the student's initial weights, the data order and dropout.")
     checkpoint_every: int = Field(
         500, ge=1, description="Save a checkpoint every this many steps; the last step is always saved."
     )

@@ -10,12 +10,14 @@
   state is a few integers, saved in every checkpoint, so a resumed run continues with exactly the same data.
 - Every rank draws the same examples for a step and keeps its own slice, so the data a step sees does not depend
   on how many ranks share it.
-- `StepLoader` draws, maps and collates the next step's micro-batches on a thread while the current step trains,
-  so reading Parquet (a whole shard when a stream moves on) and collation never make a step wait.
+- `StepLoader` draws, maps and collates the next step's micro-batches; on an accelerator it does so on a thread
+  while the current step trains, so reading Parquet (a whole shard when a stream moves on) and collation never
+  make a step wait; on the CPU, where that thread would compete with the step for the cores, in turn.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import queue
 import threading
@@ -28,6 +30,7 @@ from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.cache.manifest import ShardEntry
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import CachedPredictions, ShardRows
+from mdkd.pipeline.seeding import SeededGenerator, pcg64_starts
 
 
 @dataclass
@@ -111,7 +114,10 @@ class Stream:
         self.epoch = self.shard_position = self.row_position = 0
         self._training_rows: dict[int, np.ndarray] = {}
         self._loaded: tuple[int, ShardRows] | None = None
-        self._permutation_cache: tuple[tuple[int, ...], np.ndarray] = ((), np.zeros(0, dtype=np.int64))
+        self._tag = int.from_bytes(hashlib.blake2b(self.key.encode(), digest_size=4).digest(), "little")
+        # The latest permutation asked for of each kind, (epoch) for the shards and (epoch, shard) for a shard's
+        # rows: each is asked for again for every row drawn.
+        self._permutations: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
 
     @property
     def key(self) -> str:
@@ -125,16 +131,13 @@ class Stream:
             )
         return self._training_rows[shard_index]
 
-    def _rng(self, *parts: int) -> np.random.Generator:
-        tag = int.from_bytes(hashlib.blake2b(self.key.encode(), digest_size=4).digest(), "little")
-        return np.random.default_rng([self.seed, tag, *parts])
-
     def _permutation(self, size: int, *parts: int) -> np.ndarray:
-        """The seeded permutation for (epoch) or (epoch, shard); the latest one is kept, as it is asked for again
-        for every row of the shard."""
-        if self._permutation_cache[0] != parts:
-            self._permutation_cache = (parts, self._rng(*parts).permutation(size))
-        return self._permutation_cache[1]
+        """The seeded permutation for (epoch) or (epoch, shard)."""
+        kept = self._permutations.get(len(parts))
+        if kept is None or kept[0] != parts:
+            kept = (parts, np.random.default_rng([self.seed, self._tag, *parts]).permutation(size))
+            self._permutations[len(parts)] = kept
+        return kept[1]
 
     def next_row(self) -> tuple[int, int]:
         """Advance to the next training row; returns (shard index, row index)."""
@@ -142,7 +145,7 @@ class Stream:
             if self.shard_position >= len(self.shards):
                 self.epoch, self.shard_position, self.row_position = self.epoch + 1, 0, 0
                 continue
-            shard = int(self._rng(self.epoch).permutation(len(self.shards))[self.shard_position])
+            shard = int(self._permutation(len(self.shards), self.epoch)[self.shard_position])
             rows = self.training_rows(shard)
             if self.row_position >= len(rows):
                 self.shard_position, self.row_position = self.shard_position + 1, 0
@@ -196,8 +199,10 @@ class Sampler:
 
     def draw(self, count: int) -> list[Example]:
         examples = []
-        for index in range(self.next_example, self.next_example + count):
-            rng = np.random.default_rng([self.seed, index])
+        indices = range(self.next_example, self.next_example + count)
+        generator = SeededGenerator()  # example i draws from default_rng([seed, i]), without building one per example
+        for start in pcg64_starts([[self.seed, index] for index in indices]):
+            rng = generator.at(start)
             language = self.languages[rng.choice(len(self.languages), p=self.language_p)]
             teacher = self.teachers[language][rng.choice(len(self.teachers[language]), p=self.teacher_p[language])]
             stream = self.streams[f"{teacher}/{language}"]
@@ -277,10 +282,14 @@ class StepBatches:
 
 
 class StepLoader:
-    """The next `steps` steps' batches, prepared one step ahead on a thread (`next()` returns them in order).
+    """The next `steps` steps' batches (`next()` returns them in order), prepared one step ahead on a thread when
+    `ahead`, else when asked for.
 
-    Only the thread touches the sampler once the loader exists, so restore the sampler first. The examples and
-    their order are the sampler's, whatever the timing; a failure on the thread is raised by `next()`."""
+    Ahead is for an accelerator, which waits on the host while a step's data is prepared. On the CPU the step's
+    own work already runs on every core, and the thread only takes the interpreter and a core from it: a demo
+    student's step was about 8 % slower with the thread than with the same work done in turn (docs/performance.md).
+    Only the loader touches the sampler once it exists, so restore the sampler first. The examples and their order
+    are the sampler's, whatever the timing; a failure on the thread is raised by `next()`."""
 
     def __init__(
         self,
@@ -292,26 +301,22 @@ class StepLoader:
         world: int,
         teachers: list[str] | None = None,
         pin_memory: bool = False,
+        ahead: bool = True,
     ):
-        self._ready: queue.Queue = queue.Queue(maxsize=1)  # one step ahead: what it holds is the next step
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._produce,
-            args=(sampler, steps, micro, accumulation, rank, world, teachers, pin_memory),
-            name="mdkd-step-loader",
-            daemon=True,
+        self._prepare = functools.partial(
+            _step_batches, sampler, micro, accumulation, rank, world, teachers, pin_memory
         )
-        self._thread.start()
+        self._thread = None
+        if ahead:
+            self._ready: queue.Queue = queue.Queue(maxsize=1)  # one step ahead: what it holds is the next step
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._produce, args=(steps,), name="mdkd-step-loader", daemon=True)
+            self._thread.start()
 
-    def _produce(self, sampler, steps, micro, accumulation, rank, world, teachers, pin_memory) -> None:
+    def _produce(self, steps: int) -> None:
         try:
             for _ in range(steps):
-                examples = sampler.draw(micro * accumulation * world)
-                batches = []
-                for mine in rank_micro_batches(examples, rank, world, micro, accumulation):
-                    batch = collate(mine, sampler.languages, teachers=teachers)
-                    batches.append({k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch)
-                item = StepBatches(batches, sum(len(e.positions) for e in examples), sampler.state())
+                item = self._prepare()
                 while not self._stop.is_set():
                     try:
                         self._ready.put(item, timeout=0.1)
@@ -324,11 +329,26 @@ class StepLoader:
             self._ready.put(error)
 
     def next(self) -> StepBatches:
+        if self._thread is None:
+            return self._prepare()
         item = self._ready.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def _step_batches(
+    sampler: Sampler, micro: int, accumulation: int, rank: int, world: int, teachers: list[str] | None, pin: bool
+) -> StepBatches:
+    """The next step's examples drawn, this rank's micro-batches collated (in page-locked memory when `pin`)."""
+    examples = sampler.draw(micro * accumulation * world)
+    batches = []
+    for mine in rank_micro_batches(examples, rank, world, micro, accumulation):
+        batch = collate(mine, sampler.languages, teachers=teachers)
+        batches.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+    return StepBatches(batches, sum(len(e.positions) for e in examples), sampler.state())

@@ -11,7 +11,7 @@ Each chosen position becomes the mask token, a random ordinary token, or stays a
 
 A unit's windows are masked together (`Masker.mask`): what each window draws still comes from its own generator,
 seeded by its identity, so the bytes are those of masking it alone; everything around the draws is done for the
-whole unit at once, and the generators are started without NumPy's per-seed set-up (`WindowGenerators`).
+whole unit at once, and the generators are started without NumPy's per-seed set-up (`pipeline/seeding.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mdkd.pipeline.seeding import SeededGenerator, pcg64_starts
 from mdkd.pipeline.teacher_pass.config import MaskingConfig
 
 
@@ -28,83 +29,6 @@ def window_seed(seed: int, doc_id: str, window: int, copy: int) -> int:
     """A 64-bit seed from the window's identity (stable across processes, unlike Python's hash())."""
     digest = hashlib.blake2b(f"{seed}\0{doc_id}\0{window}\0{copy}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
-
-
-# NumPy's SeedSequence (numpy/random/bit_generator.pyx) and PCG64 seeding constants. Both algorithms are fixed by
-# NumPy's stream-compatibility policy (NEP 19); tests/test_masking.py checks these states against NumPy's own.
-_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
-_MIX_MULT_L, _MIX_MULT_R, _XSHIFT = 0xCA01F9DD, 0x4973F715, 16
-_PCG64_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645
-_MASK32, _MASK128 = (1 << 32) - 1, (1 << 128) - 1
-
-
-def _entropy_words(seed: int, stream: int | None) -> list[int]:
-    """The 32-bit words SeedSequence makes of `seed` (or of `[seed, stream]`): an int is cut into words from the
-    lowest, as many as it needs, so a seed below 2**32 gives one word, not two."""
-    words = [seed & _MASK32] + ([seed >> 32] if seed >> 32 else [])
-    return words + ([stream] if stream is not None else [])
-
-
-def pcg64_starts(seeds: list[int], stream: int | None = None) -> list[tuple[int, int]]:
-    """(state, increment) that `np.random.default_rng(seed)` (or `default_rng([seed, stream])`) starts from, for
-    every seed at once: SeedSequence's hashing done on arrays of all the seeds' words, then PCG64's seeding."""
-    words = np.zeros((len(seeds), 4), dtype=np.uint32)
-    for row, seed in enumerate(seeds):
-        entropy = _entropy_words(seed, stream)
-        words[row, : len(entropy)] = entropy  # a missing word hashes as 0 does (SeedSequence.mix_entropy)
-    hash_const = _INIT_A
-
-    def hashmix(value: np.ndarray) -> np.ndarray:
-        nonlocal hash_const
-        value = value ^ np.uint32(hash_const)
-        hash_const = hash_const * _MULT_A & _MASK32
-        value = value * np.uint32(hash_const)
-        return value ^ (value >> np.uint32(_XSHIFT))
-
-    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        result = np.uint32(_MIX_MULT_L) * x - np.uint32(_MIX_MULT_R) * y
-        return result ^ (result >> np.uint32(_XSHIFT))
-
-    pool = [hashmix(words[:, i]) for i in range(4)]
-    for source in range(4):
-        for target in range(4):
-            if source != target:
-                pool[target] = mix(pool[target], hashmix(pool[source]))
-    # generate_state(4, np.uint64): eight 32-bit words, cycling over the pool, read as four little-endian uint64s.
-    hash_const = _INIT_B
-    state_words = []
-    for i in range(8):
-        value = pool[i % 4] ^ np.uint32(hash_const)
-        hash_const = hash_const * _MULT_B & _MASK32
-        value = value * np.uint32(hash_const)
-        state_words.append((value ^ (value >> np.uint32(_XSHIFT))).astype(np.uint64))
-    halves = [(state_words[2 * i] | (state_words[2 * i + 1] << np.uint64(32))).tolist() for i in range(4)]
-    starts = []
-    for high_state, low_state, high_sequence, low_sequence in zip(*halves, strict=True):
-        # pcg_setseq_128_srandom_r: state 0, step, add the initial state, step.
-        increment = ((high_sequence << 64 | low_sequence) << 1 | 1) & _MASK128
-        state = (increment + (high_state << 64 | low_state)) & _MASK128
-        starts.append(((state * _PCG64_MULTIPLIER + increment) & _MASK128, increment))
-    return starts
-
-
-class WindowGenerators:
-    """One NumPy Generator moved to where `np.random.default_rng(seed)` would start, seed after seed: the same
-    draws, without building a SeedSequence, a bit generator and a Generator for every window."""
-
-    def __init__(self):
-        self._bits = np.random.PCG64()
-        self._generator = np.random.Generator(self._bits)
-
-    def at(self, start: tuple[int, int]) -> np.random.Generator:
-        state, increment = start
-        self._bits.state = {
-            "bit_generator": "PCG64",
-            "state": {"state": state, "inc": increment},
-            "has_uint32": 0,
-            "uinteger": 0,
-        }
-        return self._generator
 
 
 @dataclass(frozen=True)
@@ -142,8 +66,10 @@ class Masker:
         # round() of a float rounds half to even, as np.rint does.
         counts = np.where(per_row > 0, np.maximum(1, np.rint(per_row * self.settings.probability)), 0).astype(np.int64)
         chosen, draws, replacements = [], [], []
-        generators = WindowGenerators()
-        for start, available, count in zip(pcg64_starts(seeds), per_row.tolist(), counts.tolist(), strict=True):
+        generators = SeededGenerator()
+        for start, available, count in zip(
+            pcg64_starts([[seed] for seed in seeds]), per_row.tolist(), counts.tolist(), strict=True
+        ):
             if count == 0:
                 continue
             generator = generators.at(start)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from mdkd.pipeline.cache.shards import CachedRow, TeacherPredictions, UnitRows
+from mdkd.pipeline.seeding import SeededGenerator, pcg64_starts
 from mdkd.pipeline.teacher_pass.corpus import Document
-from mdkd.pipeline.teacher_pass.masking import Masker, WindowGenerators, pcg64_starts, window_seed
+from mdkd.pipeline.teacher_pass.masking import Masker, window_seed
 
 
 @dataclass
@@ -277,9 +278,11 @@ class TailSampling:
             window_seed(self.seed, d, w, c)
             for d, w, c in zip(rows.doc_ids, rows.windows.tolist(), rows.copies.tolist(), strict=True)
         ]
-        generators = WindowGenerators()
+        generators = SeededGenerator()
         offsets = rows.position_offsets.tolist()
-        for start, first, end in zip(pcg64_starts(seeds, _TAIL_STREAM), offsets, offsets[1:], strict=False):
+        for start, first, end in zip(
+            pcg64_starts([[seed, _TAIL_STREAM] for seed in seeds]), offsets, offsets[1:], strict=False
+        ):
             if end > first:
                 generators.at(start).random(dtype=np.float32, out=found[first:end])
         return found
