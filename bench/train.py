@@ -31,9 +31,14 @@ log-partition at the loss temperature, which the cache records (its config lists
 Stage two has no device setting (it trains on this rank's GPU when there is one), so neither has this benchmark:
 hide the GPUs (CUDA_VISIBLE_DEVICES=) to measure the CPU on a GPU machine.
 
+A third mode, `--student-config FILE --cache DIR`, asks what a real run's step costs against a plain MLM step of
+the same student and vocabulary (`run_cost`): the whole step the stage takes, held-out scoring amortised, on a
+cache and config of your own (the demo's, say).
+
     python bench/train.py --tiny                                  # smoke run, seconds
     python bench/train.py                                         # small teacher and student
     python bench/train.py --preset base --precision bf16          # BERT-base sizes, 120k vocabulary (a GPU)
+    python bench/train.py --student-config DEMO/configs/mono_taught.yaml --cache DEMO/cache --steps 100
 
 Everything but the figures goes to stderr; the last line of stdout is one JSON object with every figure.
 """
@@ -67,8 +72,10 @@ from mdkd.pipeline.distill.deepspeed_setup import (
     resolve_precision,
 )
 from mdkd.pipeline.distill.losses import chunk_positions, kd_loss, mlm_loss
+from mdkd.pipeline.distill.plan import plan_run
 from mdkd.pipeline.distill.run import RunFolder
 from mdkd.pipeline.distill.student import build_student
+from mdkd.pipeline.distill.trainer import build_sampler
 from mdkd.pipeline.distill.training import StepTotals, Supports, micro_batch_backward
 from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.pipeline.distributed import Ranks, pick_device
@@ -143,7 +150,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="--sweep: the loss's `loss.logits_per_chunk` (default: the configuration's default)",
     )
     parser.add_argument("--sweep-point", type=int, default=None, help=argparse.SUPPRESS)  # one vocabulary, child
+    parser.add_argument(
+        "--student-config",
+        type=Path,
+        default=None,
+        help="instead of the cache benchmark: the cost of this train config's step on --cache (see `run_cost`)",
+    )
+    parser.add_argument("--cache", default=None, help="--student-config: the cache it trains on")
     args = parser.parse_args(argv)
+    if (args.student_config is None) != (args.cache is None):
+        parser.error("--student-config and --cache go together")
     args.steps = max(args.steps or (SWEEP_STEPS if args.sweep else PRESETS[args.preset]["steps"]), 1)
     return args
 
@@ -564,6 +580,115 @@ def report_sweep(figures: dict) -> None:
     print_figures(figures)
 
 
+# ---------------------------------------------------------------- a real run's step (--student-config)
+
+
+def run_cost(args, work: Path) -> dict:
+    """What one step of a real run costs, held-out scoring included, against a plain MLM step of its student.
+
+    The stage runs the config twice, for E and for E + N steps (E its held-out interval, N = --steps rounded up to
+    a multiple of E), each with one checkpoint at its end, after an untimed run of E steps (imports, DeepSpeed's op,
+    the caches' first reads). Everything but the N extra steps and their N / E held-out scorings is the same in
+    both, so (wall time of the long run - the short one's) / N is the step the stage takes, scoring amortised.
+    The same pair again with the held-out rows scored at the last step only gives the step without scoring.
+    The plain MLM step is the same student (fresh weights, the run's merged vocabulary) through a DeepSpeed
+    engine built the stage's way: batches of the run's own data already collated in memory, the whole [N, V]
+    logits and cross-entropy, timed before, between and after the stage's runs (the median of the three medians of
+    N steps each)."""
+    import deepspeed
+
+    source = load_train_config(args.student_config)
+    every = source.train.eval_every or source.train.checkpoint_every
+    extra = every * max(1, -(-args.steps // every))
+    raw = yaml.safe_load(args.student_config.read_text(encoding="utf-8"))
+
+    def stage_seconds(name: str, steps: int, scored: bool = True) -> float:
+        scoring = {} if scored else {"eval_every": steps}  # scored at the last step only
+        config = {**raw, "train": {**raw["train"], "steps": steps, "checkpoint_every": steps, **scoring}}
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        started = time.perf_counter()
+        train_stage.run(path, args.cache, work / name)
+        return time.perf_counter() - started
+
+    stage_seconds("warm-up", every)
+    run = RunFolder(work / "warm-up")
+    cache = CacheReader(args.cache)
+    config = run.config()
+    plan = plan_run(config, cache.manifest)
+    alignment = Alignment.load(run.vocab_dir, plan.teachers)
+    device = pick_device("auto", Ranks.from_env())
+    student = build_student(config.student, len(alignment.tokens), cache.manifest.max_length, config.train.seed)
+    precision = resolve_precision(config.precision, device)
+    engine, *_ = deepspeed.initialize(
+        model=student, model_parameters=student.parameters(), config=deepspeed_config(config, precision, device)
+    )
+    sampler = build_sampler(cache, plan, alignment, config)
+    batches = [
+        to_device(collate(sampler.draw(config.train.micro_batch_size), sampler.languages), engine.device)
+        for _ in range(extra + WARMUP)
+    ]
+    step = mlm_step_fn(engine)
+    mlm = []
+
+    def time_mlm() -> None:
+        # Between the stage's runs, so that a change in the machine's speed reaches both sides.
+        times = [timed(step, batch) for batch in batches]
+        mlm.append(median(times[WARMUP:]))
+
+    time_mlm()
+    short = stage_seconds("short", every)
+    long = stage_seconds("long", every + extra)
+    time_mlm()
+    unscored = stage_seconds("long-unscored", every + extra, scored=False) - stage_seconds(
+        "short-unscored", every, scored=False
+    )
+    time_mlm()
+    train_lines = [line for line in RunFolder(work / "long").metrics.read() if line["split"] == "train"]
+    tokens = float(np.mean([line["tokens_per_second"] for line in train_lines]))
+    per_step, unscored_step = (long - short) / extra, unscored / extra
+    mlm_step = median(mlm)
+    return {
+        "config": str(args.student_config),
+        "device": str(device),
+        "precision": precision,
+        "student_vocabulary": len(alignment.tokens),
+        "micro_batch_size": config.train.micro_batch_size,
+        "eval_every": every,
+        "timed_steps": extra,
+        "stage_seconds_short": short,
+        "stage_seconds_long": long,
+        "step_seconds_with_scoring": per_step,
+        "step_seconds_mlm": mlm_step,
+        "step_seconds_mlm_runs": mlm,
+        "step_over_mlm": per_step / mlm_step,
+        "step_seconds_without_scoring": unscored_step,
+        "step_without_scoring_over_mlm": unscored_step / mlm_step,
+        "logged_tokens_per_second_mean": tokens,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def report_run_cost(figures: dict) -> None:
+    say(
+        f"{figures['config']} on {figures['device']} ({figures['precision']}), student vocabulary "
+        f"{figures['student_vocabulary']:,}, micro-batch {figures['micro_batch_size']}, held-out scoring every "
+        f"{figures['eval_every']} steps; {figures['timed_steps']} steps timed"
+    )
+    say(
+        f"the stage's step, scoring amortised: {figures['step_seconds_with_scoring'] * 1e3:.1f} ms "
+        f"(runs of {figures['stage_seconds_short']:.1f} s and {figures['stage_seconds_long']:.1f} s); plain MLM step "
+        f"{figures['step_seconds_mlm'] * 1e3:.1f} ms (runs: "
+        + ", ".join(f"{t * 1e3:.1f}" for t in figures["step_seconds_mlm_runs"])
+        + f"); ratio {figures['step_over_mlm']:.3f} (goal <= 1.3)"
+    )
+    say(
+        f"without held-out scoring (scored at the last step only): {figures['step_seconds_without_scoring'] * 1e3:.1f}"
+        f" ms, ratio {figures['step_without_scoring_over_mlm']:.3f}"
+    )
+    print_figures(figures)
+
+
 # ---------------------------------------------------------------- the benchmark and its report
 
 
@@ -652,6 +777,11 @@ def main(argv=None) -> None:
         return
     if args.sweep:
         report_sweep(vocabulary_sweep(args))
+        return
+    if args.student_config is not None:
+        with session("mdkd-bench-train-") as scratch:
+            figures = run_cost(args, scratch)
+        report_run_cost(figures)
         return
     with session("mdkd-bench-train-") as scratch:
         figures = benchmark(args, scratch)
