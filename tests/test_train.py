@@ -16,7 +16,7 @@ from conftest import metrics, torchrun, train, train_config, unfinished_copy, wr
 from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import StudentConfig
-from mdkd.pipeline.distill.data import Sampler, StepLoader, Stream, language_probabilities
+from mdkd.pipeline.distill.data import Sampler, Stream, language_probabilities
 from mdkd.pipeline.distill.student import build_student
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, build_alignment
 
@@ -111,22 +111,6 @@ def test_each_example_draws_its_language_and_teacher_from_its_own_default_rng(tr
         teachers = ["de_bert", "multi_xlmr"] if language == "de" else ["multi_xlmr"]
         expected.append((language, teachers[rng.choice(len(teachers), p=[0.25, 0.75] if language == "de" else [1.0])]))
     assert [(e.language, e.teacher) for e in drawn] == expected
-
-
-def test_a_loader_that_prepares_ahead_gives_the_batches_of_one_that_prepares_in_turn(training_cache, alignment):
-    loaders = [
-        StepLoader(_three_stream_sampler(training_cache, alignment), 6, 4, 2, 1, 2, ["de_bert", "multi_xlmr"], ahead=a)
-        for a in (True, False)
-    ]
-    try:
-        for _ in range(6):
-            ahead, in_turn = (loader.next() for loader in loaders)
-            assert ahead.positions == in_turn.positions and ahead.sampler_state == in_turn.sampler_state
-            for a, b in zip(ahead.micro_batches, in_turn.micro_batches, strict=True):
-                assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
-    finally:
-        for loader in loaders:
-            loader.close()
 
 
 def test_language_sampling_exponent():

@@ -10,14 +10,12 @@
   state is a few integers, saved in every checkpoint, so a resumed run continues with exactly the same data.
 - Every rank draws the same examples for a step and keeps its own slice, so the data a step sees does not depend
   on how many ranks share it.
-- `StepLoader` draws, maps and collates the next step's micro-batches; on an accelerator it does so on a thread
-  while the current step trains, so reading Parquet (a whole shard when a stream moves on) and collation never
-  make a step wait; on the CPU, where that thread would compete with the step for the cores, in turn.
+- `StepLoader` draws, maps and collates the next step's micro-batches on a thread while the current step trains,
+  so reading Parquet (a whole shard when a stream moves on) and collation never make a step wait.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import queue
 import threading
@@ -282,14 +280,10 @@ class StepBatches:
 
 
 class StepLoader:
-    """The next `steps` steps' batches (`next()` returns them in order), prepared one step ahead on a thread when
-    `ahead`, else when asked for.
+    """The next `steps` steps' batches, prepared one step ahead on a thread (`next()` returns them in order).
 
-    Ahead is for an accelerator, which waits on the host while a step's data is prepared. On the CPU the step's
-    own work already runs on every core, and the thread only takes the interpreter and a core from it: a demo
-    student's step was about 8 % slower with the thread than with the same work done in turn (docs/performance.md).
-    Only the loader touches the sampler once it exists, so restore the sampler first. The examples and their order
-    are the sampler's, whatever the timing; a failure on the thread is raised by `next()`."""
+    Only the thread touches the sampler once the loader exists, so restore the sampler first. The examples and
+    their order are the sampler's, whatever the timing; a failure on the thread is raised by `next()`."""
 
     def __init__(
         self,
@@ -301,22 +295,26 @@ class StepLoader:
         world: int,
         teachers: list[str] | None = None,
         pin_memory: bool = False,
-        ahead: bool = True,
     ):
-        self._prepare = functools.partial(
-            _step_batches, sampler, micro, accumulation, rank, world, teachers, pin_memory
+        self._ready: queue.Queue = queue.Queue(maxsize=1)  # one step ahead: what it holds is the next step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce,
+            args=(sampler, steps, micro, accumulation, rank, world, teachers, pin_memory),
+            name="mdkd-step-loader",
+            daemon=True,
         )
-        self._thread = None
-        if ahead:
-            self._ready: queue.Queue = queue.Queue(maxsize=1)  # one step ahead: what it holds is the next step
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._produce, args=(steps,), name="mdkd-step-loader", daemon=True)
-            self._thread.start()
+        self._thread.start()
 
-    def _produce(self, steps: int) -> None:
+    def _produce(self, sampler, steps, micro, accumulation, rank, world, teachers, pin_memory) -> None:
         try:
             for _ in range(steps):
-                item = self._prepare()
+                examples = sampler.draw(micro * accumulation * world)
+                batches = []
+                for mine in rank_micro_batches(examples, rank, world, micro, accumulation):
+                    batch = collate(mine, sampler.languages, teachers=teachers)
+                    batches.append({k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch)
+                item = StepBatches(batches, sum(len(e.positions) for e in examples), sampler.state())
                 while not self._stop.is_set():
                     try:
                         self._ready.put(item, timeout=0.1)
@@ -329,26 +327,11 @@ class StepLoader:
             self._ready.put(error)
 
     def next(self) -> StepBatches:
-        if self._thread is None:
-            return self._prepare()
         item = self._ready.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-
-
-def _step_batches(
-    sampler: Sampler, micro: int, accumulation: int, rank: int, world: int, teachers: list[str] | None, pin: bool
-) -> StepBatches:
-    """The next step's examples drawn, this rank's micro-batches collated (in page-locked memory when `pin`)."""
-    examples = sampler.draw(micro * accumulation * world)
-    batches = []
-    for mine in rank_micro_batches(examples, rank, world, micro, accumulation):
-        batch = collate(mine, sampler.languages, teachers=teachers)
-        batches.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
-    return StepBatches(batches, sum(len(e.positions) for e in examples), sampler.state())
+        self._stop.set()
+        self._thread.join()

@@ -137,7 +137,6 @@ class Distiller:
             self.ranks.world_size,
             None if self.supports is None else self.supports.teachers,
             pin_memory=self.engine.device.type == "cuda",
-            ahead=self.engine.device.type != "cpu",
         )
         try:
             self._train_steps(loader, progress, logger)
