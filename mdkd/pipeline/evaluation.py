@@ -154,9 +154,7 @@ def position_metrics(
         metrics.nll = torch.where(known, top + exps.sum(dim=1).log() - label_logits, 0.0)
         return metrics
     # Each model token once, however many teacher ids map to it; ids the model lacks add nothing.
-    ids, teacher_p = merge_duplicates(
-        teacher_ids, torch.where(teacher_ids >= 0, teacher_logprobs.double().exp(), torch.zeros(()).double())
-    )
+    ids, teacher_p = merge_duplicates(teacher_ids, torch.where(teacher_ids >= 0, teacher_logprobs.double().exp(), 0.0))
     kept = ids >= 0
     safe_ids = ids.clamp(min=0)
     kept_exps = torch.where(kept, exps.gather(1, safe_ids), 0.0)
@@ -171,10 +169,10 @@ def position_metrics(
     metrics.outside = outside / total
     has_rest = int(support.sum()) - kept.sum(dim=1) > 0
     teacher_rest = torch.where(has_rest, (1.0 - teacher_p.sum(dim=1)).clamp(min=0.0), 0.0)
-    student_logp = (logits.gather(1, safe_ids) - log_z.unsqueeze(1)).double()
-    kl = torch.where(kept & (teacher_p > 0), teacher_p * (teacher_p.clamp(min=1e-300).log() - student_logp), 0.0).sum(
-        dim=1
-    )
+    kept_logits = logits.gather(1, safe_ids)
+    student_logp = (kept_logits - log_z.unsqueeze(1)).double()
+    terms = teacher_p * (teacher_p.clamp(min=1e-300).log() - student_logp)
+    kl = torch.where(kept & (teacher_p > 0), terms, 0.0).sum(dim=1)
     student_rest = rest.double().log() - total.double().log()  # exps are relative to the row's maximum
     kl += torch.where(teacher_rest > 0, teacher_rest * (teacher_rest.clamp(min=1e-300).log() - student_rest), 0.0)
     underflow = (teacher_rest > 0) & (rest == 0) & metrics.comparable
@@ -194,7 +192,7 @@ def position_metrics(
         if tau == 1.0:
             metrics.topk_mass[tau] = kept_exps.sum(dim=1) / total
         else:
-            tempered_top = torch.where(kept, torch.exp((logits.gather(1, safe_ids) - top.unsqueeze(1)) / tau), 0.0)
+            tempered_top = torch.where(kept, torch.exp((kept_logits - top.unsqueeze(1)) / tau), 0.0)
             metrics.topk_mass[tau] = tempered_top.sum(dim=1) / torch.exp((logits - top.unsqueeze(1)) / tau).sum(dim=1)
     return metrics
 
