@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import train, train_config, write_config
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 SPECIAL_TOKENS_PER_ROW = 2  # [CLS] and [SEP]: the benchmarks' teachers are BERTs
@@ -232,3 +234,19 @@ def test_train_benchmark_vocabulary_sweep_reports_step_ratio_and_loss_memory():
         # The chunk keeps logits_per_chunk (2^24) logits at once; never more positions than that allows.
         assert point["chunk_positions"] == max(1, 2**24 // point["vocabulary"])
         assert point["mfu"] is None  # no --peak-tflops
+
+
+def test_train_benchmark_times_a_real_runs_step_against_plain_mlm(training_cache, tmp_path):
+    config = train_config(train={"steps": 4, "eval_every": 2, "micro_batch_size": 4})
+    path = write_config(tmp_path / "student.yaml", config)
+    figures = run_bench("train.py", "--student-config", str(path), "--cache", str(training_cache), "--steps", "3")
+    # N rounded up to a multiple of the held-out interval, so that the long run adds whole scorings.
+    assert figures["eval_every"] == 2 and figures["timed_steps"] == 4
+    assert figures["micro_batch_size"] == 4 and len(figures["step_seconds_mlm_runs"]) == 3
+    assert figures["stage_seconds_long"] > figures["stage_seconds_short"]
+    assert positive(figures["step_seconds_with_scoring"], figures["step_seconds_without_scoring"])
+    assert figures["step_over_mlm"] == figures["step_seconds_with_scoring"] / figures["step_seconds_mlm"]
+    # The plain MLM step's student is the run's: the merged vocabulary the stage itself builds for this config.
+    assert train(tmp_path, training_cache, config, "reference").exit_code == 0
+    tokens = (tmp_path / "reference" / "vocab" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert figures["student_vocabulary"] == len(tokens)
