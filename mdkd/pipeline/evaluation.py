@@ -36,7 +36,7 @@ import torch
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import CachedPredictions
 from mdkd.pipeline.distill.data import Example, collate
-from mdkd.pipeline.distill.losses import kd_loss, merge_duplicates
+from mdkd.pipeline.distill.losses import kd_loss, teacher_buckets, teacher_probabilities
 
 
 @dataclass
@@ -153,8 +153,9 @@ def position_metrics(
     if teacher_ids is None:
         metrics.nll = torch.where(known, top + exps.sum(dim=1).log() - label_logits, 0.0)
         return metrics
-    # Each model token once, however many teacher ids map to it; ids the model lacks add nothing.
-    ids, teacher_p = merge_duplicates(teacher_ids, torch.where(teacher_ids >= 0, teacher_logprobs.double().exp(), 0.0))
+    # The teacher's side is the loss's own: each model token once, however many teacher ids map to it (ids the
+    # model lacks add nothing), at tau = 1, where the teacher's log-partition is 0.
+    ids, teacher_p = teacher_probabilities(teacher_ids, teacher_logprobs, 1.0, "support", torch.zeros(len(labels)))
     kept = ids >= 0
     safe_ids = ids.clamp(min=0)
     kept_exps = torch.where(kept, exps.gather(1, safe_ids), 0.0)
@@ -167,15 +168,15 @@ def position_metrics(
     metrics.comparable = teacher_ids[:, 0] >= 0
     metrics.agrees = predicted == teacher_ids[:, 0]
     metrics.outside = outside / total
-    has_rest = int(support.sum()) - kept.sum(dim=1) > 0
-    teacher_rest = torch.where(has_rest, (1.0 - teacher_p.sum(dim=1)).clamp(min=0.0), 0.0)
+    has_rest = int(support.sum()) - kept.sum(dim=1, keepdim=True) > 0
+    buckets = teacher_buckets(ids, teacher_p, 1.0, "support", has_rest, torch.float64)
     kept_logits = logits.gather(1, safe_ids)
-    student_logp = (kept_logits - log_z.unsqueeze(1)).double()
-    terms = teacher_p * (teacher_p.clamp(min=1e-300).log() - student_logp)
-    kl = torch.where(kept & (teacher_p > 0), terms, 0.0).sum(dim=1)
-    student_rest = rest.double().log() - total.double().log()  # exps are relative to the row's maximum
-    kl += torch.where(teacher_rest > 0, teacher_rest * (teacher_rest.clamp(min=1e-300).log() - student_rest), 0.0)
-    underflow = (teacher_rest > 0) & (rest == 0) & metrics.comparable
+    student_logp = torch.cat(
+        [kept_logits - log_z.unsqueeze(1), (rest.log() - total.log()).unsqueeze(1)],  # exps are relative to the max
+        dim=1,
+    ).double()
+    kl = torch.where(buckets.mask, buckets.p * (buckets.logp - student_logp), 0.0).sum(dim=1)
+    underflow = buckets.mask[:, -1] & (rest == 0) & metrics.comparable
     if underflow.any():
         chosen = underflow.nonzero().squeeze(1)
         kl[chosen] = kd_loss(

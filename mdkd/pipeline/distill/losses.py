@@ -120,7 +120,7 @@ def kd_loss(
         raise ValueError("missing_mass='support' needs support, a [N, V] bool mask of each teacher's tokens")
     if tail is not None and missing_mass != "support":
         raise ValueError("a sampled tail goes with missing_mass='support' only")
-    ids, probs = _teacher_probabilities(teacher_ids, teacher_logprobs, temperature, missing_mass, teacher_log_partition)
+    ids, probs = teacher_probabilities(teacher_ids, teacher_logprobs, temperature, missing_mass, teacher_log_partition)
     kept = ids >= 0
     gathered = logits.gather(1, ids.clamp(min=0)) - log_z  # student log s_tau at the bucket ids, [N, k]
     has_rest = student_rest = None
@@ -134,7 +134,7 @@ def kd_loss(
         # Rows without a rest keep the full row, so logsumexp never sees only -inf and student_rest stays finite.
         rest_logits = logits.masked_fill(outside_rest & has_rest, -torch.inf)
         student_rest = torch.logsumexp(rest_logits, dim=1, keepdim=True) - log_z
-    buckets = _teacher_buckets(ids, probs, temperature, missing_mass, has_rest, dtype)
+    buckets = teacher_buckets(ids, probs, temperature, missing_mass, has_rest, dtype)
     student_logp = gathered if student_rest is None else torch.cat([gathered, student_rest], dim=1)
     mask, teacher_p, teacher_logp = buckets.mask, buckets.p, buckets.logp
     terms = torch.where(mask, teacher_p * (teacher_logp - student_logp), torch.zeros_like(student_logp))
@@ -156,7 +156,7 @@ def kd_loss(
     return temperature**2 * loss
 
 
-def _teacher_probabilities(
+def teacher_probabilities(
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     temperature: float,
@@ -179,7 +179,7 @@ def _teacher_probabilities(
 
 
 @dataclass(frozen=True)
-class _Buckets:
+class TeacherBuckets:
     """The teacher's side of the KD sum, sanitised: mask [N, B] the buckets in the loss (the kept ids, then in
     `rest` and `support` the rest as the last column), their probabilities p [N, B] (0 where masked out) and
     log-probabilities logp [N, B] (0 where masked out) in the loss's dtype, and log P_R [N, 1] in float64 (0 where
@@ -191,15 +191,15 @@ class _Buckets:
     rest_logp64: torch.Tensor | None
 
 
-def _teacher_buckets(
+def teacher_buckets(
     ids: torch.Tensor,
     probs: torch.Tensor,
     temperature: float,
     missing_mass: str,
     has_rest: torch.Tensor | None,
     dtype: torch.dtype,
-) -> _Buckets:
-    """The buckets of `_teacher_probabilities`' output; has_rest [N, 1]: whether the student's rest is non-empty
+) -> TeacherBuckets:
+    """The buckets of `teacher_probabilities`' output; has_rest [N, 1]: whether the student's rest is non-empty
     (None in `renormalize`)."""
     kept = ids >= 0
     row_valid = kept.any(dim=1, keepdim=True)  # [N, 1]: rows with no target contribute nothing
@@ -220,7 +220,7 @@ def _teacher_buckets(
     teacher_logp = torch.where(mask, teacher_logp, torch.zeros_like(teacher_logp))
     rest_logp64 = None if missing_mass == "renormalize" else teacher_logp[:, -1:]
     teacher_p = torch.where(mask, teacher_logp.exp(), torch.zeros_like(teacher_logp)).to(dtype)
-    return _Buckets(mask, teacher_p, teacher_logp.to(dtype), rest_logp64)
+    return TeacherBuckets(mask, teacher_p, teacher_logp.to(dtype), rest_logp64)
 
 
 def _sampled_rest(
@@ -499,7 +499,7 @@ def _fused_chunk(
     tail = targets.tail if mode == "support" else None
     if targets.tail is not None and mode != "support":
         raise ValueError("a sampled tail goes with missing_mass='support' only")
-    ids, probs = _teacher_probabilities(targets.topk_ids, targets.topk_logprobs, tau, mode, targets.log_partitions)
+    ids, probs = teacher_probabilities(targets.topk_ids, targets.topk_logprobs, tau, mode, targets.log_partitions)
     kept = ids >= 0
     safe = ids.clamp(min=0)
     row_valid = kept.any(dim=1, keepdim=True)
@@ -512,7 +512,7 @@ def _fused_chunk(
             inside = targets.supports[teacher, safe] & kept  # kept ids the teacher can emit
             rest_size = vocabulary.support_sizes[teacher] - inside.sum(dim=1, keepdim=True)
         has_rest = rest_size > 0
-    buckets = _teacher_buckets(ids, probs, tau, mode, has_rest, dtype)
+    buckets = teacher_buckets(ids, probs, tau, mode, has_rest, dtype)
     kept_mask, kept_p, kept_logp = buckets.mask[:, : ids.shape[1]], buckets.p[:, : ids.shape[1]], buckets.logp
     labels = targets.labels.unsqueeze(1)
     scored = labels != -100  # cross_entropy's ignore_index
