@@ -65,7 +65,7 @@ from transformers import AutoConfig
 
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import TrainConfig, load_train_config
-from mdkd.pipeline.distill.data import Example, Sampler, Stream, collate
+from mdkd.pipeline.distill.data import Example, Sampler, StepLoader, Stream, collate
 from mdkd.pipeline.distill.deepspeed_setup import (
     deepspeed_config,
     init_distributed,
@@ -73,9 +73,9 @@ from mdkd.pipeline.distill.deepspeed_setup import (
 )
 from mdkd.pipeline.distill.losses import chunk_positions, kd_loss, mlm_loss
 from mdkd.pipeline.distill.plan import plan_run
-from mdkd.pipeline.distill.run import RunFolder
+from mdkd.pipeline.distill.run import MetricsLog, RunFolder
 from mdkd.pipeline.distill.student import build_student
-from mdkd.pipeline.distill.trainer import build_sampler
+from mdkd.pipeline.distill.trainer import Distiller, build_sampler
 from mdkd.pipeline.distill.training import StepTotals, Supports, micro_batch_backward
 from mdkd.pipeline.distill.vocab import Alignment
 from mdkd.pipeline.distributed import Ranks, pick_device
@@ -586,85 +586,114 @@ def report_sweep(figures: dict) -> None:
 def run_cost(args, work: Path) -> dict:
     """What one step of a real run costs, held-out scoring included, against a plain MLM step of its student.
 
-    The stage runs the config twice, for E and for E + N steps (E its held-out interval, N = --steps rounded up to
-    a multiple of E), each with one checkpoint at its end, after an untimed run of E steps (imports, DeepSpeed's op,
-    the caches' first reads). Everything but the N extra steps and their N / E held-out scorings is the same in
-    both, so (wall time of the long run - the short one's) / N is the step the stage takes, scoring amortised.
-    The same pair again with the held-out rows scored at the last step only gives the step without scoring.
-    The plain MLM step is the same student (fresh weights, the run's merged vocabulary) through a DeepSpeed
-    engine built the stage's way: batches of the run's own data already collated in memory, the whole [N, V]
-    logits and cross-entropy, timed before, between and after the stage's runs (the median of the three medians of
-    N steps each)."""
+    An untimed `mdkd train` run of E steps (E the config's held-out interval) builds the run folder (merged
+    vocabulary, held-out documents) and pays the one-off costs (imports, DeepSpeed's op, the cache's first reads).
+    Then two engines live side by side in this process:
+    - the stage's: a `Distiller` built from the same config, cache and run folder, stepped as `fit` steps it
+      (`train_step` on a `StepLoader`, the records logged to a metrics file, `evaluate` every E steps);
+    - a plain MLM step's: the same student (fresh weights, the run's merged vocabulary) through a DeepSpeed engine
+      built the stage's way, on batches of the run's own data already collated in memory.
+    They take turns in blocks of E steps (each block of the stage's ends with its held-out scoring), the first
+    turn of each kind untimed and the order swapped every round, so that the machine's speed, which drifts by tens
+    of percent over minutes on a shared VM, reaches both sides of each ratio alike. The figure is the median over
+    rounds of (stage block) / (MLM block); the same without the scoring is the block's training steps alone."""
     import deepspeed
 
     source = load_train_config(args.student_config)
     every = source.train.eval_every or source.train.checkpoint_every
-    extra = every * max(1, -(-args.steps // every))
+    rounds = max(1, -(-args.steps // every))
     raw = yaml.safe_load(args.student_config.read_text(encoding="utf-8"))
 
-    def stage_seconds(name: str, steps: int, scored: bool = True) -> float:
-        scoring = {} if scored else {"eval_every": steps}  # scored at the last step only
-        config = {**raw, "train": {**raw["train"], "steps": steps, "checkpoint_every": steps, **scoring}}
+    def write_config(name: str, steps: int) -> Path:
+        config = {**raw, "train": {**raw["train"], "steps": steps, "checkpoint_every": steps}}
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        started = time.perf_counter()
-        train_stage.run(path, args.cache, work / name)
-        return time.perf_counter() - started
+        return path
 
-    stage_seconds("warm-up", every)
+    train_stage.run(write_config("warm-up", every), args.cache, work / "warm-up")
     run = RunFolder(work / "warm-up")
     cache = CacheReader(args.cache)
-    config = run.config()
+    # The timed steps continue the warm-up run's schedule as a run of (rounds + 1) × E steps would.
+    config = load_train_config(write_config("timed", every * (rounds + 1)))
     plan = plan_run(config, cache.manifest)
     alignment = Alignment.load(run.vocab_dir, plan.teachers)
-    device = pick_device("auto", Ranks.from_env())
-    student = build_student(config.student, len(alignment.tokens), cache.manifest.max_length, config.train.seed)
+    ranks = Ranks.from_env()
+    device = pick_device("auto", ranks)
     precision = resolve_precision(config.precision, device)
+    distiller = Distiller(config, cache, plan, alignment, run, ranks, device, precision)
+    loop = config.train
+    loader = StepLoader(
+        distiller.sampler,
+        loop.steps,
+        loop.micro_batch_size,
+        loop.gradient_accumulation,
+        ranks.rank,
+        ranks.world_size,
+        None if distiller.supports is None else distiller.supports.teachers,
+    )
+    logger = MetricsLog(work / "timed-metrics.jsonl")
+
+    def stage_block() -> tuple[float, float]:
+        """E of the stage's steps and the held-out scoring that ends them: (seconds in all, seconds scoring)."""
+        started = time.perf_counter()
+        for _ in range(every):
+            record = distiller.train_step(loader)
+            logger.log([record])
+        scoring = time.perf_counter()
+        logger.log([distiller.evaluate()])
+        ended = time.perf_counter()
+        return ended - started, ended - scoring
+
+    student = build_student(config.student, len(alignment.tokens), cache.manifest.max_length, loop.seed)
     engine, *_ = deepspeed.initialize(
         model=student, model_parameters=student.parameters(), config=deepspeed_config(config, precision, device)
     )
     sampler = build_sampler(cache, plan, alignment, config)
     batches = [
-        to_device(collate(sampler.draw(config.train.micro_batch_size), sampler.languages), engine.device)
-        for _ in range(extra + WARMUP)
+        to_device(collate(sampler.draw(loop.micro_batch_size), sampler.languages), engine.device) for _ in range(every)
     ]
-    step = mlm_step_fn(engine)
-    mlm = []
+    mlm_step = mlm_step_fn(engine)
 
-    def time_mlm() -> None:
-        # Between the stage's runs, so that a change in the machine's speed reaches both sides.
-        times = [timed(step, batch) for batch in batches]
-        mlm.append(median(times[WARMUP:]))
+    def mlm_block() -> float:
+        return sum(timed(mlm_step, batch) for batch in batches)
 
-    time_mlm()
-    short = stage_seconds("short", every)
-    long = stage_seconds("long", every + extra)
-    time_mlm()
-    unscored = stage_seconds("long-unscored", every + extra, scored=False) - stage_seconds(
-        "short-unscored", every, scored=False
-    )
-    time_mlm()
-    train_lines = [line for line in RunFolder(work / "long").metrics.read() if line["split"] == "train"]
-    tokens = float(np.mean([line["tokens_per_second"] for line in train_lines]))
-    per_step, unscored_step = (long - short) / extra, unscored / extra
-    mlm_step = median(mlm)
+    try:
+        stage_block(), mlm_block()  # untimed: each engine's first steps
+        blocks = []
+        for index in range(rounds):
+            if index % 2:
+                mlm = mlm_block()
+                stage, scoring = stage_block()
+            else:
+                stage, scoring = stage_block()
+                mlm = mlm_block()
+            blocks.append({"stage": stage, "scoring": scoring, "mlm": mlm})
+    finally:
+        loader.close()
+    with_scoring = [b["stage"] / b["mlm"] for b in blocks]
+    without_scoring = [(b["stage"] - b["scoring"]) / b["mlm"] for b in blocks]
+    lines = logger.read()
+    train_lines = [line for line in lines if line["split"] == "train"]
     return {
         "config": str(args.student_config),
         "device": str(device),
         "precision": precision,
         "student_vocabulary": len(alignment.tokens),
-        "micro_batch_size": config.train.micro_batch_size,
+        "micro_batch_size": loop.micro_batch_size,
         "eval_every": every,
-        "timed_steps": extra,
-        "stage_seconds_short": short,
-        "stage_seconds_long": long,
-        "step_seconds_with_scoring": per_step,
-        "step_seconds_mlm": mlm_step,
-        "step_seconds_mlm_runs": mlm,
-        "step_over_mlm": per_step / mlm_step,
-        "step_seconds_without_scoring": unscored_step,
-        "step_without_scoring_over_mlm": unscored_step / mlm_step,
-        "logged_tokens_per_second_mean": tokens,
+        "rounds": rounds,
+        "timed_steps": rounds * every,
+        "blocks": blocks,
+        "step_over_mlm": median(with_scoring),
+        "step_over_mlm_rounds": with_scoring,
+        "step_without_scoring_over_mlm": median(without_scoring),
+        "step_seconds_with_scoring": median([b["stage"] / every for b in blocks]),
+        "step_seconds_without_scoring": median([(b["stage"] - b["scoring"]) / every for b in blocks]),
+        "step_seconds_mlm": median([b["mlm"] / every for b in blocks]),
+        "scoring_seconds": median([b["scoring"] for b in blocks]),
+        "logged_train_steps": len(train_lines),
+        "logged_scorings": sum(line["split"] == "heldout" for line in lines),
+        "logged_tokens_per_second_mean": float(np.mean([line["tokens_per_second"] for line in train_lines])),
         "threads": torch.get_num_threads(),
     }
 
@@ -673,18 +702,18 @@ def report_run_cost(figures: dict) -> None:
     say(
         f"{figures['config']} on {figures['device']} ({figures['precision']}), student vocabulary "
         f"{figures['student_vocabulary']:,}, micro-batch {figures['micro_batch_size']}, held-out scoring every "
-        f"{figures['eval_every']} steps; {figures['timed_steps']} steps timed"
+        f"{figures['eval_every']} steps; {figures['rounds']} rounds of {figures['eval_every']} steps of each kind"
     )
     say(
-        f"the stage's step, scoring amortised: {figures['step_seconds_with_scoring'] * 1e3:.1f} ms "
-        f"(runs of {figures['stage_seconds_short']:.1f} s and {figures['stage_seconds_long']:.1f} s); plain MLM step "
-        f"{figures['step_seconds_mlm'] * 1e3:.1f} ms (runs: "
-        + ", ".join(f"{t * 1e3:.1f}" for t in figures["step_seconds_mlm_runs"])
-        + f"); ratio {figures['step_over_mlm']:.3f} (goal <= 1.3)"
+        f"medians over rounds: the stage's step {figures['step_seconds_with_scoring'] * 1e3:.1f} ms with the scoring "
+        f"amortised ({figures['scoring_seconds']:.2f} s a scoring), "
+        f"{figures['step_seconds_without_scoring'] * 1e3:.1f} ms without; plain MLM step "
+        f"{figures['step_seconds_mlm'] * 1e3:.1f} ms"
     )
+    rounds = ", ".join(f"{ratio:.2f}" for ratio in figures["step_over_mlm_rounds"])
     say(
-        f"without held-out scoring (scored at the last step only): {figures['step_seconds_without_scoring'] * 1e3:.1f}"
-        f" ms, ratio {figures['step_without_scoring_over_mlm']:.3f}"
+        f"step / MLM step: {figures['step_over_mlm']:.3f} (goal <= 1.3; rounds: {rounds}); without the scoring "
+        f"{figures['step_without_scoring_over_mlm']:.3f}"
     )
     print_figures(figures)
 

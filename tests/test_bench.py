@@ -240,12 +240,16 @@ def test_train_benchmark_times_a_real_runs_step_against_plain_mlm(training_cache
     config = train_config(train={"steps": 4, "eval_every": 2, "micro_batch_size": 4})
     path = write_config(tmp_path / "student.yaml", config)
     figures = run_bench("train.py", "--student-config", str(path), "--cache", str(training_cache), "--steps", "3")
-    # N rounded up to a multiple of the held-out interval, so that the long run adds whole scorings.
-    assert figures["eval_every"] == 2 and figures["timed_steps"] == 4
-    assert figures["micro_batch_size"] == 4 and len(figures["step_seconds_mlm_runs"]) == 3
-    assert figures["stage_seconds_long"] > figures["stage_seconds_short"]
-    assert positive(figures["step_seconds_with_scoring"], figures["step_seconds_without_scoring"])
-    assert figures["step_over_mlm"] == figures["step_seconds_with_scoring"] / figures["step_seconds_mlm"]
+    # --steps rounded up to whole held-out intervals: rounds of E stage steps ending in a scoring, E MLM steps.
+    assert figures["eval_every"] == 2 and figures["rounds"] == 2 and figures["timed_steps"] == 4
+    assert figures["micro_batch_size"] == 4 and len(figures["blocks"]) == 2
+    # Every block ran the stage's steps and scorings (one untimed round first): what its metrics file recorded.
+    assert figures["logged_train_steps"] == 6 and figures["logged_scorings"] == 3
+    for block in figures["blocks"]:
+        assert block["stage"] > block["scoring"] > 0 and block["mlm"] > 0
+    ratios = sorted(block["stage"] / block["mlm"] for block in figures["blocks"])
+    assert figures["step_over_mlm"] == ratios[1]  # the upper middle of two
+    assert figures["step_without_scoring_over_mlm"] < figures["step_over_mlm"]
     # The plain MLM step's student is the run's: the merged vocabulary the stage itself builds for this config.
     assert train(tmp_path, training_cache, config, "reference").exit_code == 0
     tokens = (tmp_path / "reference" / "vocab" / "vocab.txt").read_text(encoding="utf-8").splitlines()

@@ -207,6 +207,47 @@ def test_a_summary_over_teachers_is_position_weighted_on_both_sides():
     assert result["accuracy_ratio"] == pytest.approx(28 / 8)
 
 
+def test_windows_are_batched_by_length_and_score_as_they_do_one_at_a_time():
+    """Held-out windows go to the model in batches of like length (less padding to run), and each position keeps
+    its own window's logits: the figures equal those of scoring one window at a time, where nothing is padded."""
+    generator = np.random.default_rng(0)
+    lengths = [9, 3, 8, 4, 7, 5, 9, 3]
+    rows = []
+    for length in lengths:
+        positions = np.sort(generator.choice(np.arange(1, length - 1), size=min(2, length - 2), replace=False))
+        rows.append(
+            CachedPredictions(
+                input_ids=generator.integers(5, 7, size=length),
+                positions=positions,
+                labels=generator.integers(5, 7, size=len(positions)),
+                topk_ids=np.tile([[5, 6]], (len(positions), 1)),
+                topk_logprobs=np.log(np.tile([[0.6, 0.3]], (len(positions), 1))),
+                log_partitions=None,
+            )
+        )
+    windows = HeldOutWindows("t", "de", rows)
+    padded = []
+
+    def logits_fn(input_ids, attention_mask, rows, cols):
+        # A model whose logits depend on the token at the position and on its window's length, not on padding.
+        padded.append(input_ids.numel())
+        length = attention_mask.sum(dim=1)[rows].float()
+        logits = torch.zeros(len(cols), 7)
+        logits[torch.arange(len(cols)), input_ids[rows, cols]] = 1.0 + length / 10
+        logits[:, 5] += length / 20
+        return logits
+
+    one_at_a_time = compare_on_windows(logits_fn, windows, INPUT_MAP, TARGET_MAP, [], MASK, batch_size=1).result()
+    assert sum(padded) == sum(lengths)
+    padded.clear()
+    in_pairs = compare_on_windows(logits_fn, windows, INPUT_MAP, TARGET_MAP, [], MASK, batch_size=2).result()
+    assert padded == [2 * 3, 2 * 5, 2 * 8, 2 * 9]  # in the cache's order, pairs of 7 to 9 tokens
+    for side in ("model", "teacher"):
+        for key, value in one_at_a_time[side].items():
+            assert in_pairs[side][key] == pytest.approx(value, rel=1e-12), (side, key)
+    assert in_pairs["positions"] == one_at_a_time["positions"] == sum(len(r.positions) for r in rows)
+
+
 def test_the_headline_is_at_mask_positions_not_pooled_with_kept_ones():
     """A student that copies the visible answer at kept positions and is poor at [MASK]: pooled over all masked
     positions it scores 28/40 against the teacher's 8/40 (ratio 3.5, as the old headline printed); at [MASK]

@@ -348,8 +348,13 @@ def compare_on_windows(
     cached inputs say each position's kind; `unk_id` (the teacher's) counts labels that are its unknown token."""
     comparison = Comparison()
     support = None  # the model's tokens the teacher can emit, once the model's vocabulary size is known
-    for start in range(0, len(windows.rows), batch_size):
-        rows = windows.rows[start : start + batch_size]
+    # Windows of like length together: a batch is padded to its longest window, and held-out windows run from a
+    # few tokens to max_length (in the cache's order about a third of a batch's tokens were padding; the demo's
+    # scoring took 13 % less time sorted). Every figure is a sum over positions, so the order moves only the last
+    # bits: the sums' rounding, and float32 logits computed in batches of another shape. sorted() is stable.
+    order = sorted(range(len(windows.rows)), key=lambda index: len(windows.rows[index].input_ids))
+    for start in range(0, len(order), batch_size):
+        rows = [windows.rows[index] for index in order[start : start + batch_size]]
         examples = [
             Example.from_cached(windows.language, cached, input_map, target_map, target_map, None) for cached in rows
         ]
