@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mdkd.pipeline.background import BackgroundJobs, prefetch
 from mdkd.pipeline.cache.manifest import MANIFEST_NAME, CorpusEntry, Manifest, is_manifest
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.cache.shards import build_table
@@ -25,7 +26,6 @@ from mdkd.pipeline.distributed import Ranks, barrier, broadcast_from_main, pick_
 from mdkd.pipeline.errors import UserError
 from mdkd.pipeline.files import sha256_of_folder
 from mdkd.pipeline.output_folder import take_over
-from mdkd.pipeline.teacher_pass.background import BackgroundJobs, prefetch
 from mdkd.pipeline.teacher_pass.config import CacheConfig, load_cache_config
 from mdkd.pipeline.teacher_pass.corpus import SourceSummary, read_language, scan_source
 from mdkd.pipeline.teacher_pass.masking import Masker

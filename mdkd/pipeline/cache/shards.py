@@ -101,9 +101,8 @@ class UnitRows(Sequence):
 
         def flat(field: str) -> tuple[np.ndarray, np.ndarray]:
             parts = [np.asarray(getattr(r, field), dtype=np.int32) for r in rows]
-            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-            np.cumsum([len(p) for p in parts], out=offsets[1:])
-            return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), offsets
+            values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+            return values, offsets_of([len(p) for p in parts])
 
         (input_ids, input_offsets), (positions, position_offsets) = flat("input_ids"), flat("positions")
         return cls(
@@ -148,10 +147,15 @@ class TeacherPredictions:
     tail_logprobs: np.ndarray  # [P, M] their log-probabilities at temperature 1
 
 
-def _list_array(values: np.ndarray, lengths) -> pa.ListArray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+def offsets_of(lengths, dtype=np.int64) -> np.ndarray:
+    """Offsets [len(lengths) + 1] of pieces laid end to end: piece i is [offsets[i], offsets[i + 1])."""
+    offsets = np.zeros(len(lengths) + 1, dtype=dtype)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return offsets
+
+
+def _list_array(values: np.ndarray, lengths) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets_of(lengths, np.int32)), pa.array(values))
 
 
 def build_table(rows: UnitRows, language: str, predictions: TeacherPredictions, logprobs_dtype: str) -> pa.Table:
@@ -254,10 +258,7 @@ def _flat(column) -> np.ndarray:
 
 
 def _offsets(column) -> np.ndarray:
-    lengths = pc.list_value_length(column).to_numpy()
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets
+    return offsets_of(pc.list_value_length(column).to_numpy())
 
 
 def _padded(column, width: int, fill) -> np.ndarray:

@@ -17,13 +17,13 @@
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from mdkd.pipeline.background import prefetch
 from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.cache.manifest import ShardEntry
 from mdkd.pipeline.cache.reader import CacheReader
@@ -280,10 +280,12 @@ class StepBatches:
 
 
 class StepLoader:
-    """The next `steps` steps' batches, prepared one step ahead on a thread (`next()` returns them in order).
+    """The next `steps` steps' batches, prepared one step ahead on a thread (`background.prefetch`); `next()`
+    returns them in order.
 
-    Only the thread touches the sampler once the loader exists, so restore the sampler first. The examples and
-    their order are the sampler's, whatever the timing; a failure on the thread is raised by `next()`."""
+    Only the thread touches the sampler once the first step is asked for, so restore the sampler first. The
+    examples and their order are the sampler's, whatever the timing; a failure on the thread is raised by
+    `next()`."""
 
     def __init__(
         self,
@@ -296,42 +298,21 @@ class StepLoader:
         teachers: list[str] | None = None,
         pin_memory: bool = False,
     ):
-        self._ready: queue.Queue = queue.Queue(maxsize=1)  # one step ahead: what it holds is the next step
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._produce,
-            args=(sampler, steps, micro, accumulation, rank, world, teachers, pin_memory),
-            name="mdkd-step-loader",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _produce(self, sampler, steps, micro, accumulation, rank, world, teachers, pin_memory) -> None:
-        try:
-            for _ in range(steps):
-                examples = sampler.draw(micro * accumulation * world)
-                batches = []
-                for mine in rank_micro_batches(examples, rank, world, micro, accumulation):
-                    batch = collate(mine, sampler.languages, teachers=teachers)
-                    batches.append({k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch)
-                item = StepBatches(batches, sum(len(e.positions) for e in examples), sampler.state())
-                while not self._stop.is_set():
-                    try:
-                        self._ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except BaseException as error:  # handed to the training loop, which raises it
-            self._ready.put(error)
+        self._steps = prefetch(_step_batches(sampler, steps, micro, accumulation, rank, world, teachers, pin_memory))
 
     def next(self) -> StepBatches:
-        item = self._ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return next(self._steps)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        """Stop preparing steps (the thread ends once the step it is preparing is done)."""
+        self._steps.close()
+
+
+def _step_batches(sampler, steps, micro, accumulation, rank, world, teachers, pin_memory) -> Iterator[StepBatches]:
+    for _ in range(steps):
+        examples = sampler.draw(micro * accumulation * world)
+        batches = []
+        for mine in rank_micro_batches(examples, rank, world, micro, accumulation):
+            batch = collate(mine, sampler.languages, teachers=teachers)
+            batches.append({k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch)
+        yield StepBatches(batches, sum(len(e.positions) for e in examples), sampler.state())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mdkd.pipeline.cache.shards import offsets_of
 from mdkd.pipeline.seeding import SeededGenerator, pcg64_starts
 from mdkd.pipeline.teacher_pass.config import MaskingConfig
 
@@ -77,8 +78,7 @@ class Masker:
             draws.append(generator.random(count))
             # choice(replacement_ids, size) draws integers(0, len(replacement_ids), size) and indexes with them.
             replacements.append(generator.integers(0, len(self.replacement_ids), size=count))
-        position_offsets = np.zeros(rows + 1, dtype=np.int64)
-        np.cumsum(counts, out=position_offsets[1:])
+        position_offsets = offsets_of(counts)
         if not chosen:
             empty = np.zeros(0, dtype=np.int32)
             return MaskedRows(ids.copy(), empty, position_offsets, empty)

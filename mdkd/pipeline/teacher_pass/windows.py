@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mdkd.pipeline.cache.shards import CachedRow, TeacherPredictions, UnitRows
+from mdkd.pipeline.cache.shards import CachedRow, TeacherPredictions, UnitRows, offsets_of
 from mdkd.pipeline.seeding import SeededGenerator, pcg64_starts
 from mdkd.pipeline.teacher_pass.corpus import Document
 from mdkd.pipeline.teacher_pass.masking import Masker, window_seed
@@ -35,12 +35,6 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nda
     which = np.repeat(np.arange(len(lengths)), lengths)
     within = np.arange(int(np.sum(lengths))) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     return which, np.repeat(np.asarray(starts), lengths) + within
-
-
-def _offsets(lengths) -> np.ndarray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets
 
 
 def prepare_unit(documents: list[Document], tokenizer, masker: Masker, max_length: int, copies: int) -> PreparedUnit:
@@ -73,10 +67,10 @@ def prepare_unit(documents: list[Document], tokenizer, masker: Masker, max_lengt
     row_window = np.repeat(kept, copies)
     row_copy = np.tile(np.arange(copies, dtype=np.int32), len(kept))
     row_lengths = lengths[row_window]
-    _, source = _ranges(_offsets(lengths)[row_window], row_lengths)
+    _, source = _ranges(offsets_of(lengths)[row_window], row_lengths)
     doc_ids = [documents[s].doc_id for s in sample[row_window].tolist()]
     windows = window[row_window].astype(np.int32)
-    input_offsets = _offsets(row_lengths)
+    input_offsets = offsets_of(row_lengths)
     seeds = [
         window_seed(masker.settings.seed, d, w, c)
         for d, w, c in zip(doc_ids, windows.tolist(), row_copy.tolist(), strict=True)

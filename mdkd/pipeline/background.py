@@ -1,8 +1,10 @@
-"""Overlapping work with the teacher's forward pass: prefetching inputs and writing outputs in threads.
+"""Overlapping host work with the model's forward and backward passes: prefetching inputs and writing outputs in
+threads, for both stages.
 
-The forward pass releases the GIL, and so does most of what these threads wait on: the prefetch thread reads the
-corpus and receives units from stage one's worker processes (or, with no workers, prepares them itself), and the
-writer thread builds and writes the shards (Arrow and Parquet are C++).
+The forward pass releases the GIL, and so does most of what these threads wait on. In stage one the prefetch
+thread reads the corpus and receives units from the worker processes (or, with no workers, prepares them itself),
+and the writer thread builds and writes the shards (Arrow and Parquet are C++); in stage two the prefetch thread
+draws, maps and collates the next step's batches (`distill.data.StepLoader`).
 """
 
 from __future__ import annotations
