@@ -108,14 +108,20 @@ def _check_against_full_logits(cache: Path, teachers: dict[str, Path]) -> int:
                 probs = torch.softmax(logits.double()[:, : manifest["teachers"][name]["vocab_size"]], dim=-1)
                 grouped = torch.stack([probs[:, ids].sum(dim=1) for ids in groups], dim=1)
                 expected = grouped.log().topk(k, dim=-1)
-                assert row["topk_ids"] == representatives[expected.indices].tolist()
                 np.testing.assert_allclose(row["topk_logprobs"], expected.values.numpy(), atol=1e-5)
+                # Each cached token is distinct, and its own log-probability is the one of its rank: tokens whose
+                # probabilities tie within float32's rounding (the cache's batched forward against this one-row
+                # one) may come in either order, anything else must come where the recomputation puts it.
+                group_of = {int(r): g for g, r in enumerate(representatives)}
+                for position, ids in enumerate(row["topk_ids"]):
+                    assert len(set(ids)) == k
+                    own = grouped[position, [group_of[i] for i in ids]].log().numpy()
+                    np.testing.assert_allclose(own, expected.values[position].numpy(), atol=1e-5)
                 for column, tau in enumerate(manifest["temperatures"]):
                     partition = torch.logsumexp(grouped.log() / tau, dim=-1).numpy()
                     np.testing.assert_allclose([p[column] for p in row["log_partitions"]], partition, atol=1e-4)
                 entropy = -(grouped * grouped.log()).sum(dim=-1).numpy()
                 np.testing.assert_allclose(row["entropies"], entropy, atol=1e-4)
-                group_of = {int(r): g for g, r in enumerate(representatives)}
                 for position, (ids, logprobs) in enumerate(zip(row["tail_ids"], row["tail_logprobs"], strict=True)):
                     expected_tail = [float(grouped[position, group_of[i]].log()) for i in ids]
                     np.testing.assert_allclose(logprobs, expected_tail, atol=1e-5)
