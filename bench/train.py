@@ -613,7 +613,7 @@ def run_cost(args, work: Path) -> dict:
     train_stage.run(write_config("warm-up", every), args.cache, work / "warm-up")
     run = RunFolder(work / "warm-up")
     cache = CacheReader(args.cache)
-    # The timed steps continue the warm-up run's schedule as a run of (rounds + 1) × E steps would.
+    # The stage's engine is a fresh run of (rounds + 1) × E steps, the untimed round first: its lr and α follow that.
     config = load_train_config(write_config("timed", every * (rounds + 1)))
     plan = plan_run(config, cache.manifest)
     alignment = Alignment.load(run.vocab_dir, plan.teachers)
