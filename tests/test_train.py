@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from conftest import metrics, torchrun, train, train_config, unfinished_copy, wr
 from mdkd.pipeline.cache.documents import held_out
 from mdkd.pipeline.cache.reader import CacheReader
 from mdkd.pipeline.distill.config import StudentConfig
-from mdkd.pipeline.distill.data import Sampler, Stream, language_probabilities
+from mdkd.pipeline.distill.data import Sampler, StepLoader, Stream, language_probabilities
 from mdkd.pipeline.distill.student import build_student
 from mdkd.pipeline.distill.vocab import Alignment, TeacherVocabulary, build_alignment
 
@@ -111,6 +113,46 @@ def test_each_example_draws_its_language_and_teacher_from_its_own_default_rng(tr
         teachers = ["de_bert", "multi_xlmr"] if language == "de" else ["multi_xlmr"]
         expected.append((language, teachers[rng.choice(len(teachers), p=[0.25, 0.75] if language == "de" else [1.0])]))
     assert [(e.language, e.teacher) for e in drawn] == expected
+
+
+class _SlowSampler:
+    """A sampler that takes its time over each draw and says when one is under way."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler, self.languages, self.drawing, self.draws = sampler, sampler.languages, False, 0
+
+    def draw(self, count):
+        self.drawing = True
+        time.sleep(0.3)
+        examples = self.sampler.draw(count)
+        self.draws += 1
+        self.drawing = False
+        return examples
+
+    def state(self):
+        return self.sampler.state()
+
+
+def test_the_step_loader_gives_the_samplers_steps_and_stops_before_close_returns(training_cache, alignment):
+    """Steps come in the sampler's order, each with the state after it; close() returns only once the thread is
+    done with the step it was preparing, so that nothing of it (torch work, the sampler) outlives the loop."""
+    slow = _SlowSampler(_three_stream_sampler(training_cache, alignment))
+    loader = StepLoader(slow, 10, 4, 2, 0, 1)
+    first = loader.next()
+    reference = _three_stream_sampler(training_cache, alignment)
+    expected = reference.draw(8)
+    got = [row for batch in first.micro_batches for row in batch["input_ids"].tolist()]
+    assert [r[: len(e.input_ids)] for r, e in zip(got, expected, strict=True)] == [
+        e.input_ids.tolist() for e in expected
+    ]
+    assert first.sampler_state == reference.state() and first.positions == sum(len(e.positions) for e in expected)
+    time.sleep(0.1)  # the thread is now drawing step 2
+    assert slow.drawing
+    loader.close()
+    assert not slow.drawing and not any(t.name == "mdkd-prefetch" and t.is_alive() for t in threading.enumerate())
+    draws = slow.draws
+    time.sleep(0.5)
+    assert slow.draws == draws == 2
 
 
 def test_language_sampling_exponent():

@@ -18,25 +18,33 @@ T = TypeVar("T")
 _DONE = object()
 
 
-def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """Iterate `items` in a background thread, keeping up to `depth` items ready; errors surface in the caller."""
+def prefetch(items: Iterable[T], depth: int = 1, wait_on_close: bool = False) -> Iterator[T]:
+    """Iterate `items` in a background thread, keeping up to `depth` items ready; errors surface in the caller.
+
+    With `wait_on_close`, closing the iterator also waits for the thread to finish the item it is on, so that none
+    of its work outlives the caller's loop: torch work in a daemon thread at interpreter exit can abort the process
+    (stage two's loader collates tensors; stage one's thread mostly waits on its worker processes)."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+
+    def offer(entry: tuple) -> bool:
+        """Put `entry` once there is room; False when the caller stopped listening first."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((item, None)):
                     return
-            ready.put((_DONE, None))
+            offer((_DONE, None))
         except BaseException as exc:  # handed to the consumer, which re-raises it with its traceback
-            ready.put((_DONE, exc))
+            offer((_DONE, exc))
 
     thread = threading.Thread(target=produce, daemon=True, name="mdkd-prefetch")
     thread.start()
@@ -50,6 +58,8 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        if wait_on_close:
+            thread.join()
 
 
 class BackgroundJobs:

@@ -298,13 +298,15 @@ class StepLoader:
         teachers: list[str] | None = None,
         pin_memory: bool = False,
     ):
-        self._steps = prefetch(_step_batches(sampler, steps, micro, accumulation, rank, world, teachers, pin_memory))
+        self._steps = prefetch(
+            _step_batches(sampler, steps, micro, accumulation, rank, world, teachers, pin_memory), wait_on_close=True
+        )
 
     def next(self) -> StepBatches:
         return next(self._steps)
 
     def close(self) -> None:
-        """Stop preparing steps (the thread ends once the step it is preparing is done)."""
+        """Stop preparing steps: returns once the thread has finished the step it was preparing."""
         self._steps.close()
 
 
