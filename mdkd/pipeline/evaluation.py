@@ -369,7 +369,7 @@ def compare_on_windows(
         )
         labels = np.concatenate([r.labels for r in rows])
         kinds = position_kinds(np.concatenate([r.input_ids[r.positions] for r in rows]), labels, mask_id)
-        known = batch["labels"].numpy() >= 0
+        known = metrics.known.numpy()
         topk_ids = np.concatenate([r.topk_ids for r in rows])
         topk_logprobs = np.concatenate([r.topk_logprobs for r in rows])
         partitions = None if rows[0].log_partitions is None else np.concatenate([r.log_partitions for r in rows])

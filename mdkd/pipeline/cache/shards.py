@@ -267,7 +267,7 @@ def _padded(column, width: int, fill) -> np.ndarray:
     lengths = pc.list_value_length(per_position).to_numpy()
     values = _flat(per_position)
     padded = np.full((len(lengths), width), fill, dtype=values.dtype)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    starts = np.repeat(offsets_of(lengths)[:-1], lengths)
     padded[np.repeat(np.arange(len(lengths)), lengths), np.arange(len(values)) - starts] = values
     return padded
 

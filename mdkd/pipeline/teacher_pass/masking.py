@@ -82,7 +82,7 @@ class Masker:
         if not chosen:
             empty = np.zeros(0, dtype=np.int32)
             return MaskedRows(ids.copy(), empty, position_offsets, empty)
-        first_candidate = np.cumsum(per_row) - per_row
+        first_candidate = offsets_of(per_row)[:-1]
         # Rows hold disjoint, increasing ranges of `ids`, so one sort orders each row's positions within the row.
         where = np.sort(candidates[np.repeat(first_candidate, counts) + np.concatenate(chosen)])
         draw = np.concatenate(draws)

@@ -33,7 +33,8 @@ class PreparedUnit:
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges [starts[i], starts[i] + lengths[i]) laid end to end: each element's range i and its index."""
     which = np.repeat(np.arange(len(lengths)), lengths)
-    within = np.arange(int(np.sum(lengths))) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    offsets = offsets_of(lengths)
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
     return which, np.repeat(np.asarray(starts), lengths) + within
 
 
