@@ -24,8 +24,8 @@ from mdkd.pipeline.evaluation import (
     HeldOutWindows,
     MetricSums,
     compare_on_windows,
-    model_sums,
     position_kinds,
+    position_metrics,
     score_windows,
     teacher_sums,
 )
@@ -41,7 +41,7 @@ def test_model_metrics_by_hand():
     teacher_ids = torch.tensor([[0, 1], [2, 0], [-1, 0]])
     teacher_logprobs = torch.log(torch.tensor([[0.6, 0.2], [0.5, 0.5], [0.9, 0.1]]))
     support = torch.tensor([True, True, True, False])
-    result = model_sums(logits, labels, teacher_ids, teacher_logprobs, support=support).result()
+    result = position_metrics(logits, labels, teacher_ids, teacher_logprobs, support=support).sums().result()
     assert result["positions"] == 2 and result["accuracy"] == 0.5
     assert result["perplexity"] == pytest.approx(math.exp(-(math.log(0.6) + math.log(0.3)) / 2), rel=1e-5)
     assert result["agreement"] == 1.0  # rows 1 and 2: top-1 0 == 0 and 2 == 2; row 3 has no teacher top-1
@@ -104,7 +104,7 @@ def test_model_metrics_match_a_dense_float64_reference(k):
             expected.kl += kl
             expected.outside_mass += sum(s[v] for v in range(vocab) if not support[v])
 
-    found = model_sums(logits, labels, teacher_ids, teacher_logprobs, temperatures, support)
+    found = position_metrics(logits, labels, teacher_ids, teacher_logprobs, temperatures, support).sums()
     for name in ("positions", "correct", "agreement_positions", "agreements"):
         assert getattr(found, name) == getattr(expected, name), name
     for name in ("nll", "kl", "outside_mass"):

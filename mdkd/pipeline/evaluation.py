@@ -114,18 +114,6 @@ class PositionMetrics:
         return sums
 
 
-def model_sums(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_ids: torch.Tensor | None = None,
-    teacher_logprobs: torch.Tensor | None = None,
-    temperatures: list[float] = (),
-    support: torch.Tensor | None = None,
-) -> MetricSums:
-    """Sums for one batch (`position_metrics`, summed over every position)."""
-    return position_metrics(logits, labels, teacher_ids, teacher_logprobs, temperatures, support).sums()
-
-
 def position_metrics(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -36,7 +36,7 @@ from mdkd.pipeline.evaluation import (
     MetricSums,
     compare_on_windows,
     held_out_windows,
-    model_sums,
+    position_metrics,
 )
 from mdkd.pipeline.files import ensure_writable, write_json_atomic
 from mdkd.pipeline.masked_lm import ADAPTERS, masked_logits
@@ -224,7 +224,7 @@ def _raw_text(model, adapter, tokenizer, manifest: Manifest, language: str, is_h
         labels = torch.from_numpy(np.concatenate([r.labels for r in batch]).astype(np.int64))
         with torch.no_grad():
             logits = masked_logits(model, adapter, input_ids, attention_mask, rows, cols, torch.device("cpu"))
-        sums.add(model_sums(logits, labels))
+        sums.add(position_metrics(logits, labels).sums())
     return sums.result()
 
 
